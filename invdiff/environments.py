@@ -1,0 +1,204 @@
+"""The max step: per-sample losses of the frozen model, and latent environment inference.
+
+1. `collect_losses` evaluates the frozen model's denoising loss for every sample on a fixed,
+   stratified t grid with noise seeded by (seed, sample id), so a sample's losses do not depend on
+   the batch it landed in and are comparable across samples.
+2. `aggregate_losses` turns the (N, T) matrix into one score per sample. The default, "zscore",
+   standardises each timestep's losses across the samples *of the same prompt* before averaging.
+   Why: with eps-prediction the raw loss is largest at low t, where it mostly measures how
+   unusual a digit's *shape* is, while the spurious attribute (colour) is decided at high t. A
+   plain mean is dominated by low t and by which prompt is hard; z-scoring per (t, prompt) gives
+   every timestep the same say and compares a sample only with others of its own prompt. The
+   prompt is the conditioning, not a bias label, so this stays label-free.
+3. `infer_environments` is the official recipe: soft weights W (N, K) on the simplex, Adam
+   (lr 0.01) for 500 full-batch steps from a uniform-random init, projected after each step, to
+   *maximise* the spread std_k R_k of the group mean losses (optionally + alpha * min l_i W_ik).
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.base import DiffusionDataset
+from .io import CheckpointError, atomic_save_file, load_safetensors
+from .models.base import FrozenBase, training_target
+from .ops import per_sample_mse
+
+AGGREGATIONS = ("zscore", "mean", "high-noise")
+
+
+class LossError(ValueError):
+    pass
+
+
+def timestep_grid(num_timesteps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """(T,) stratified timesteps: the midpoints of T equal bins over [0, num_train_timesteps)."""
+    if num_timesteps < 1:
+        raise ValueError("num_timesteps must be >= 1")
+    edges = torch.arange(num_timesteps, dtype=torch.float64) + 0.5
+    return (edges * num_train_timesteps / num_timesteps).long()
+
+
+@torch.no_grad()
+def collect_losses(
+    base: FrozenBase,
+    dataset: DiffusionDataset,
+    num_timesteps: int = 10,
+    draws: int = 2,
+    seed: int = 0,
+    batch_size: int = 512,
+    progress: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The frozen model's per-sample losses on a fixed t grid.
+
+    Returns (losses, timesteps): losses is (N, T) fp32, the mean over `draws` noise draws at each
+    grid timestep; timesteps is (T,).
+    """
+    dataset = dataset.training_view()
+    base = base.freeze()
+    device = next(base.unet.parameters()).device
+    grid = timestep_grid(num_timesteps, base.scheduler.config.num_train_timesteps)
+    n, shape = len(dataset), dataset.images.shape[1:]
+    # (sample, t, draw) triples, flattened so the UNet always sees full batches.
+    jobs = n * num_timesteps * draws
+    out = torch.empty(jobs)
+    noise_per_sample = num_timesteps * draws
+    bar = tqdm(total=jobs, desc="max-step losses", disable=not progress, unit="eval")
+    for start in range(0, jobs, batch_size):
+        job = torch.arange(start, min(start + batch_size, jobs))
+        sample = job // noise_per_sample
+        within = job % noise_per_sample
+        t = grid[within // draws]
+        # Every sample's noise comes from its own generator, seeded by its id: the same sample
+        # gets the same noise whatever batch, order or dataset subset it is evaluated in.
+        bank = {
+            int(i): torch.randn(
+                (noise_per_sample, *shape),
+                generator=torch.Generator().manual_seed(seed * 1_000_003 + int(dataset.sample_ids[i])),
+            )
+            for i in sample.unique().tolist()
+        }
+        noise = torch.stack([bank[i][w] for i, w in zip(sample.tolist(), within.tolist())])
+        clean = dataset.images[sample]
+        x_t = base.scheduler.add_noise(clean, noise, t)
+        target = training_target(base.scheduler, clean, noise, t)
+        embeds = base.prompt_embeds(dataset.prompt_ids[sample].to(device))
+        pred = base.eps(x_t.to(device), t.to(device), embeds)
+        out[job] = per_sample_mse(pred, target.to(device)).float().cpu()
+        bar.update(job.numel())
+    bar.close()
+    losses = out.view(n, num_timesteps, draws).mean(2)
+    if not torch.isfinite(losses).all():
+        bad = (~torch.isfinite(losses)).any(1).nonzero().flatten()[:5].tolist()
+        raise LossError(f"non-finite losses for samples {bad}: the base model or data is broken")
+    return losses, grid
+
+
+def aggregate_losses(
+    losses: torch.Tensor,
+    prompt_ids: Optional[torch.Tensor] = None,
+    method: str = "zscore",
+    min_per_prompt: int = 8,
+    high_noise_fraction: float = 0.3,
+) -> torch.Tensor:
+    """(N, T) losses -> (N,) per-sample score for the max step.
+
+    "mean": plain average over t. "zscore": z-score each timestep within each prompt (prompts with
+    fewer than `min_per_prompt` samples are standardised together), then average.
+    "high-noise": the zscore score restricted to the top `high_noise_fraction` of the t grid.
+    """
+    if method not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {method!r}; choose from {AGGREGATIONS}")
+    if not torch.isfinite(losses).all():
+        raise LossError("losses contain NaN or inf")
+    losses = losses.double()
+    if method == "mean":
+        return losses.mean(1).float()
+    z = torch.empty_like(losses)
+    groups = torch.zeros(losses.shape[0], dtype=torch.long) if prompt_ids is None else prompt_ids.clone()
+    if prompt_ids is not None:
+        counts = torch.bincount(groups)
+        small = counts[groups] < min_per_prompt
+        groups[small] = -1  # pool the rare prompts
+    for g in groups.unique():
+        rows = groups == g
+        block = losses[rows]
+        std = block.std(0, unbiased=False) if block.shape[0] > 1 else torch.ones(block.shape[1], dtype=block.dtype)
+        z[rows] = (block - block.mean(0)) / std.clamp_min(1e-12)
+    if method == "high-noise":
+        keep = max(1, int(round(high_noise_fraction * losses.shape[1])))
+        z = z[:, -keep:]
+    return z.mean(1).float()
+
+
+def project_simplex_rows(w: torch.Tensor) -> torch.Tensor:
+    """The official projection: clamp at 0, renormalise each row (uniform if a row is all zero)."""
+    w = w.clamp_min(0)
+    s = w.sum(1, keepdim=True)
+    return torch.where(s > 0, w / s.clamp_min(1e-12), torch.full_like(w, 1.0 / w.shape[1]))
+
+
+def infer_environments(
+    scores: torch.Tensor,
+    num_groups: int,
+    steps: int = 500,
+    lr: float = 0.01,
+    alpha: float = 0.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Maximise std_k R_k (+ alpha * min_{i,k} l_i W_ik) over soft weights. scores: (N,) -> W: (N, K)."""
+    n = scores.shape[0]
+    if not 2 <= num_groups <= n:
+        raise ValueError(f"number of groups K must be in [2, N={n}], got {num_groups}")
+    if not torch.isfinite(scores).all():
+        raise LossError("per-sample losses contain NaN or inf")
+    gen = torch.Generator().manual_seed(seed)
+    w = project_simplex_rows(torch.rand(n, num_groups, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    l = scores.double()
+    for _ in tqdm(range(steps), desc="max-step", disable=not progress):
+        risks = (w * l[:, None]).sum(0) / w.sum(0).clamp_min(1e-12)
+        objective = risks.std()
+        if alpha:
+            objective = objective + alpha * (l[:, None] * w).min()
+        opt.zero_grad()
+        (-objective).backward()
+        opt.step()
+        with torch.no_grad():
+            w.copy_(project_simplex_rows(w))
+    return w.detach().float()
+
+
+def environment_diagnostics(weights: torch.Tensor, scores: torch.Tensor) -> Dict:
+    """Label-free summary: soft group sizes and soft group mean scores, ordered as in W."""
+    sizes = weights.sum(0)
+    means = (weights * scores[:, None]).sum(0) / sizes.clamp_min(1e-12)
+    return {"group_sizes": sizes.tolist(), "group_mean_scores": means.tolist()}
+
+
+def save_environments(path: str, weights: torch.Tensor, sample_ids: torch.Tensor, scores: torch.Tensor, info: Dict) -> None:
+    atomic_save_file(
+        {"weights": weights.float(), "sample_ids": sample_ids.long(), "scores": scores.float()},
+        path,
+        metadata={"invdiff": json.dumps(info)},
+    )
+
+
+def load_environments(path: str, sample_ids: Optional[torch.Tensor] = None) -> Dict:
+    """Load W and, given a dataset's sample ids, reorder W's rows to match them."""
+    data = load_safetensors(path, "environment weights")
+    for key in ("weights", "sample_ids"):
+        if key not in data:
+            raise CheckpointError(f"{path} has no {key!r} tensor: not an invdiff environments file")
+    if sample_ids is not None:
+        pos = {int(s): i for i, s in enumerate(data["sample_ids"].tolist())}
+        missing = [int(s) for s in sample_ids.tolist() if int(s) not in pos]
+        if missing:
+            raise CheckpointError(f"{path} has no weights for sample ids {missing[:5]} (of {len(missing)})")
+        order = torch.tensor([pos[int(s)] for s in sample_ids.tolist()])
+        data = {k: (v[order] if v.shape[:1] == data["sample_ids"].shape else v) for k, v in data.items()}
+    return data

@@ -1,0 +1,110 @@
+"""Pictures and tables: sample grids, the Bias bar chart, the strength sweep, report.md."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from .io import atomic_path, atomic_write_text
+
+
+def _mpl():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def save_png(image_hwc: torch.Tensor, path: str) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(image_hwc.numpy()).save(tmp, format="PNG")
+
+
+def sample_grid(
+    panels: Dict[str, torch.Tensor], row_labels: Sequence[str], per_row: int, path: str, title: str = ""
+) -> None:
+    """Side-by-side panels (one per model) of samples, one row per prompt.
+
+    panels: {name: (P * per_row, C, H, W)} ordered prompt-major.
+    """
+    plt = _mpl()
+    names = list(panels)
+    fig, axes = plt.subplots(1, len(names), figsize=(1.0 + 0.45 * per_row * len(names), 0.5 * len(row_labels) + 0.8))
+    axes = [axes] if len(names) == 1 else list(axes)
+    for ax, name in zip(axes, names):
+        imgs = to_uint8(panels[name][: len(row_labels) * per_row])
+        h, w = imgs.shape[1:3]
+        grid = imgs.view(len(row_labels), per_row, h, w, -1).permute(0, 2, 1, 3, 4).reshape(len(row_labels) * h, per_row * w, -1)
+        ax.imshow(grid.numpy(), interpolation="nearest")
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([h * (i + 0.5) for i in range(len(row_labels))])
+        ax.set_yticklabels(row_labels, fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def bias_bar_chart(models: Dict[str, Dict], path: str, title: str = "Bias (lower is better)") -> None:
+    """models: {name: {"bias": float, "bias_std": float, ...}} -> bar chart with per-prompt std."""
+    plt = _mpl()
+    names = list(models)
+    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 1.5, 3.2))
+    vals = [models[n]["bias"] for n in names]
+    errs = [models[n].get("bias_seed_std", models[n].get("bias_std", 0.0)) for n in names]
+    bars = ax.bar(names, vals, yerr=errs, capsize=4, color=["#888", "#c99", "#9c9", "#69c", "#a8d", "#dc7"][: len(names)])
+    for b, v in zip(bars, vals):
+        ax.text(b.get_x() + b.get_width() / 2, v + 0.02, f"{v:.3f}", ha="center", fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("Bias")
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def sweep_chart(sweep: List[Dict], path: str) -> None:
+    """sweep: [{"strength", "bias", "digit_accuracy"}] -> Bias and accuracy against strength."""
+    plt = _mpl()
+    s = [r["strength"] for r in sweep]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(s, [r["bias"] for r in sweep], "o-", label="Bias")
+    ax.plot(s, [r["digit_accuracy"] for r in sweep], "s--", label="digit accuracy")
+    ax.set_xlabel("guidance strength s (1 = trained r)")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title("InvDiff along the strength sweep")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(models: Dict[str, Dict], keys=("bias", "bias_std", "digit_accuracy", "frechet_distance")) -> str:
+    header = "| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+    rows = []
+    for name, m in models.items():
+        cells = []
+        for k in keys:
+            v = m.get(k)
+            sd = m.get(k + "_seed_std")
+            cells.append("-" if v is None else (f"{v:.3f} ± {sd:.3f}" if sd is not None else f"{v:.3f}"))
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return header + "\n".join(rows) + "\n"
+
+
+def write_markdown(path: str, text: str) -> None:
+    atomic_write_text(path, text)

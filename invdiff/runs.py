@@ -1,0 +1,165 @@
+"""Orchestration of one debiasing run, and loading any model folder for sampling.
+
+A run folder is self-contained:
+
+    RUN_DIR/invdiff_run.json        what was run (base, data, K, lambda, r, steps, seeds)
+    RUN_DIR/base/                   a copy of the frozen base model (a few MB)
+    RUN_DIR/guidance/               G_psi, diffusers-style (config.json holds r)
+    RUN_DIR/losses.safetensors      the frozen model's (N, T) losses and the t grid, by sample id
+    RUN_DIR/environments.safetensors  W (N, K) by sample id, with diagnostics in its metadata
+    RUN_DIR/train_log.json          the min step's per-step loss, group risks and variance
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .data.base import DiffusionDataset
+from .environments import (
+    aggregate_losses,
+    collect_losses,
+    environment_diagnostics,
+    infer_environments,
+    save_environments,
+)
+from .io import CheckpointError, atomic_save_file, atomic_write_json, read_json, staged_directory
+from .models.base import BASE_META, FrozenBase
+from .models.guidance import GuidanceModule
+from .training import MinStepConfig, train_guidance
+
+RUN_META = "invdiff_run.json"
+
+
+@dataclass
+class DebiasConfig:
+    groups: int = 8
+    lam: float = 1.0
+    ratio: float = 2.0
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 1e-3
+    lam_warmup: int = 0
+    preset: str = "small"
+    aggregation: str = "zscore"
+    loss_timesteps: int = 10
+    loss_draws: int = 2
+    max_step_steps: int = 500
+    max_step_lr: float = 0.01
+    alpha: float = 0.0
+    seed: int = 0
+
+    def validate(self, n: int) -> None:
+        if not 2 <= self.groups <= n:
+            raise ValueError(f"number of groups K must be in [2, N={n}], got {self.groups}")
+        if self.lam < 0:
+            raise ValueError(f"lambda must be >= 0, got {self.lam}")
+        if not self.ratio > 0:
+            raise ValueError(f"guidance ratio r must be > 0, got {self.ratio}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+def check_output_dir(out: str, meta: Dict, overwrite: bool = False) -> None:
+    """Refuse to write over a folder that holds something else, or a run with other settings."""
+    if not os.path.exists(out) or overwrite:
+        return
+    if not os.path.isdir(out):
+        raise FileExistsError(f"{out!r} exists and is not a folder")
+    if not os.listdir(out):
+        return
+    existing = os.path.join(out, RUN_META)
+    if not os.path.isfile(existing):
+        raise FileExistsError(f"{out!r} is not empty and holds no invdiff run; choose another --out")
+    old = read_json(existing, "run metadata")
+    if {k: old.get(k) for k in ("base", "data", "config")} != {k: meta.get(k) for k in ("base", "data", "config")}:
+        raise FileExistsError(
+            f"{out!r} already holds a different run ({old.get('config')}); choose another --out or pass --overwrite"
+        )
+
+
+def environment_weights(
+    base: FrozenBase, dataset: DiffusionDataset, config: DebiasConfig, progress: bool = True
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The max step. Returns (W (N, K), scores (N,), losses (N, T), timesteps (T,))."""
+    dataset = dataset.training_view()
+    losses, grid = collect_losses(base, dataset, config.loss_timesteps, config.loss_draws, config.seed, progress=progress)
+    scores = aggregate_losses(losses, dataset.prompt_ids, config.aggregation)
+    weights = infer_environments(
+        scores, config.groups, config.max_step_steps, config.max_step_lr, config.alpha, config.seed
+    )
+    return weights, scores, losses, grid
+
+
+def debias(
+    base_dir: str,
+    dataset: DiffusionDataset,
+    out: str,
+    config: DebiasConfig = DebiasConfig(),
+    data_spec: Optional[Dict] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    weights: Optional[torch.Tensor] = None,
+) -> Dict:
+    """Max step then min step; writes RUN_DIR atomically. `weights` (N, K) skips the max step
+    (used for the oracle baseline and for ERM with a single all-ones environment)."""
+    dataset = dataset.training_view()
+    config.validate(len(dataset))
+    meta = {
+        "kind": "invdiff-run",
+        "base": os.path.abspath(base_dir),
+        "data": data_spec or {"name": dataset.name, **dataset.info},
+        "config": asdict(config),
+        "given_weights": weights is not None,
+    }
+    check_output_dir(out, meta, overwrite)
+    base = FrozenBase.from_pretrained(base_dir)
+    if list(dataset.prompts) != base.prompts:
+        raise ValueError("the dataset's prompts differ from those the base model was trained on")
+    diagnostics: Dict = {}
+    if weights is None:
+        weights, scores, losses, grid = environment_weights(base, dataset, config, progress)
+        diagnostics = environment_diagnostics(weights, scores)
+    else:
+        scores, losses, grid = torch.zeros(len(dataset)), None, None
+    guidance = GuidanceModule.from_frozen(base.unet.config, config.preset, config.ratio)
+    min_cfg = MinStepConfig(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        lam=config.lam,
+        lam_warmup=config.lam_warmup,
+        seed=config.seed,
+    )
+    log = train_guidance(base, guidance, dataset, weights, min_cfg, progress=progress)
+    meta["diagnostics"] = diagnostics
+    meta["min_step_seconds"] = log[-1].get("seconds")
+    with staged_directory(out) as stage:
+        shutil.copytree(base_dir, os.path.join(stage, "base"))
+        guidance.save_pretrained(os.path.join(stage, "guidance"))
+        save_environments(os.path.join(stage, "environments.safetensors"), weights, dataset.sample_ids, scores, diagnostics)
+        if losses is not None:
+            atomic_save_file(
+                {"losses": losses, "timesteps": grid, "sample_ids": dataset.sample_ids},
+                os.path.join(stage, "losses.safetensors"),
+            )
+        atomic_write_json(os.path.join(stage, "train_log.json"), {"log": log})
+        atomic_write_json(os.path.join(stage, RUN_META), meta)
+    return {"weights": weights, "scores": scores, "losses": losses, "log": log, "meta": meta}
+
+
+def load_model(path: str) -> Tuple[FrozenBase, Optional[GuidanceModule]]:
+    """A base folder gives (base, None); a run folder gives (its base copy, G_psi)."""
+    if os.path.isfile(os.path.join(path, RUN_META)):
+        base = FrozenBase.from_pretrained(os.path.join(path, "base"))
+        try:
+            guidance = GuidanceModule.from_pretrained(os.path.join(path, "guidance"))
+        except Exception as exc:
+            raise CheckpointError(f"could not load G_psi from {path!r}: {exc}") from exc
+        return base.freeze(), guidance.eval().requires_grad_(False)
+    if os.path.isfile(os.path.join(path, BASE_META)) or os.path.isdir(os.path.join(path, "unet")):
+        return FrozenBase.from_pretrained(path).freeze(), None
+    raise CheckpointError(f"{path!r} is neither an invdiff base model nor a run folder")
