@@ -62,7 +62,8 @@ def cmd_debias(args) -> None:
     cfg = DebiasConfig(
         groups=args.groups, lam=args.lam, ratio=args.ratio, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, lam_warmup=args.lam_warmup, preset=args.preset, aggregation=args.aggregation,
-        alpha=args.alpha, seed=args.seed,
+        alpha=args.alpha, loss_timesteps=args.loss_timesteps, loss_draws=args.loss_draws,
+        max_step_steps=args.max_step_steps, seed=args.seed,
     )
     result = debias(args.base, dataset, args.out, cfg, _data_spec(args), overwrite=args.overwrite)
     d = result["meta"]["diagnostics"]
@@ -179,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam-warmup", type=int, default=d.lam_warmup)
     p.add_argument("--preset", default=d.preset, help="G_psi size preset: tiny, small, medium")
     p.add_argument("--aggregation", default=d.aggregation, help="per-sample loss aggregation: zscore, mean, high-noise")
-    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the official min-loss term in the max step")
+    p.add_argument("--loss-timesteps", type=int, default=d.loss_timesteps, help="max step: size of the t grid")
+    p.add_argument("--loss-draws", type=int, default=d.loss_draws, help="max step: noise draws per grid timestep")
+    p.add_argument("--max-step-steps", type=int, default=d.max_step_steps, help="max step: Adam steps")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_debias)

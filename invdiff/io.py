@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from contextlib import contextmanager
 from typing import Dict
 
@@ -15,13 +15,19 @@ class CheckpointError(RuntimeError):
     """A missing, corrupt or mismatched checkpoint or run folder."""
 
 
+def _unique_sibling(directory: str, prefix: str) -> str:
+    return os.path.join(directory, f"{prefix}{os.getpid()}.{uuid.uuid4().hex[:12]}")
+
+
 @contextmanager
 def atomic_path(path: str):
     """Yield a temporary path in the same folder; rename it onto `path` only on success."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-    os.close(fd)
+    # Not tempfile.mkstemp: it creates the file 0600, and that mode would survive the rename.
+    # An exclusive create of a unique name gets the same permissions a plain open() would.
+    tmp = _unique_sibling(directory, "." + os.path.basename(path) + ".")
+    open(tmp, "x").close()
     try:
         yield tmp
         os.replace(tmp, path)
@@ -67,7 +73,7 @@ def read_json(path: str, what: str) -> Dict:
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # garbage bytes fail to decode first
         raise CheckpointError(f"{what} at {path} is corrupt: {exc}") from exc
 
 
@@ -80,7 +86,9 @@ def staged_directory(final: str):
     """
     parent = os.path.dirname(os.path.abspath(final)) or "."
     os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(final)) + ".partial.", dir=parent)
+    # Not tempfile.mkdtemp, which makes the folder 0700 (and the swapped-in output with it).
+    stage = _unique_sibling(parent, "." + os.path.basename(os.path.abspath(final)) + ".partial.")
+    os.mkdir(stage)
     try:
         yield stage
         if os.path.isdir(final):

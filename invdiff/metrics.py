@@ -26,6 +26,8 @@ def bias_per_prompt(counts: torch.Tensor) -> torch.Tensor:
 
     Bias_p = (sum_{i<j} |n_i - n_j| / sum_k n_k) / (K (K-1) / 2).
     """
+    if counts.ndim != 2:
+        raise ValueError(f"counts must be (P, K), got shape {tuple(counts.shape)}")
     counts = counts.to(torch.float64)
     k = counts.shape[1]
     if k < 2:
@@ -44,6 +46,11 @@ def bias_summary(counts: torch.Tensor) -> Dict[str, float]:
 
 def attribute_counts(prompt_ids: torch.Tensor, attributes: torch.Tensor, num_prompts: int, num_values: int) -> torch.Tensor:
     """(N,) prompt ids and (N,) attribute values -> (P, K) counts."""
+    # Out-of-range values must not wrap into a neighbouring prompt's row of the flat bincount.
+    if prompt_ids.numel() and not 0 <= int(prompt_ids.min()) <= int(prompt_ids.max()) < num_prompts:
+        raise ValueError(f"prompt ids must lie in [0, {num_prompts}), got [{int(prompt_ids.min())}, {int(prompt_ids.max())}]")
+    if attributes.numel() and not 0 <= int(attributes.min()) <= int(attributes.max()) < num_values:
+        raise ValueError(f"attribute values must lie in [0, {num_values}), got [{int(attributes.min())}, {int(attributes.max())}]")
     flat = prompt_ids.long() * num_values + attributes.long()
     return torch.bincount(flat, minlength=num_prompts * num_values).view(num_prompts, num_values)
 

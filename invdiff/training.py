@@ -44,6 +44,10 @@ class MinStepConfig:
     lr: float = 1e-3
     lam: float = 1.0
     lam_warmup: int = 0  # steps over which lambda ramps linearly from 0 (V-REx penalty annealing)
+    # "relative": lambda is divided by the batch's mean loss, so lambda * Var is measured in
+    # units of the loss itself and a group's effective weight is 1/K + 2*lam*(R_k - R)/((K-1)*R).
+    # "absolute" is the official L_e with lambda as given.
+    lam_mode: str = "absolute"
     cfg_dropout: float = 0.1
     seed: int = 0
 
@@ -149,6 +153,8 @@ def train_guidance(
         raise ValueError(f"weights have {weights.shape[0]} rows for {len(dataset)} samples")
     if config.lam < 0:
         raise ValueError(f"lambda must be >= 0, got {config.lam}")
+    if config.lam_mode not in ("absolute", "relative"):
+        raise ValueError(f"lam_mode must be 'absolute' or 'relative', got {config.lam_mode!r}")
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     base = base.freeze()
@@ -170,6 +176,8 @@ def train_guidance(
             embeds = base.prompt_embeds(pid)
             eps = base.eps(x_t, t, embeds)
         lam = config.lam * min(1.0, (step + 1) / config.lam_warmup) if config.lam_warmup else config.lam
+        if config.lam_mode == "relative":
+            lam = lam / float(ops.per_sample_mse(eps, target).mean().clamp_min(1e-12))
         g = guidance(x_t, t, embeds)
         w = weights[idx].to(dev)
         loss = ops.invariant_loss(eps, target, w, lam, g=g, ratio=inner.ratio)

@@ -30,8 +30,10 @@ def _read_metadata(root: str) -> List[Dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-            if "file_name" not in row or "text" not in row:
+            if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
                 raise DataError(f"{path}:{lineno}: every line needs 'file_name' and 'text'")
+            if not isinstance(row["file_name"], str) or not isinstance(row["text"], str):
+                raise DataError(f"{path}:{lineno}: 'file_name' and 'text' must be strings")
             rows.append(row)
     if not rows:
         raise DataError(f"{path} lists no images")
@@ -50,8 +52,11 @@ def imagefolder(root: str) -> DiffusionDataset:
         raise DataError(f"{len(missing)} file(s) listed in {METADATA} are missing, e.g. {missing[:3]}")
     images, sizes = [], {}
     for r in rows:
-        with Image.open(os.path.join(root, r["file_name"])) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+        try:
+            with Image.open(os.path.join(root, r["file_name"])) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.float32)
+        except OSError as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise DataError(f"{r['file_name']!r} in {root!r} is not a readable image: {exc}") from exc
         sizes.setdefault(arr.shape[:2], r["file_name"])
         images.append(arr)
     if len(sizes) > 1:

@@ -14,7 +14,6 @@ from typing import Dict, Optional
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from diffusers.configuration_utils import ConfigMixin
 
 from ..io import CheckpointError, atomic_write_json, read_json
 from .conditioner import PromptEmbedding
@@ -43,14 +42,25 @@ def base_unet_config(resolution: int = 16, channels: int = 3, widths=(16, 32, 64
         cross_attention_dim=embedding_dim,
         class_embed_type="identity",
         time_embedding_dim=embedding_dim,
+        # FiLM (scale and shift) conditioning: with plain additive time/prompt embeddings the
+        # prompt->colour association stayed weak (a p=0.9 base drew odd digits in their majority
+        # colour only ~50% of the time at w=1 after 2500 steps; measured).
+        resnet_time_scale_shift="scale_shift",
     )
 
 
-def default_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
+def default_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "v_prediction") -> DDPMScheduler:
+    """Cosine schedule with v-prediction by default.
+
+    Why v: the spurious attribute (stroke colour) is decided at high noise, where an
+    eps-prediction loss weights errors in the clean image by alpha_bar / (1 - alpha_bar) ~ 0; the
+    eps base above came out unfaithful to its data (majority share 0.47-0.87 at p=0.9, w=1). The v
+    target weights the clean image ~1 there.
+    """
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule="squaredcos_cap_v2",
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=True,
     )
 
@@ -113,8 +123,7 @@ class FrozenBase(torch.nn.Module):
         try:
             unet = UNet2DConditionModel.from_pretrained(os.path.join(directory, "unet"))
             conditioner = PromptEmbedding.from_pretrained(os.path.join(directory, "conditioner"))
-            sched_cfg = ConfigMixin.load_config(os.path.join(directory, "scheduler"))
-            scheduler = DDPMScheduler.from_config(sched_cfg)
+            scheduler = DDPMScheduler.from_pretrained(os.path.join(directory, "scheduler"))
         except Exception as exc:  # corrupt safetensors, truncated json, ...
             raise CheckpointError(f"could not load the base model in {directory!r}: {exc}") from exc
         return cls(unet, conditioner, scheduler, meta)

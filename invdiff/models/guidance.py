@@ -40,6 +40,7 @@ def guidance_unet_config(frozen_config: Dict, preset: str = "small") -> Dict:
             "out_channels",
             "cross_attention_dim",
             "class_embed_type",
+            "resnet_time_scale_shift",
         )
         if k in frozen_config
     }

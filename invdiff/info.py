@@ -1,0 +1,41 @@
+"""`python -m invdiff.info`: versions, devices and which op backends are live."""
+from __future__ import annotations
+
+import platform
+
+
+def collect() -> dict:
+    import torch
+
+    from . import __version__
+    from .ops import backend_table
+
+    info = {
+        "invdiff": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "attention": "torch SDPA (diffusers AttnProcessor2_0)",
+    }
+    for mod in ("diffusers", "accelerate", "triton", "xformers", "torchmetrics"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = "not installed"
+    info["backends"] = backend_table()
+    return info
+
+
+def main() -> None:
+    info = collect()
+    for k, v in info.items():
+        if k != "backends":
+            print(f"{k:16s} {v}")
+    print("\nop backends (dispatch takes the first that accepts the inputs):")
+    for row in info["backends"]:
+        print(f"  {row['backend']:12s} available={row['available']:5s} devices={row['devices']:10s} ops={row['ops']}")
+
+
+if __name__ == "__main__":
+    main()

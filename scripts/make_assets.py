@@ -1,0 +1,102 @@
+"""Rebuild the shipped assets: the colour-invariant digit classifier and the biased base models.
+
+    python scripts/make_assets.py                 # everything (about 35 min on 2 CPU cores)
+    python scripts/make_assets.py --only base_p0.9
+    python scripts/make_assets.py --check         # rebuild into a temp folder and compare hashes
+
+Determinism: fixed seeds, deterministic algorithms and a fixed thread count (2). On the same
+torch build and CPU the files come out byte-identical; `assets/MANIFEST.json` records their
+sha256 so `--check` can prove it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from invdiff.data import colored_digits  # noqa: E402
+from invdiff.io import atomic_write_json, staged_directory  # noqa: E402
+from invdiff.metrics import train_digit_classifier  # noqa: E402
+from invdiff.training import BaseTrainConfig, train_base  # noqa: E402
+
+ASSETS = os.path.join(ROOT, "invdiff", "assets")
+BASE_PS = (0.6, 0.8, 0.9)
+BASE_CONFIG = BaseTrainConfig(steps=2500, batch_size=64, lr=2e-3, seed=0)
+CLASSIFIER_STEPS = 1500
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()
+
+
+def build(name: str, out_root: str) -> dict:
+    torch.manual_seed(0)
+    target = os.path.join(out_root, name)
+    t0 = time.time()
+    if name == "digit_classifier":
+        # Colours are irrelevant to this classifier (it sees intensity only); p=0.5 is arbitrary.
+        result = train_digit_classifier(colored_digits("train", p=0.5), colored_digits("eval"), steps=CLASSIFIER_STEPS)
+        with staged_directory(target) as stage:
+            result["model"].save_pretrained(stage)
+        info = {"eval_accuracy": result["eval_accuracy"]}
+    else:
+        p = float(name.split("_p")[1])
+        model = train_base(colored_digits("train", p=p), BASE_CONFIG)
+        with staged_directory(target) as stage:
+            model.save_pretrained(stage)
+        info = {"final_loss": model.meta["final_loss"]}
+    info["seconds"] = round(time.time() - t0, 1)
+    files = {}
+    for dirpath, _, names in os.walk(target):
+        for n in sorted(names):
+            if n.endswith(".safetensors"):
+                full = os.path.join(dirpath, n)
+                files[os.path.relpath(full, out_root)] = _sha256(full)
+    info["sha256"] = files
+    print(f"{name}: {info}", flush=True)
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    names = ["digit_classifier"] + [f"base_p{p:g}" for p in BASE_PS]
+    parser.add_argument("--only", nargs="+", choices=names, default=names)
+    parser.add_argument("--check", action="store_true", help="rebuild in a temp folder and compare with MANIFEST.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    manifest_path = os.path.join(ASSETS, "MANIFEST.json")
+    manifest = json.load(open(manifest_path)) if os.path.isfile(manifest_path) else {}
+    if args.check:
+        tmp = tempfile.mkdtemp()
+        try:
+            ok = True
+            for name in args.only:
+                info = build(name, tmp)
+                same = info["sha256"] == manifest.get(name, {}).get("sha256")
+                ok &= same
+                print(f"{name}: {'identical' if same else 'DIFFERENT'}")
+            sys.exit(0 if ok else 1)
+        finally:
+            shutil.rmtree(tmp)
+    for name in args.only:
+        manifest[name] = build(name, ASSETS)
+        manifest[name]["torch"] = torch.__version__
+        atomic_write_json(manifest_path, manifest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+import copy
+
+import pytest
+import torch
+
+from tests.utils import tiny_base, tiny_dataset, train_tiny_base
+
+# The test machine has 2 cores and usually something else running: one thread keeps every test
+# small and the timings stable.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def _tiny_base_model():
+    return train_tiny_base(steps=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory, _tiny_base_model):
+    """The 2-step tiny base model, saved once per session (a folder path)."""
+    return tiny_base(tmp_path_factory.mktemp("tiny_base"), base=_tiny_base_model)
+
+
+@pytest.fixture()
+def frozen_tiny_base(_tiny_base_model):
+    """A private copy of the in-memory tiny base (the same weights as `tiny_base_dir`)."""
+    return copy.deepcopy(_tiny_base_model).freeze()
+
+
+@pytest.fixture(scope="session")
+def tiny_train():
+    """The 72-image colored-digits subset the tiny base was trained on (with attributes)."""
+    return tiny_dataset()
