@@ -61,7 +61,7 @@ def cmd_debias(args) -> None:
     dataset = _load_data(args)
     cfg = DebiasConfig(
         groups=args.groups, lam=args.lam, ratio=args.ratio, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, lam_warmup=args.lam_warmup, preset=args.preset, aggregation=args.aggregation,
+        lr=args.lr, lam_warmup=args.lam_warmup, lam_mode=args.lam_mode, preset=args.preset, aggregation=args.aggregation,
         alpha=args.alpha, loss_timesteps=args.loss_timesteps, loss_draws=args.loss_draws,
         max_step_steps=args.max_step_steps, seed=args.seed,
     )
@@ -177,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps, help="min-step optimisation steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lam-warmup", type=int, default=d.lam_warmup)
+    p.add_argument("--lam-warmup", type=int, default=d.lam_warmup, help="steps over which lambda ramps up from 0")
+    p.add_argument("--lam-mode", default=d.lam_mode, choices=["absolute", "relative"],
+                   help="relative: lambda is divided by the batch's mean loss (scale-free)")
     p.add_argument("--preset", default=d.preset, help="G_psi size preset: tiny, small, medium")
-    p.add_argument("--aggregation", default=d.aggregation, help="per-sample loss aggregation: zscore, mean, high-noise")
+    p.add_argument("--aggregation", default=d.aggregation, help="per-sample loss aggregation: spread, zscore, mean, high-noise")
     p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the official min-loss term in the max step")
     p.add_argument("--loss-timesteps", type=int, default=d.loss_timesteps, help="max step: size of the t grid")
     p.add_argument("--loss-draws", type=int, default=d.loss_draws, help="max step: noise draws per grid timestep")

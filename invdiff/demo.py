@@ -15,6 +15,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from .environments import collect_losses
 from .data.colored_digits import COLOR_NAMES, colored_digits, majority_color
 from .io import atomic_write_json, staged_directory
 from .metrics import evaluate_samples, group_alignment, load_digit_classifier
@@ -41,11 +42,13 @@ def demo_settings(quick: bool = False) -> Dict:
         "invdiff": DebiasConfig(),
         "per_digit": 50,
         "sample_steps": 25,
-        "guidance_scale": 2.0,
-        "sweep": [0.5, 1.0, 1.5, 2.0],
+        # w=1: on the shipped base, CFG at w=2 worsened the Frechet distance from 176 to 309 and
+        # digit accuracy from 0.968 to 0.942 (100 samples per digit, measured).
+        "guidance_scale": 1.0,
+        "sweep": [1.0, 2.0],
     }
     if quick:
-        s["invdiff"] = replace(s["invdiff"], steps=4, batch_size=16, loss_timesteps=2, loss_draws=1, max_step_steps=10)
+        s["invdiff"] = replace(s["invdiff"], steps=4, batch_size=16, loss_timesteps=2, max_step_steps=10)
         s.update(per_digit=2, sample_steps=2, sweep=[1.0])
     return s
 
@@ -91,8 +94,11 @@ def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = F
             print(f"== seed {seed} ==", flush=True)
             cfg = replace(settings["invdiff"], seed=seed)
             res, grids["base"] = _evaluate(base, None, 1.0, settings, seed, classifier, reference)
-            res_w1, _ = _evaluate(base, None, 1.0, settings, seed, classifier, reference, w=1.0)
-            res["majority_share_w1"] = res_w1["majority_share"]
+            if settings["guidance_scale"] == 1.0:
+                res["majority_share_w1"] = res["majority_share"]
+            else:
+                res_w1, _ = _evaluate(base, None, 1.0, settings, seed, classifier, reference, w=1.0)
+                res["majority_share_w1"] = res_w1["majority_share"]
             per_seed["base"].append(res)
             n = len(train)
             erm_cfg = replace(cfg, lam=0.0, groups=2)
@@ -101,9 +107,13 @@ def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = F
                 "oracle": (cfg, torch.nn.functional.one_hot(true_groups, 20).float()),
                 "invdiff": (cfg, None),
             }
+            # The frozen model's losses and predictions on the fixed draws: computed once per
+            # seed and shared, so all three G_psi train on identical (t, noise) draws.
+            frozen = dict(zip(("losses", "timesteps", "bank"), collect_losses(
+                base, train.training_view(), cfg.loss_timesteps, cfg.loss_draws, cfg.seed, progress=not quick, return_bank=True)))
             for name, (vcfg, weights) in variants.items():
                 run_dir = os.path.join(runs, f"{name}_seed{seed}")
-                result = debias(base_dir, train, run_dir, vcfg, spec, weights=weights, progress=not quick)
+                result = debias(base_dir, train, run_dir, vcfg, spec, weights=weights, progress=not quick, frozen=frozen)
                 _, guidance = load_model(run_dir)
                 res, images = _evaluate(base, guidance, 1.0, settings, seed, classifier, reference)
                 res["train_seconds"] = result["meta"]["min_step_seconds"]

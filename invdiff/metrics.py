@@ -93,8 +93,13 @@ class DigitClassifier(ModelMixin, ConfigMixin):
         self.num_features = feature_dim
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> (N, feature_dim) penultimate features (the Frechet space)."""
-        return self.body(intensity(images))
+        """(N, 3, H, W) in [-1, 1] -> (N, feature_dim) penultimate features (the Frechet space).
+        Images at another resolution are resampled to the classifier's (bilinear)."""
+        x = intensity(images)
+        res = self.config.resolution
+        if x.shape[-1] != res or x.shape[-2] != res:
+            x = nn.functional.interpolate(x, size=(res, res), mode="bilinear", align_corners=False)
+        return self.body(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
@@ -178,7 +183,7 @@ def evaluate_samples(
     """
     colors = predict_color(images, num_colors)
     counts = attribute_counts(prompt_ids, colors, num_prompts, num_colors)
-    out = bias_summary(counts)
+    out = bias_summary(counts[counts.sum(1) > 0])  # over the prompts that were sampled
     out["counts"] = counts.tolist()
     pred = classifier(images).argmax(1)
     out["digit_accuracy"] = float((pred == prompt_ids).float().mean())

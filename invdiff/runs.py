@@ -11,6 +11,7 @@ A run folder is self-contained:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -22,8 +23,11 @@ from .data.base import DiffusionDataset
 from .environments import (
     aggregate_losses,
     collect_losses,
+    draw_proposal,
     environment_diagnostics,
+    MAX_STEP_METHODS,
     infer_environments,
+    infer_environments_mixture,
     save_environments,
 )
 from .io import CheckpointError, atomic_save_file, atomic_write_json, read_json, staged_directory
@@ -36,20 +40,28 @@ RUN_META = "invdiff_run.json"
 
 @dataclass
 class DebiasConfig:
-    groups: int = 8
+    """Defaults measured on colored digits (p=0.9, 2 CPU cores); see README "What we found"."""
+
+    groups: int = 2
     lam: float = 1.0
+    # relative: lambda is in units of the batch's mean loss. The official absolute lambda=1 is a
+    # no-op at this loss scale (Var_k R_k ~ 1e-4 against R ~ 0.03).
+    lam_mode: str = "relative"
     ratio: float = 2.0
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 1e-2
     lam_warmup: int = 0
     preset: str = "small"
-    aggregation: str = "zscore"
-    loss_timesteps: int = 10
-    loss_draws: int = 2
+    aggregation: str = "spread"
+    loss_timesteps: int = 20
+    loss_draws: int = 1
+    max_step: str = "mixture"  # "official": projected Adam on std_k R_k; "mixture": see environments.py
     max_step_steps: int = 500
     max_step_lr: float = 0.01
     alpha: float = 0.0
+    use_bank: bool = True  # min step reuses the max step's frozen predictions (environments.FrozenBank)
+    importance_mix: float = 0.5  # share of uniform draws in the min step's t proposal; 1 = uniform
     seed: int = 0
 
     def validate(self, n: int) -> None:
@@ -59,6 +71,8 @@ class DebiasConfig:
             raise ValueError(f"lambda must be >= 0, got {self.lam}")
         if not self.ratio > 0:
             raise ValueError(f"guidance ratio r must be > 0, got {self.ratio}")
+        if self.max_step not in MAX_STEP_METHODS:
+            raise ValueError(f"max_step must be one of {MAX_STEP_METHODS}, got {self.max_step!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
@@ -81,16 +95,26 @@ def check_output_dir(out: str, meta: Dict, overwrite: bool = False) -> None:
         )
 
 
+def max_step(scores: torch.Tensor, config: DebiasConfig) -> torch.Tensor:
+    """(N,) per-sample scores -> (N, K) soft environments, by the configured max-step method."""
+    if config.max_step == "mixture":
+        return infer_environments_mixture(scores, config.groups, config.seed)
+    return infer_environments(scores, config.groups, config.max_step_steps, config.max_step_lr, config.alpha, config.seed)
+
+
 def environment_weights(
-    base: FrozenBase, dataset: DiffusionDataset, config: DebiasConfig, progress: bool = True
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The max step. Returns (W (N, K), scores (N,), losses (N, T), timesteps (T,))."""
+    base: FrozenBase, dataset: DiffusionDataset, config: DebiasConfig, progress: bool = True, return_bank: bool = False
+):
+    """The max step. Returns (W (N, K), scores (N,), losses (N, T), timesteps (T,)) and, with
+    return_bank, the `FrozenBank` of the frozen model's predictions it was computed from."""
     dataset = dataset.training_view()
-    losses, grid = collect_losses(base, dataset, config.loss_timesteps, config.loss_draws, config.seed, progress=progress)
-    scores = aggregate_losses(losses, dataset.prompt_ids, config.aggregation)
-    weights = infer_environments(
-        scores, config.groups, config.max_step_steps, config.max_step_lr, config.alpha, config.seed
+    losses, grid, bank = collect_losses(
+        base, dataset, config.loss_timesteps, config.loss_draws, config.seed, progress=progress, return_bank=True
     )
+    scores = aggregate_losses(losses, dataset.prompt_ids, config.aggregation)
+    weights = max_step(scores, config)
+    if return_bank:
+        return weights, scores, losses, grid, bank
     return weights, scores, losses, grid
 
 
@@ -103,9 +127,12 @@ def debias(
     overwrite: bool = False,
     progress: bool = True,
     weights: Optional[torch.Tensor] = None,
+    frozen: Optional[Dict] = None,
 ) -> Dict:
     """Max step then min step; writes RUN_DIR atomically. `weights` (N, K) skips the max step
-    (used for the oracle baseline and for ERM with a single all-ones environment)."""
+    (used for the oracle baseline and for ERM with a single all-ones environment). `frozen`
+    ({"losses", "timesteps", "bank"} from `collect_losses(..., return_bank=True)` with this
+    config's grid and seed) reuses the frozen model's predictions across several runs."""
     dataset = dataset.training_view()
     config.validate(len(dataset))
     meta = {
@@ -120,11 +147,24 @@ def debias(
     if list(dataset.prompts) != base.prompts:
         raise ValueError("the dataset's prompts differ from those the base model was trained on")
     diagnostics: Dict = {}
+    if frozen is None:
+        frozen = dict(zip(
+            ("losses", "timesteps", "bank"),
+            collect_losses(base, dataset, config.loss_timesteps, config.loss_draws, config.seed, progress=progress, return_bank=True),
+        ))
+    losses, grid, bank = frozen["losses"], frozen["timesteps"], frozen["bank"]
+    if config.importance_mix < 1.0:
+        bank = dataclasses.replace(
+            bank, proposal=draw_proposal(losses, dataset.prompt_ids, config.loss_draws, config.importance_mix)
+        )
     if weights is None:
-        weights, scores, losses, grid = environment_weights(base, dataset, config, progress)
+        scores = aggregate_losses(losses, dataset.prompt_ids, config.aggregation)
+        weights = max_step(scores, config)
         diagnostics = environment_diagnostics(weights, scores)
     else:
-        scores, losses, grid = torch.zeros(len(dataset)), None, None
+        # Given groups skip the max step, but the min step still trains on the same bank of
+        # frozen predictions, so ERM, the oracle and InvDiff see identical (t, noise) draws.
+        scores = torch.zeros(len(dataset))
     guidance = GuidanceModule.from_frozen(base.unet.config, config.preset, config.ratio)
     min_cfg = MinStepConfig(
         steps=config.steps,
@@ -132,9 +172,10 @@ def debias(
         lr=config.lr,
         lam=config.lam,
         lam_warmup=config.lam_warmup,
+        lam_mode=config.lam_mode,
         seed=config.seed,
     )
-    log = train_guidance(base, guidance, dataset, weights, min_cfg, progress=progress)
+    log = train_guidance(base, guidance, dataset, weights, min_cfg, progress=progress, bank=bank if config.use_bank else None)
     meta["diagnostics"] = diagnostics
     meta["min_step_seconds"] = log[-1].get("seconds")
     with staged_directory(out) as stage:

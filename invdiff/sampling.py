@@ -50,12 +50,17 @@ class GuidedDenoiser(torch.nn.Module):
         eps = self.base.eps(sample, timestep, prompt_embeds)
         if self.guidance is None or self.strength == 0.0:
             return eps
-        return self.guidance.combine(eps, self.guidance(sample, timestep, prompt_embeds), self.strength)
+        return self.guidance.combine(eps, self.guidance(sample, timestep, prompt_embeds, eps), self.strength)
 
 
-def initial_noise(shape, seeds: Sequence[int]) -> torch.Tensor:
-    """(N, C, H, W) starting noise, one generator per image so an image depends on its seed only."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+def initial_noise(shape, seeds: Sequence[int]):
+    """(N, C, H, W) starting noise and the N per-image generators it came from.
+
+    One generator per image, kept for the scheduler's own noise (DDPM, DDIM with eta > 0, Euler
+    ancestral), so an image depends on its seed only, not on its batch or position.
+    """
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
 
 
 @torch.no_grad()
@@ -87,8 +92,8 @@ def sample(
         batch_seeds = list(seeds[start : start + batch_size])
         sched = make_scheduler(scheduler, base.scheduler.config)
         sched.set_timesteps(steps, device=device)
-        x = initial_noise(shape, batch_seeds).to(device) * sched.init_noise_sigma
-        gen = torch.Generator().manual_seed(int(batch_seeds[0]) * 7 + 1)
+        noise, gens = initial_noise(shape, batch_seeds)
+        x = noise.to(device) * sched.init_noise_sigma
         cond = base.prompt_embeds(ids)
         use_cfg = guidance_scale != 1.0
         if use_cfg:
@@ -102,7 +107,7 @@ def sample(
                 eps = cfg_combine(e_u, e_c, guidance_scale)
             else:
                 eps = denoiser(model_in, t.expand(ids.numel()).to(device), cond)
-            x = sched.step(eps, t, x, generator=gen).prev_sample
+            x = sched.step(eps, t, x, generator=gens).prev_sample
             bar.update(ids.numel())
         outputs.append(x.clamp(-1, 1).cpu())
     bar.close()

@@ -142,11 +142,17 @@ def train_guidance(
     config: MinStepConfig = MinStepConfig(),
     progress: bool = True,
     desc: str = "min-step",
+    bank=None,
 ) -> List[Dict]:
     """The min step: train only G_psi on L_e = mean_k R_k + lam * Var_k R_k.
 
     weights: (N, K) environment weights aligned with `dataset` rows. Returns the per-step log
     (loss, group risks, variance term, lambda in force).
+
+    bank: optional `environments.FrozenBank` for `dataset`. With it, each step draws one of the
+    bank's fixed (t, noise) draws per sample and reuses the frozen prediction, so the frozen UNet
+    only runs for the prompt-dropped (unconditional) rows; the expectation over t and noise in
+    L_e becomes an average over the bank's draws. Without it, t and noise are fresh every step.
     """
     dataset = dataset.training_view()
     if weights.shape[0] != len(dataset):
@@ -169,17 +175,40 @@ def train_guidance(
     bar = tqdm(total=config.steps, desc=desc, disable=not progress)
     t0 = time.time()
     for step, idx in enumerate(_batches(len(dataset), config.batch_size, config.steps, gen)):
-        x_t, t, target = _noised(base.scheduler, dataset.images[idx], gen)
         pid = _drop_prompts(dataset.prompt_ids[idx], base.conditioner.null_id, config.cfg_dropout, gen)
+        if bank is None:
+            x_t, t, target = _noised(base.scheduler, dataset.images[idx], gen)
+            cached, importance = None, None
+        else:
+            if bank.proposal is None:
+                draw = torch.randint(0, bank.draws, (len(idx),), generator=gen)
+                importance = None
+            else:
+                draw = torch.multinomial(bank.proposal, len(idx), replacement=True, generator=gen)
+                importance = (1.0 / bank.draws) / bank.proposal[draw]
+            t, noise, cached = bank.timesteps[draw], bank.noise[idx, draw], bank.pred[idx, draw]
+            clean = dataset.images[idx]
+            x_t = base.scheduler.add_noise(clean, noise, t)
+            target = training_target(base.scheduler, clean, noise, t)
         x_t, t, target, pid = x_t.to(dev), t.to(dev), target.to(dev), pid.to(dev)
         with torch.no_grad():
             embeds = base.prompt_embeds(pid)
-            eps = base.eps(x_t, t, embeds)
+            if cached is None:
+                eps = base.eps(x_t, t, embeds)
+            else:
+                eps = cached.to(dev)
+                dropped = pid == base.conditioner.null_id
+                if dropped.any():  # the bank holds conditional predictions only
+                    eps[dropped] = base.eps(x_t[dropped], t[dropped], embeds[dropped]).to(eps.dtype)
         lam = config.lam * min(1.0, (step + 1) / config.lam_warmup) if config.lam_warmup else config.lam
         if config.lam_mode == "relative":
             lam = lam / float(ops.per_sample_mse(eps, target).mean().clamp_min(1e-12))
-        g = guidance(x_t, t, embeds)
-        w = weights[idx].to(dev)
+        g = guidance(x_t, t, embeds, eps)
+        w = weights[idx]
+        if importance is not None:
+            # Self-normalised importance weights: R_k = sum w_ik iw_i l_i / sum w_ik iw_i.
+            w = w * importance[:, None]
+        w = w.to(dev)
         loss = ops.invariant_loss(eps, target, w, lam, g=g, ratio=inner.ratio)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -191,9 +220,9 @@ def train_guidance(
             risks, present = ops.group_risks(per, w)
             r = risks[present]
             var = float(r.var()) if r.numel() > 1 else 0.0
-        log.append({"step": step, "loss": float(loss), "mean_risk": float(r.mean()), "var_risk": var, "lam": lam})
+        log.append({"step": step, "loss": float(loss.detach()), "mean_risk": float(r.mean()), "var_risk": var, "lam": lam})
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}", var=f"{var:.2e}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", var=f"{var:.2e}")
         bar.update(1)
     bar.close()
     log.append({"seconds": time.time() - t0})

@@ -274,9 +274,10 @@ def test_collect_losses_independent_of_order_and_subset(frozen_tiny_base, tiny_t
 
 
 def test_collect_losses_matches_a_manual_evaluation(frozen_tiny_base, tiny_train):
-    """The loss is against the model's own target (the noise for eps-prediction), not the clean image."""
+    """The loss is against the model's own target (v for the default v-prediction base), not the
+    clean image as in the official code."""
     base = frozen_tiny_base
-    assert base.scheduler.config.prediction_type == "epsilon"
+    assert base.scheduler.config.prediction_type == "v_prediction"
     idx = torch.tensor([4, 9])
     ds = tiny_train.subset(idx)
     losses, grid = collect_losses(base, ds, num_timesteps=2, draws=2, seed=3, progress=False)
@@ -291,10 +292,11 @@ def test_collect_losses_matches_a_manual_evaluation(frozen_tiny_base, tiny_train
                 x0 = ds.images[row : row + 1]
                 x_t = base.scheduler.add_noise(x0, noise, tt)
                 target = training_target(base.scheduler, x0, noise, tt)
-                assert torch.equal(target, noise)
+                torch.testing.assert_close(target, base.scheduler.get_velocity(x0, noise, tt))
+                assert not torch.allclose(target, x0)
                 with torch.no_grad():
                     pred = base.eps(x_t, tt, base.prompt_embeds(ds.prompt_ids[row : row + 1]))
-                per_draw.append(float(((pred - noise) ** 2).mean()))
+                per_draw.append(float(((pred - target) ** 2).mean()))
             assert float(losses[row, j]) == pytest.approx(sum(per_draw) / 2, rel=1e-5)
 
 
