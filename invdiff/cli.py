@@ -63,7 +63,8 @@ def cmd_debias(args) -> None:
         groups=args.groups, lam=args.lam, ratio=args.ratio, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, lam_warmup=args.lam_warmup, lam_mode=args.lam_mode, preset=args.preset, aggregation=args.aggregation,
         alpha=args.alpha, loss_timesteps=args.loss_timesteps, loss_draws=args.loss_draws,
-        max_step_steps=args.max_step_steps, seed=args.seed,
+        max_step_steps=args.max_step_steps, max_step=args.max_step,
+        per_prompt_groups=not args.pooled_groups, seed=args.seed,
     )
     result = debias(args.base, dataset, args.out, cfg, _data_spec(args), overwrite=args.overwrite)
     d = result["meta"]["diagnostics"]
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relative: lambda is divided by the batch's mean loss (scale-free)")
     p.add_argument("--preset", default=d.preset, help="G_psi size preset: tiny, small, medium")
     p.add_argument("--aggregation", default=d.aggregation, help="per-sample loss aggregation: spread, zscore, mean, high-noise")
+    p.add_argument("--max-step", default=d.max_step, choices=["mixture", "official"],
+                   help="environment inference: Gaussian-mixture groups (default) or the official projected Adam")
+    p.add_argument("--pooled-groups", action="store_true", help="infer K groups over all prompts instead of K per prompt")
     p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the official min-loss term in the max step")
     p.add_argument("--loss-timesteps", type=int, default=d.loss_timesteps, help="max step: size of the t grid")
     p.add_argument("--loss-draws", type=int, default=d.loss_draws, help="max step: noise draws per grid timestep")

@@ -15,13 +15,13 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .environments import collect_losses
+from .environments import aggregate_losses, collect_losses
 from .data.colored_digits import COLOR_NAMES, colored_digits, majority_color
 from .io import atomic_write_json, staged_directory
 from .metrics import evaluate_samples, group_alignment, load_digit_classifier
 from .models.base import FrozenBase
 from .report import bias_bar_chart, markdown_table, sample_grid, sweep_chart, write_markdown
-from .runs import DebiasConfig, debias, load_model
+from .runs import DebiasConfig, debias, load_model, max_step
 from .sampling import GuidedDenoiser, sample
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -63,6 +63,22 @@ def _evaluate(model_dir_or_base, guidance, strength, settings, seed, classifier,
     majority = torch.tensor([majority_color(d, 2) for d in range(10)])
     result = evaluate_samples(images, ids, 10, 2, classifier, reference, majority)
     return result, images
+
+
+def max_step_alignment(losses, train, cfg: DebiasConfig, minority, true_groups) -> List[Dict]:
+    """Evaluation-only: how each (aggregation, max step, grouping) choice lines up with the true
+    groups, from the same frozen losses. The "before/after" of the max-step design choices."""
+    rows = []
+    for aggregation in ("mean", "zscore", "spread"):
+        scores = aggregate_losses(losses, train.prompt_ids, aggregation)
+        for method in ("official", "mixture"):
+            for per_prompt in (False, True):
+                c = replace(cfg, aggregation=aggregation, max_step=method, per_prompt_groups=per_prompt)
+                a = group_alignment(max_step(scores, c, train.prompt_ids), scores, minority, true_groups)
+                rows.append({"aggregation": aggregation, "max_step": method, "per_prompt": per_prompt,
+                             "score_auroc_minority": a["score_auroc_minority"],
+                             "balanced_minority_share": a["balanced_minority_share"]})
+    return rows
 
 
 def _mean_std(values: List[float]) -> Dict[str, float]:
@@ -111,6 +127,8 @@ def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = F
             # seed and shared, so all three G_psi train on identical (t, noise) draws.
             frozen = dict(zip(("losses", "timesteps", "bank"), collect_losses(
                 base, train.training_view(), cfg.loss_timesteps, cfg.loss_draws, cfg.seed, progress=not quick, return_bank=True)))
+            if seed == seeds[0]:
+                alignment_table = max_step_alignment(frozen["losses"], train, cfg, minority, true_groups)
             for name, (vcfg, weights) in variants.items():
                 run_dir = os.path.join(runs, f"{name}_seed{seed}")
                 result = debias(base_dir, train, run_dir, vcfg, spec, weights=weights, progress=not quick, frozen=frozen)
@@ -159,6 +177,7 @@ def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = F
             "models": models,
             "sweep": sweep,
             "alignment": alignment,
+            "max_step_alignment": alignment_table,
             "targets": targets,
             "seconds": time.time() - t_start,
         }
@@ -184,6 +203,12 @@ def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = F
         md.append("| invdiff | " + " | ".join(f"{s:.2f}" for s in shares) + " |")
         md.append("\n## Strength sweep (InvDiff)\n\n| strength | bias | digit_accuracy | frechet_distance |\n|---|---|---|---|")
         md += [f"| {r['strength']:g} | {r['bias']:.3f} | {r['digit_accuracy']:.3f} | {r['frechet_distance']:.2f} |" for r in sweep]
+        md.append("\n## Max step: how the inferred groups line up with the true ones (seed %d, evaluation only)\n" % seeds[0])
+        md.append("`balanced_minority_share`: the minority share that equal weight per inferred group would give "
+                  "(0.5 = perfect groups, 0.1 = no better than the data).\n")
+        md.append("| aggregation | max step | groups | AUROC of score | balanced minority share |\n|---|---|---|---|---|")
+        md += [f"| {r['aggregation']} | {r['max_step']} | {'per prompt' if r['per_prompt'] else 'pooled'} | "
+               f"{r['score_auroc_minority']:.3f} | {r['balanced_minority_share']:.3f} |" for r in alignment_table]
         md.append("\n![samples](samples_base_vs_invdiff.png)\n\n![bias](bias.png)\n")
         write_markdown(os.path.join(stage, "report.md"), "\n".join(md) + "\n")
     print()

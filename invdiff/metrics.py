@@ -212,9 +212,12 @@ def group_alignment(weights: torch.Tensor, scores: torch.Tensor, minority: torch
     table = torch.zeros(w.shape[1], int(true_groups.max()) + 1, dtype=torch.long)
     table.index_put_((hard, true_groups.long()), torch.ones_like(hard), accumulate=True)
     auroc = float(roc_auc_score(minority.numpy(), scores.numpy())) if 0 < int(minority.sum()) < minority.numel() else float("nan")
+    used = sizes > 1e-6
     return {
         "group_sizes": sizes.tolist(),
         "group_minority_fraction": minority_frac.tolist(),
+        # The minority share that equal weight per group (the mean_k R_k term alone) would give.
+        "balanced_minority_share": float(minority_frac[used].mean()),
         "base_minority_fraction": float(minority.double().mean()),
         "score_auroc_minority": auroc,
         "hard_assignment_vs_true_groups": table.tolist(),

@@ -38,7 +38,7 @@ def sample_grid(
     """
     plt = _mpl()
     names = list(panels)
-    fig, axes = plt.subplots(1, len(names), figsize=(1.0 + 0.45 * per_row * len(names), 0.5 * len(row_labels) + 0.8))
+    fig, axes = plt.subplots(1, len(names), figsize=(max(6.0, 1.5 + 0.45 * per_row * len(names)), 0.5 * len(row_labels) + 1.0))
     axes = [axes] if len(names) == 1 else list(axes)
     for ax, name in zip(axes, names):
         imgs = to_uint8(panels[name][: len(row_labels) * per_row])

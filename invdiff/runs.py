@@ -57,6 +57,8 @@ class DebiasConfig:
     loss_timesteps: int = 20
     loss_draws: int = 1
     max_step: str = "mixture"  # "official": projected Adam on std_k R_k; "mixture": see environments.py
+    per_prompt_groups: bool = True  # K environments inside each prompt (see max_step)
+    min_per_prompt_groups: int = 8  # ... when every prompt has at least this many samples per group
     max_step_steps: int = 500
     max_step_lr: float = 0.01
     alpha: float = 0.0
@@ -95,11 +97,34 @@ def check_output_dir(out: str, meta: Dict, overwrite: bool = False) -> None:
         )
 
 
-def max_step(scores: torch.Tensor, config: DebiasConfig) -> torch.Tensor:
-    """(N,) per-sample scores -> (N, K) soft environments, by the configured max-step method."""
+def _max_step_pooled(scores: torch.Tensor, config: DebiasConfig) -> torch.Tensor:
     if config.max_step == "mixture":
         return infer_environments_mixture(scores, config.groups, config.seed)
     return infer_environments(scores, config.groups, config.max_step_steps, config.max_step_lr, config.alpha, config.seed)
+
+
+def max_step(scores: torch.Tensor, config: DebiasConfig, prompt_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N,) per-sample scores -> (N, K) soft environments, or (N, P*K) with per-prompt groups.
+
+    Per prompt (the default when every prompt has at least `min_per_prompt_groups * K` samples):
+    the max step runs separately within each prompt's samples and prompt p owns columns
+    [p*K, (p+1)*K). A spurious correlation is a dependence between the prompt and an attribute,
+    so its environments live inside each prompt; the prompt is the conditioning, not a bias
+    label. Pooled groups mix all prompts' minorities into one group, and the min step then cannot
+    balance any single prompt (measured: Bias 0.655 pooled vs the oracle's 0.275, see README).
+    """
+    if prompt_ids is None or not config.per_prompt_groups:
+        return _max_step_pooled(scores, config)
+    counts = torch.bincount(prompt_ids)
+    present = torch.nonzero(counts).flatten()
+    if int(counts[present].min()) < config.min_per_prompt_groups * config.groups:
+        return _max_step_pooled(scores, config)
+    k = config.groups
+    weights = torch.zeros(scores.shape[0], len(present) * k)
+    for j, p in enumerate(present.tolist()):
+        rows = prompt_ids == p
+        weights[rows, j * k : (j + 1) * k] = _max_step_pooled(scores[rows], config)
+    return weights
 
 
 def environment_weights(
@@ -112,7 +137,7 @@ def environment_weights(
         base, dataset, config.loss_timesteps, config.loss_draws, config.seed, progress=progress, return_bank=True
     )
     scores = aggregate_losses(losses, dataset.prompt_ids, config.aggregation)
-    weights = max_step(scores, config)
+    weights = max_step(scores, config, dataset.prompt_ids)
     if return_bank:
         return weights, scores, losses, grid, bank
     return weights, scores, losses, grid
@@ -159,7 +184,7 @@ def debias(
         )
     if weights is None:
         scores = aggregate_losses(losses, dataset.prompt_ids, config.aggregation)
-        weights = max_step(scores, config)
+        weights = max_step(scores, config, dataset.prompt_ids)
         diagnostics = environment_diagnostics(weights, scores)
     else:
         # Given groups skip the max step, but the min step still trains on the same bank of

@@ -133,3 +133,30 @@ def test_min_step_moves_g_off_zero(frozen_tiny_base, tiny_train):
     e = frozen_tiny_base.prompt_embeds(tiny_train.prompt_ids[:4])
     with torch.no_grad():
         assert float(g(x, t, e, frozen_tiny_base.eps(x, t, e)).abs().max()) > 0
+
+
+def test_per_prompt_groups_stay_inside_their_prompt():
+    from invdiff.runs import max_step
+
+    gen = torch.Generator().manual_seed(0)
+    prompt_ids = torch.arange(3).repeat_interleave(100)
+    scores = torch.randn(300, generator=gen)
+    hot = torch.cat([torch.randperm(100, generator=gen)[:10] + 100 * p for p in range(3)])
+    scores[hot] += 5.0
+    cfg = DebiasConfig(groups=2)
+    w = max_step(scores, cfg, prompt_ids)
+    assert w.shape == (300, 6)
+    for p in range(3):
+        rows = prompt_ids == p
+        outside = torch.ones(6, dtype=torch.bool)
+        outside[2 * p : 2 * p + 2] = False
+        assert float(w[rows][:, outside].abs().sum()) == 0.0
+        torch.testing.assert_close(w[rows][:, 2 * p : 2 * p + 2].sum(1), torch.ones(100))
+        # each prompt's high group is its own planted cluster
+        high = w[hot[10 * p : 10 * (p + 1)], 2 * p + 1]
+        assert float(high.mean()) > 0.9
+    pooled = max_step(scores, dataclasses.replace(cfg, per_prompt_groups=False), prompt_ids)
+    assert pooled.shape == (300, 2)
+    # too few samples per prompt for K groups: falls back to pooled groups
+    few = max_step(scores[:30], cfg, torch.arange(3).repeat_interleave(10))
+    assert few.shape == (30, 2)
