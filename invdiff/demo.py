@@ -194,9 +194,12 @@ def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = F
         md = [f"# InvDiff demo: colored digits, p = {DEMO_P}\n", f"Seeds: {list(seeds)}; {report['seconds']:.0f} s.\n",
               markdown_table(models), "\n## Targets\n"]
         md += [f"- {k}: {'met' if v else 'MISSED'}" for k, v in targets.items()]
-        md.append("\n## Majority-colour share per digit (base, w=1 and w=%g)\n" % settings["guidance_scale"])
+        md.append("\n## Majority-colour share per digit (the data has %g)\n" % DEMO_P)
         md.append("| digit | " + " | ".join(str(d) for d in range(10)) + " |\n|---|" + "---|" * 10)
-        for label, key in (("base w=1", "majority_share_w1"), (f"base w={settings['guidance_scale']:g}", "majority_share")):
+        rows = [("base w=1", "majority_share_w1")]
+        if settings["guidance_scale"] != 1.0:
+            rows.append((f"base w={settings['guidance_scale']:g}", "majority_share"))
+        for label, key in rows:
             shares = torch.tensor([r[key] for r in per_seed["base"]]).mean(0).tolist()
             md.append(f"| {label} | " + " | ".join(f"{s:.2f}" for s in shares) + " |")
         shares = torch.tensor([r["majority_share"] for r in per_seed["invdiff"]]).mean(0).tolist()
