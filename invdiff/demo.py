@@ -15,13 +15,13 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from .environments import aggregate_losses, collect_losses
+from .environments import collect_losses
 from .data.colored_digits import COLOR_NAMES, colored_digits, majority_color
 from .io import atomic_write_json, staged_directory
 from .metrics import evaluate_samples, group_alignment, load_digit_classifier
 from .models.base import FrozenBase
 from .report import bias_bar_chart, markdown_table, sample_grid, sweep_chart, write_markdown
-from .runs import DebiasConfig, debias, load_model, max_step
+from .runs import DebiasConfig, debias, load_model, weights_from_losses
 from .sampling import GuidedDenoiser, sample
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -53,8 +53,8 @@ def demo_settings(quick: bool = False) -> Dict:
     return s
 
 
-def _evaluate(model_dir_or_base, guidance, strength, settings, seed, classifier, reference, w=None):
-    base = model_dir_or_base
+def _evaluate(base, guidance, strength, settings, seed, classifier, reference, w=None):
+    """Sample `per_digit` images per digit and score them. Returns (metrics dict, images)."""
     per = settings["per_digit"]
     ids = torch.arange(10).repeat_interleave(per)
     seeds = [seed * 1_000_000 + i for i in range(ids.numel())]
@@ -70,11 +70,11 @@ def max_step_alignment(losses, train, cfg: DebiasConfig, minority, true_groups) 
     groups, from the same frozen losses. The "before/after" of the max-step design choices."""
     rows = []
     for aggregation in ("mean", "zscore", "spread"):
-        scores = aggregate_losses(losses, train.prompt_ids, aggregation)
         for method in ("official", "mixture"):
             for per_prompt in (False, True):
                 c = replace(cfg, aggregation=aggregation, max_step=method, per_prompt_groups=per_prompt)
-                a = group_alignment(max_step(scores, c, train.prompt_ids), scores, minority, true_groups)
+                weights, scores = weights_from_losses(losses, train.prompt_ids, c)
+                a = group_alignment(weights, scores, minority, true_groups)
                 rows.append({"aggregation": aggregation, "max_step": method, "per_prompt": per_prompt,
                              "score_auroc_minority": a["score_auroc_minority"],
                              "balanced_minority_share": a["balanced_minority_share"]})

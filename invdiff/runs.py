@@ -127,6 +127,12 @@ def max_step(scores: torch.Tensor, config: DebiasConfig, prompt_ids: Optional[to
     return weights
 
 
+def weights_from_losses(losses: torch.Tensor, prompt_ids: torch.Tensor, config: DebiasConfig):
+    """(N, T) frozen losses -> (W, scores): the configured aggregation, then the max step."""
+    scores = aggregate_losses(losses, prompt_ids, config.aggregation)
+    return max_step(scores, config, prompt_ids), scores
+
+
 def environment_weights(
     base: FrozenBase, dataset: DiffusionDataset, config: DebiasConfig, progress: bool = True, return_bank: bool = False
 ):
@@ -136,8 +142,7 @@ def environment_weights(
     losses, grid, bank = collect_losses(
         base, dataset, config.loss_timesteps, config.loss_draws, config.seed, progress=progress, return_bank=True
     )
-    scores = aggregate_losses(losses, dataset.prompt_ids, config.aggregation)
-    weights = max_step(scores, config, dataset.prompt_ids)
+    weights, scores = weights_from_losses(losses, dataset.prompt_ids, config)
     if return_bank:
         return weights, scores, losses, grid, bank
     return weights, scores, losses, grid
@@ -183,8 +188,7 @@ def debias(
             bank, proposal=draw_proposal(losses, dataset.prompt_ids, config.loss_draws, config.importance_mix)
         )
     if weights is None:
-        scores = aggregate_losses(losses, dataset.prompt_ids, config.aggregation)
-        weights = max_step(scores, config, dataset.prompt_ids)
+        weights, scores = weights_from_losses(losses, dataset.prompt_ids, config)
         diagnostics = environment_diagnostics(weights, scores)
     else:
         # Given groups skip the max step, but the min step still trains on the same bank of
