@@ -194,6 +194,7 @@ def debias(
         # Given groups skip the max step, but the min step still trains on the same bank of
         # frozen predictions, so ERM, the oracle and InvDiff see identical (t, noise) draws.
         scores = torch.zeros(len(dataset))
+    torch.manual_seed(config.seed)  # G's initial weights depend on the run's seed only, not on history
     guidance = GuidanceModule.from_frozen(base.unet.config, config.preset, config.ratio)
     min_cfg = MinStepConfig(
         steps=config.steps,
