@@ -17,7 +17,7 @@ import torch
 
 from .environments import collect_losses
 from .data.colored_digits import COLOR_NAMES, colored_digits, majority_color
-from .io import atomic_write_json, staged_directory
+from .io import CheckpointError, atomic_write_json, staged_directory
 from .metrics import evaluate_samples, group_alignment, load_digit_classifier
 from .models.base import FrozenBase
 from .report import bias_bar_chart, markdown_table, sample_grid, sweep_chart, write_markdown
@@ -32,7 +32,7 @@ MODELS = ("base", "erm", "oracle", "invdiff")
 def shipped_base(p: float = DEMO_P) -> str:
     path = os.path.join(ASSETS, f"base_p{p:g}")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no shipped base model for p={p}: run `make assets` to rebuild {path}")
+        raise CheckpointError(f"no shipped base model for p={p}: run `make assets` to rebuild {path}")
     return path
 
 
