@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Triton runs the kernels on CUDA and, in its interpreter, in the CPU tests. 3.8.0 lies on disk here.
+TRITON_SPEC ?= triton==3.8.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.invdiff-installed
 
@@ -14,6 +16,7 @@ $(PY):
 
 $(STAMP): $(PY) setup.py pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $(STAMP)
 

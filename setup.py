@@ -1,5 +1,6 @@
-"""invdiff packaging. The C++/CUDA extension (csrc/) arrives with a later change; until then
-this installs the pure-Python package, its shipped assets and the `invdiff` console script."""
+"""invdiff packaging: the Python package, the Triton kernels of kernels/ (installed as
+`invdiff.kernels`), the shipped assets and the `invdiff` console script. The C++/CUDA extension
+(csrc/) arrives with a later change."""
 from setuptools import find_packages, setup
 
 setup(
@@ -7,7 +8,8 @@ setup(
     version="0.1.0",
     description="InvDiff (arXiv 2412.08480): invariant guidance for bias mitigation in diffusion models",
     python_requires=">=3.10",
-    packages=find_packages(include=["invdiff", "invdiff.*"]),
+    packages=find_packages(include=["invdiff", "invdiff.*"]) + ["invdiff.kernels"],
+    package_dir={"invdiff.kernels": "kernels"},
     package_data={"invdiff": ["assets/*/*.json", "assets/*/*/*.json", "assets/*/*.safetensors", "assets/*/*/*.safetensors", "assets/*.json"]},
     include_package_data=True,
     install_requires=[
@@ -22,6 +24,10 @@ setup(
         "pillow",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={
+        # Triton runs the fused kernels on CUDA, and on the CPU under TRITON_INTERPRET=1 (the tests).
+        "triton": ["triton>=3.0"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0"],
+    },
     entry_points={"console_scripts": ["invdiff=invdiff.cli:main"]},
 )

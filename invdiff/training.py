@@ -209,17 +209,16 @@ def train_guidance(
             # Self-normalised importance weights: R_k = sum w_ik iw_i l_i / sum w_ik iw_i.
             w = w * importance[:, None]
         w = w.to(dev)
-        loss = ops.invariant_loss(eps, target, w, lam, g=g, ratio=inner.ratio)
+        # One fused op gives L_e and the group risks it formed, so the log costs no second pass.
+        stats = ops.invariant_loss_with_stats(eps, target, w, lam, g=g, ratio=inner.ratio)
+        loss = stats.loss
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(guidance.parameters(), 1.0)
         opt.step()
         sched.step()
-        with torch.no_grad():
-            per = ops.per_sample_mse(inner.combine(eps, g), target)
-            risks, present = ops.group_risks(per, w)
-            r = risks[present]
-            var = float(r.var()) if r.numel() > 1 else 0.0
+        r = stats.risks[stats.weight_sums > 0]
+        var = float(r.var()) if r.numel() > 1 else 0.0
         log.append({"step": step, "loss": float(loss.detach()), "mean_risk": float(r.mean()), "var_risk": var, "lam": lam})
         if step % 10 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}", var=f"{var:.2e}")

@@ -1,7 +1,15 @@
 import copy
+import os
 
-import pytest
 import torch
+
+# The Triton kernels run on CPU tensors in Triton's interpreter. Triton reads this when a kernel
+# is defined, so it is set before anything imports invdiff.kernels. On a CUDA machine the kernel
+# tests run on the GPU instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from tests.utils import tiny_base, tiny_dataset, train_tiny_base
 

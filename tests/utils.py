@@ -59,3 +59,65 @@ def assert_close_to_ref(out: torch.Tensor, ref_fp64: torch.Tensor, same_dtype_re
         f"{name}: error vs fp64 reference {err:.3e} exceeds 2 x same-dtype reference error "
         f"{ref_err:.3e} + atol {atol:.1e} = {bound:.3e}"
     )
+
+
+def kernel_device() -> torch.device:
+    """Where the Triton kernels run in tests: the GPU when there is one, else the CPU under the
+    interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# Extra absolute slack for outputs and gradients, relative to the fp64 reference's magnitude:
+# the kernels always accumulate in fp32, in a different order from the reference, so even where
+# the same-dtype reference happens to be exact (0 error) a few fp32 ulps must be allowed.
+FP32_ACCUMULATION_ATOL = 1e-5
+
+
+def rounding_atol(dtype: torch.dtype, magnitude: float) -> float:
+    """atol for a result stored in `dtype` at about `magnitude`: the fp32 accumulation slack plus
+    half an ulp of the storage dtype, the rounding no implementation can avoid. Without the
+    latter a bf16 gradient computed exactly in fp32 and rounded once can fail the 2x rule when
+    the same-dtype reference's rounding errors happen to be smaller on that draw."""
+    return magnitude * (FP32_ACCUMULATION_ATOL + 0.5 * torch.finfo(dtype).eps)
+
+
+def compare_to_reference(fast_fn, ref_fn, inputs, grad_output=None, name: str = "op") -> None:
+    """Run `fast_fn(*inputs)` and `ref_fn` on the same inputs in their own dtype and in fp64, and
+    apply `assert_close_to_ref` to the output and to the gradient of every input that requires it.
+
+    inputs: tensors (or non-tensors, passed through). The output must be a single tensor.
+    grad_output: the upstream gradient (defaults to ones); given in fp64 and cast per run.
+    """
+
+    def prepare(cast):
+        prepared = []
+        for x in inputs:
+            if torch.is_tensor(x):
+                y = cast(x.detach())
+                prepared.append(y.requires_grad_(x.requires_grad))
+            else:
+                prepared.append(x)
+        return prepared
+
+    def run(fn, args, out_dtype=None):
+        out = fn(*args)
+        go = torch.ones_like(out, dtype=torch.float64) if grad_output is None else grad_output
+        if any(torch.is_tensor(a) and a.requires_grad for a in args):
+            out.backward(go.to(out.dtype))
+        grads = [a.grad if torch.is_tensor(a) and a.requires_grad else None for a in args]
+        return out.detach(), grads
+
+    fast_args, same_args, ref_args = prepare(lambda x: x), prepare(lambda x: x.clone()), prepare(lambda x: x.double())
+    out, grads = run(fast_fn, fast_args)
+    same_out, same_grads = run(ref_fn, same_args)
+    ref_out, ref_grads = run(ref_fn, ref_args)
+    scale = max(1.0, float(ref_out.abs().max()))
+    assert_close_to_ref(out, ref_out, same_out, atol=rounding_atol(out.dtype, scale), name=f"{name} output")
+    for i, (g, sg, rg) in enumerate(zip(grads, same_grads, ref_grads)):
+        if rg is None:
+            assert g is None, f"{name}: input {i} got a gradient the reference does not give"
+            continue
+        assert g is not None, f"{name}: input {i} requires grad but the fast op gave none"
+        assert g.dtype == fast_args[i].dtype, f"{name}: grad of input {i} is {g.dtype}, not {fast_args[i].dtype}"
+        gscale = max(1e-30, float(rg.abs().max()))
+        assert_close_to_ref(g, rg, sg, atol=rounding_atol(g.dtype, gscale), name=f"{name} grad of input {i}")

@@ -330,7 +330,9 @@ def test_unforced_dispatch_with_no_backend_lists_reasons():
 def test_backend_table_lists_reference():
     rows = {r["backend"]: r for r in ops.backend_table()}
     assert rows["reference"]["available"] == "yes"
-    assert set(rows["reference"]["ops"].split(",")) == {"guidance_combine", "invariant_loss"}
+    assert set(rows["reference"]["ops"].split(",")) == {
+        "guidance_combine", "cfg_combine", "invariant_loss", "invariant_loss_with_stats"
+    }
 
 
 # ----------------------------------------------------------------------------- cfg
