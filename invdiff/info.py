@@ -35,6 +35,8 @@ def main() -> None:
     print("\nop backends (dispatch takes the first that accepts the inputs):")
     for row in info["backends"]:
         print(f"  {row['backend']:12s} available={row['available']:5s} devices={row['devices']:10s} ops={row['ops']}")
+        if row.get("note"):
+            print(f"  {'':12s} ({row['note']})")
 
 
 if __name__ == "__main__":

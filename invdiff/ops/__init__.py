@@ -42,6 +42,7 @@ class Backend:
     available: bool = True
     unavailable_reason: str = ""
     extra_checks: List[Callable] = field(default_factory=list)
+    note: str = ""
 
     def not_supported_reasons(
         self, op: str, tensors: Sequence[torch.Tensor], aux: Sequence[torch.Tensor] = (), forced: bool = False
@@ -105,6 +106,7 @@ def _triton_backend() -> Backend:
         available=missing is None,
         unavailable_reason=missing or "",
         extra_checks=[_triton_checks],
+        note="cpu only in Triton's interpreter, forced: TRITON_INTERPRET=1 INVDIFF_BACKEND=triton",
     )
 
 
@@ -209,6 +211,7 @@ def backend_table() -> List[Dict[str, str]]:
             "devices": ",".join(b.devices),
             "dtypes": ",".join(str(d).replace("torch.", "") for d in b.dtypes),
             "ops": ",".join(sorted(b.ops)),
+            "note": b.note,
         }
         for b in BACKENDS
     ]

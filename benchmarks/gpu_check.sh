@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One prepared script for a lent GPU (H100/H200): build, check the kernels against the reference
+# at SD-sized shapes, run both kernel benchmarks, and print a short table last.
+#   bash benchmarks/gpu_check.sh            # writes logs and JSON under $OUT (or /tmp/invdiff_gpu)
+# The device image has torch and triton but no diffusers and no network: the package is installed
+# without dependencies, and only the kernel tests (which need neither) run there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/invdiff_gpu}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+status=0
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+date -u
+
+step "build: pip install -e . (no deps, no index)"
+"$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+"$PY" -c "import invdiff.ops as o; [print(r) for r in o.backend_table()]" || { echo "invdiff did not import"; exit 1; }
+
+step "correctness at SD-sized shapes (B up to 256, 4x64x64)"
+timeout 240 "$PY" benchmarks/gpu_correctness.py 2>&1 | tee "$OUT/correctness.log" || status=1
+
+step "kernel tests on CUDA"
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/kernels -k "not module_combine" 2>&1 | tail -5 | tee "$OUT/pytest.log" || status=1
+
+step "bench_invariant_loss"
+timeout 240 "$PY" benchmarks/bench_invariant_loss.py --batches 256 --dtypes bf16 fp32 --json "$OUT/invariant_loss.json" 2>"$OUT/invariant_loss.err" | tee "$OUT/invariant_loss.txt" || status=1
+
+step "bench_guidance_combine"
+timeout 180 "$PY" benchmarks/bench_guidance_combine.py --batches 256 --dtypes bf16 fp32 --json "$OUT/guidance_combine.json" 2>"$OUT/guidance_combine.err" | tee "$OUT/guidance_combine.txt" || status=1
+
+"$PY" benchmarks/gpu_summary.py "$OUT"/invariant_loss.json "$OUT"/guidance_combine.json || status=1
+echo "gpu_check exit status: $status"
+exit $status
