@@ -3,6 +3,10 @@
 Guidance is a model wrapper (k-diffusion style), not a fork of a pipeline: `GuidedDenoiser`
 returns eps_tilde = combine(eps_theta, G_psi; r) and is used for both the conditional and the
 unconditional branch; classifier-free guidance is applied on top of the two eps_tilde.
+
+`sample` runs the continuous-batching engine (engine.py) with the fused guided step;
+`sample_unfused` is the plain loop over `scheduler.step`, kept as the oracle the engine is
+tested against and as the eager baseline of the benchmarks.
 """
 from __future__ import annotations
 
@@ -46,11 +50,18 @@ class GuidedDenoiser(torch.nn.Module):
         self.strength = strength
 
     @torch.no_grad()
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    def branches(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor):
+        """(eps_theta, G_psi's output or None), uncombined: the fused step combines them.
+        sample: (B, C, H, W); timestep: (B,); prompt_embeds: (B, L, D)."""
         eps = self.base.eps(sample, timestep, prompt_embeds)
         if self.guidance is None or self.strength == 0.0:
-            return eps
-        return self.guidance.combine(eps, self.guidance(sample, timestep, prompt_embeds, eps), self.strength)
+            return eps, None
+        return eps, self.guidance(sample, timestep, prompt_embeds, eps)
+
+    @torch.no_grad()
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        eps, g = self.branches(sample, timestep, prompt_embeds)
+        return eps if g is None else self.guidance.combine(eps, g, self.strength)
 
 
 def initial_noise(shape, seeds: Sequence[int]):
@@ -74,8 +85,38 @@ def sample(
     batch_size: int = 256,
     progress: bool = True,
     device: Optional[torch.device] = None,
+    eta: float = 0.0,
 ) -> torch.Tensor:
-    """Sample one image per (prompt id, seed). prompt_ids: (N,) int64. Returns (N, C, H, W) in [-1, 1]."""
+    """Sample one image per (prompt id, seed) with the continuous-batching engine and the fused
+    guided step. prompt_ids: (N,) int64. Returns (N, C, H, W) in [-1, 1], in request order.
+    An image depends only on its prompt, seed and settings, not on batch_size."""
+    from .engine import Request, SamplingEngine
+
+    if len(seeds) != prompt_ids.numel():
+        raise ValueError(f"{len(seeds)} seeds for {prompt_ids.numel()} prompts")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    engine = SamplingEngine(denoiser, scheduler, max_batch=batch_size, device=device, eta=eta)
+    requests = [Request(int(p), int(s), steps, guidance_scale, request_id=i) for i, (p, s) in enumerate(zip(prompt_ids.tolist(), seeds))]
+    images = engine.run(requests, progress=progress)
+    return torch.stack([images[i] for i in range(len(requests))])
+
+
+@torch.no_grad()
+def sample_unfused(
+    denoiser: GuidedDenoiser,
+    prompt_ids: torch.Tensor,
+    seeds: Sequence[int],
+    steps: int = 50,
+    guidance_scale: float = 2.0,
+    scheduler: str = "ddim",
+    batch_size: int = 256,
+    progress: bool = True,
+    device: Optional[torch.device] = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """`sample` as a plain loop over `scheduler.step`, one static batch at a time (the unfused
+    eager chain). prompt_ids: (N,) int64. Returns (N, C, H, W) in [-1, 1]."""
     base = denoiser.base
     if len(seeds) != prompt_ids.numel():
         raise ValueError(f"{len(seeds)} seeds for {prompt_ids.numel()} prompts")
@@ -107,7 +148,8 @@ def sample(
                 eps = cfg_combine(e_u, e_c, guidance_scale)
             else:
                 eps = denoiser(model_in, t.expand(ids.numel()).to(device), cond)
-            x = sched.step(eps, t, x, generator=gens).prev_sample
+            extra = {"eta": eta} if isinstance(sched, DDIMScheduler) else {}
+            x = sched.step(eps, t, x, generator=gens, **extra).prev_sample
             bar.update(ids.numel())
         outputs.append(x.clamp(-1, 1).cpu())
     bar.close()

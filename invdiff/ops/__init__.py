@@ -3,7 +3,8 @@
 Each op dispatches to the first backend that accepts its inputs:
   triton     the fused kernels of kernels/ (installed as invdiff.kernels) for CUDA tensors;
   reference  plain PyTorch (reference.py), for every device and dtype, and the test oracle.
-The C++/CUDA extension slots in ahead of the reference without changing these signatures.
+  cpp        the C++/CUDA extension invdiff._C (csrc/): the fused guided sampling step, on the
+             CPU always and on CUDA when built with it.
 `INVDIFF_BACKEND=<name>` forces one backend; a forced backend that declines an input says why
 instead of silently falling back. The Triton interpreter (TRITON_INTERPRET=1) runs the kernels on
 CPU tensors, but only when forced: it is a test vehicle, far slower than the reference.
@@ -25,7 +26,7 @@ from .reference import (  # noqa: F401
     per_sample_mse,
 )
 
-OPS = ("guidance_combine", "cfg_combine", "invariant_loss", "invariant_loss_with_stats")
+OPS = ("guidance_combine", "cfg_combine", "invariant_loss", "invariant_loss_with_stats", "guided_step")
 
 
 @dataclass
@@ -110,8 +111,35 @@ def _triton_backend() -> Backend:
     )
 
 
+def _cpp_checks(op: str, tensors: Sequence[torch.Tensor], aux: Sequence[torch.Tensor], forced: bool) -> List[str]:
+    reasons = []
+    for t in list(tensors) + list(aux):
+        if not t.is_contiguous():
+            reasons.append("non-contiguous input: the fused step reads flat arrays (the reference takes any strides)")
+            break
+    return reasons
+
+
+def _cpp_backend() -> Backend:
+    from .. import _ext
+
+    module, reason = _ext.extension()
+    with_cuda = bool(module is not None and module.build_info()["with_cuda"])
+    return Backend(
+        name="cpp",
+        ops={"guided_step": _ext.cpp_guided_step} if module is not None else dict.fromkeys(["guided_step"]),
+        devices=("cpu", "cuda") if with_cuda else ("cpu",),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        available=module is not None,
+        unavailable_reason=reason,
+        extra_checks=[_cpp_checks],
+        note="" if module is None else ("built with CUDA" if with_cuda else "built without CUDA (CPU path only)"),
+    )
+
+
 BACKENDS: List[Backend] = [
     _triton_backend(),
+    _cpp_backend(),
     Backend(
         name="reference",
         ops={
@@ -119,6 +147,7 @@ BACKENDS: List[Backend] = [
             "cfg_combine": reference.cfg_combine,
             "invariant_loss": reference.invariant_loss,
             "invariant_loss_with_stats": reference.invariant_loss_with_stats,
+            "guided_step": reference.guided_step,
         },
     ),
 ]
@@ -200,6 +229,30 @@ def invariant_loss_with_stats(
     backend = select_backend("invariant_loss_with_stats", _loss_tensors(pred, target, g), (weights,))
     impl = backend.impl("invariant_loss_with_stats")
     return impl(pred, target, weights, lam, g=g, ratio=ratio)
+
+
+def guided_step(
+    x: torch.Tensor,
+    eps_uncond: Optional[torch.Tensor],
+    eps_cond: torch.Tensor,
+    g_uncond: Optional[torch.Tensor],
+    g_cond: Optional[torch.Tensor],
+    coeffs: torch.Tensor,
+    noise: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One fused sampling step: CFG of the two branches, each combined with G, then the scheduler
+    update, with per-sample coefficients (samples may sit at different timesteps and scales).
+
+    x, eps_uncond, eps_cond, g_uncond, g_cond, noise, out: (B, C, H, W) of one dtype;
+    coeffs: (B, 16) float32 from `invdiff.step_coeffs` (plan_steps + guidance_columns).
+    eps_uncond=None: no CFG; g_*=None: no guidance module; noise=None: no noise term.
+    Returns x_prev (B, C, H, W), written into `out` when given (which may be x itself).
+    """
+    reference.check_guided_step_args(x, eps_uncond, eps_cond, g_uncond, g_cond, coeffs, noise, out)
+    tensors = [t for t in (x, eps_uncond, eps_cond, g_uncond, g_cond, noise, out) if t is not None]
+    impl = select_backend("guided_step", tensors, (coeffs,)).impl("guided_step")
+    return impl(x, eps_uncond, eps_cond, g_uncond, g_cond, coeffs, noise, out=out)
 
 
 def backend_table() -> List[Dict[str, str]]:

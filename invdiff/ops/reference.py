@@ -142,3 +142,78 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale) -> torch.Tensor
     if torch.is_tensor(scale) and scale.ndim == 1:
         scale = scale.view(-1, *([1] * (cond.ndim - 1))).to(cond.dtype)
     return uncond + scale * (cond - uncond)
+
+
+def check_guided_step_args(x, eps_uncond, eps_cond, g_uncond, g_cond, coeffs, noise=None, out=None) -> None:
+    """The checks every guided_step backend shares, as ValueErrors that name the fix."""
+    from ..step_coeffs import NUM_COEFFS
+
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"guided_step: x must be (B, ...) with B >= 1, got {tuple(x.shape)}")
+    named = {"eps_uncond": eps_uncond, "eps_cond": eps_cond, "g_uncond": g_uncond, "g_cond": g_cond, "noise": noise, "out": out}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.shape != x.shape:
+            raise ValueError(f"guided_step: {name} has shape {tuple(t.shape)} but x has {tuple(x.shape)}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"guided_step: {name} is {t.dtype} but x is {x.dtype}; pass one dtype")
+        if t.device != x.device:
+            raise ValueError(f"guided_step: {name} is on {t.device} but x is on {x.device}")
+    if g_uncond is not None and eps_uncond is None:
+        raise ValueError("guided_step: g_uncond was given without eps_uncond (no classifier-free guidance)")
+    if eps_uncond is not None and g_cond is not None and g_uncond is None:
+        raise ValueError("guided_step: with eps_uncond (CFG) and g_cond, pass g_uncond too: G guides both branches")
+    if coeffs.ndim != 2 or coeffs.shape != (x.shape[0], NUM_COEFFS) or coeffs.dtype != torch.float32:
+        raise ValueError(
+            f"guided_step: coeffs must be a float32 ({x.shape[0]}, {NUM_COEFFS}) table from invdiff.step_coeffs, "
+            f"got {coeffs.dtype} {tuple(coeffs.shape)}"
+        )
+    if coeffs.device != x.device:
+        raise ValueError(f"guided_step: coeffs is on {coeffs.device} but x is on {x.device}")
+
+
+def guided_step(
+    x: torch.Tensor,
+    eps_uncond: torch.Tensor | None,
+    eps_cond: torch.Tensor,
+    g_uncond: torch.Tensor | None,
+    g_cond: torch.Tensor | None,
+    coeffs: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One guided sampling step from a per-sample coefficient table (invdiff.step_coeffs).
+
+    x, eps_*, g_*, noise: (B, C, H, W); coeffs: (B, 16) float32. Optional inputs are None:
+    no eps_uncond means no classifier-free guidance, no g_* means no guidance module, no noise
+    means NOISE_SCALE is ignored; `out` (x's shape and dtype, may be x itself) receives the
+    result. Math in fp32 (fp64 for fp64 inputs); returns x's dtype.
+    """
+    from ..step_coeffs import Col
+
+    acc = torch.promote_types(x.dtype, torch.float32)
+    c = coeffs.to(acc).view(coeffs.shape[0], coeffs.shape[1], *([1] * (x.ndim - 1)))
+
+    def col(name):
+        return c[:, Col[name]]
+
+    def branch(eps, g):
+        m = col("C_EPS") * eps.to(acc)
+        return m if g is None else m + col("C_G") * g.to(acc)
+
+    m = branch(eps_cond, g_cond)
+    if eps_uncond is not None:
+        m_u = branch(eps_uncond, g_uncond)
+        m = m_u + col("CFG_SCALE") * (m - m_u)
+    xf = x.to(acc)
+    x0 = col("X0_FROM_X") * xf + col("X0_FROM_M") * m
+    clip = col("CLIP")
+    x0 = torch.where(clip > 0, torch.minimum(torch.maximum(x0, -clip), clip), x0)
+    eps = col("EPS_FROM_X") * xf + col("EPS_FROM_M") * m + col("EPS_FROM_X0") * x0
+    x_prev = col("PREV_FROM_X0") * x0 + col("PREV_FROM_EPS") * eps + col("PREV_FROM_X") * xf
+    if noise is not None:
+        x_prev = x_prev + col("NOISE_SCALE") * noise.to(acc)
+    if out is not None:
+        return out.copy_(x_prev)
+    return x_prev.to(x.dtype)

@@ -331,7 +331,7 @@ def test_backend_table_lists_reference():
     rows = {r["backend"]: r for r in ops.backend_table()}
     assert rows["reference"]["available"] == "yes"
     assert set(rows["reference"]["ops"].split(",")) == {
-        "guidance_combine", "cfg_combine", "invariant_loss", "invariant_loss_with_stats"
+        "guidance_combine", "cfg_combine", "invariant_loss", "invariant_loss_with_stats", "guided_step"
     }
 
 

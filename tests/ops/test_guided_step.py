@@ -1,0 +1,237 @@
+"""The fused guided step (invdiff._C) against the reference and against diffusers' own
+scheduler.step, and its input checks, dispatch, registration and guarded load."""
+import copy
+import itertools
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from invdiff import _ext, ops
+from invdiff.ops import BackendError, reference
+from invdiff.step_coeffs import NUM_COEFFS, Col, UnsupportedScheduler, guidance_columns, plan_steps
+from tests.utils import assert_close_to_ref, rounding_atol
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+C_OPS = torch.ops.invdiff_C
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch):
+    monkeypatch.delenv("INVDIFF_BACKEND", raising=False)
+
+
+def test_the_extension_is_built_and_dispatched_to():
+    module, reason = _ext.extension()
+    assert module is not None, reason
+    x = torch.zeros(2, 3)
+    assert ops.select_backend("guided_step", [x, x], [torch.zeros(2, NUM_COEFFS)]).name == "cpp"
+
+
+def test_coefficient_layout_matches_the_cpp_header():
+    module, _ = _ext.extension()
+    assert dict(module.coeff_layout()) == {c.name: int(c) for c in Col}
+    assert module.build_info()["num_coeffs"] == NUM_COEFFS
+
+
+def _inputs(b, shape, dtype, uncond=True, g=True, noise=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def t():
+        return torch.randn(b, *shape, generator=gen).to(dtype)
+
+    coeffs = torch.randn(b, NUM_COEFFS, generator=gen)
+    coeffs[:, Col.CLIP] = torch.where(torch.rand(b, generator=gen) < 0.5, 0.0, 1.5)
+    return dict(
+        x=t(), eps_uncond=t() if uncond else None, eps_cond=t(), g_uncond=t() if (uncond and g) else None,
+        g_cond=t() if g else None, coeffs=coeffs, noise=t() if noise else None,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("uncond, g, noise", list(itertools.product([True, False], repeat=3)))
+def test_matches_the_reference_for_every_input_combination(dtype, uncond, g, noise):
+    """All eight compiled variants, a non-power-of-two sample size, and clipping on some rows."""
+    args = _inputs(5, (3, 7, 9), dtype, uncond, g, noise)
+    out = ops.guided_step(**args)
+    same = reference.guided_step(**args)
+    ref = reference.guided_step(**{k: (v.double() if (v is not None and k != "coeffs") else v) for k, v in args.items()})
+    assert out.dtype == dtype
+    assert_close_to_ref(out, ref, same, atol=rounding_atol(dtype, float(ref.abs().max())), name="guided_step")
+
+
+def test_batch_of_one_and_large_rows():
+    args = _inputs(1, (4, 64, 64), torch.float32)
+    torch.testing.assert_close(ops.guided_step(**args), reference.guided_step(**args), rtol=1e-6, atol=1e-5)
+
+
+def test_out_may_be_x_itself():
+    args = _inputs(3, (2, 5, 5), torch.float32)
+    expected = reference.guided_step(**args)
+    x = args["x"].clone()
+    returned = ops.guided_step(**{**args, "x": x}, out=x)
+    assert returned.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(x, expected)
+
+
+# ----------------------------------------------------------------------- against diffusers
+
+def _diffusers_schedulers():
+    common = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    for prediction in ("epsilon", "v_prediction", "sample"):
+        for clip in (False, True):
+            yield f"ddim-{prediction}-clip{int(clip)}", DDIMScheduler(prediction_type=prediction, clip_sample=clip, **common)
+    for variance in ("fixed_small", "fixed_small_log", "fixed_large"):
+        yield f"ddpm-{variance}", DDPMScheduler(prediction_type="v_prediction", variance_type=variance, clip_sample=False, **common)
+    yield "ddpm-epsilon-clip", DDPMScheduler(prediction_type="epsilon", clip_sample=True, **common)
+    for prediction in ("epsilon", "v_prediction"):
+        yield f"euler-{prediction}", EulerDiscreteScheduler(prediction_type=prediction, beta_schedule="scaled_linear")
+
+
+SCHEDULERS = dict(_diffusers_schedulers())
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_each_sample_matches_diffusers_step_at_its_own_timestep(name, eta):
+    """A batch whose samples sit at random steps of the schedule, with their own CFG scales and
+    combine strengths: every row equals diffusers' scheduler.step on that sample alone."""
+    scheduler = SCHEDULERS[name]
+    is_ddim = isinstance(scheduler, DDIMScheduler)
+    if eta and not is_ddim:
+        with pytest.raises(UnsupportedScheduler, match="eta"):
+            plan_steps(scheduler, 10, eta)
+        return
+    steps, batch, shape = 10, 6, (3, 8, 8)
+    plan = plan_steps(scheduler, steps, eta)
+    gen = torch.Generator().manual_seed(hash(name) % 1000)
+    k = torch.randint(0, steps, (batch,), generator=gen)
+    scales = torch.rand(batch, generator=gen, dtype=torch.float64) * 6
+    x = torch.randn(batch, *shape, generator=gen) * 2
+    eps_u, eps_c, g_u, g_c = (torch.randn(batch, *shape, generator=gen) for _ in range(4))
+    coeffs = guidance_columns(plan.coeffs[k].clone(), 2.0, 0.7, scales).float()
+    seeds = torch.randint(0, 2**31, (batch,), generator=gen).tolist()
+    noise = torch.zeros(batch, *shape)
+    for i in range(batch):
+        if plan.draws_noise[k[i]]:
+            noise[i] = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seeds[i]))[0]
+    fused = ops.guided_step(x, eps_u, eps_c, g_u, g_c, coeffs, noise)
+
+    a, b = 1.0, 2.0  # combine_coefficients(2.0): the residual branch
+    for i in range(batch):
+        sched = copy.deepcopy(scheduler)
+        sched.set_timesteps(steps)
+        t = sched.timesteps[k[i]]
+        if isinstance(sched, EulerDiscreteScheduler):
+            sched._step_index = int(k[i])  # what the pipeline's earlier steps would have left
+        def m_of(eps, g):
+            combined = a * eps + b * g
+            return eps + 0.7 * (combined - eps)
+        m_u, m_c = m_of(eps_u[i : i + 1], g_u[i : i + 1]), m_of(eps_c[i : i + 1], g_c[i : i + 1])
+        m = m_u + float(scales[i]) * (m_c - m_u)
+        kwargs = {"eta": eta, "generator": torch.Generator().manual_seed(seeds[i])} if is_ddim else {
+            "generator": torch.Generator().manual_seed(seeds[i])}
+        expected = sched.step(m, t, x[i : i + 1], **kwargs).prev_sample
+        # Euler with sigma_max ~ 1e1..1e4 cancels x against x0 in fp32: allow the ulp of |x|.
+        atol = 1e-5 + 4 * torch.finfo(torch.float32).eps * float(x[i].abs().max()) * float(plan.coeffs[k[i], Col.PREV_FROM_X].abs() + 1)
+        torch.testing.assert_close(fused[i : i + 1], expected, rtol=1e-5, atol=atol, msg=lambda msg: f"{name} row {i} (step {int(k[i])}): {msg}")
+
+
+def test_plan_reports_why_a_scheduler_is_not_fused():
+    with pytest.raises(UnsupportedScheduler, match="DPMSolverMultistepScheduler"):
+        plan_steps(DPMSolverMultistepScheduler(), 10)
+    with pytest.raises(UnsupportedScheduler, match="thresholding"):
+        plan_steps(DDIMScheduler(thresholding=True), 10)
+    with pytest.raises(UnsupportedScheduler, match="variance_type"):
+        plan_steps(DDPMScheduler(variance_type="learned_range"), 10)
+
+
+def test_plan_does_not_touch_the_callers_scheduler():
+    sched = DDIMScheduler()
+    plan_steps(sched, 7)
+    assert sched.num_inference_steps is None
+
+
+# ----------------------------------------------------------------------- bad input
+
+def _good():
+    x = torch.randn(2, 3, 4, 4)
+    return dict(x=x, eps_uncond=torch.randn_like(x), eps_cond=torch.randn_like(x), g_uncond=None, g_cond=None,
+                coeffs=torch.zeros(2, NUM_COEFFS), noise=None)
+
+
+BAD = {
+    "shape": (lambda a: a.update(eps_cond=a["eps_cond"][:, :2].contiguous()), "eps_cond has shape"),
+    "dtype": (lambda a: a.update(eps_uncond=a["eps_uncond"].half()), "eps_uncond is"),
+    "coeff_width": (lambda a: a.update(coeffs=torch.zeros(2, 8)), "coeffs must be"),
+    "coeff_dtype": (lambda a: a.update(coeffs=torch.zeros(2, NUM_COEFFS, dtype=torch.float64)), "coeffs must be"),
+    "coeff_rows": (lambda a: a.update(coeffs=torch.zeros(3, NUM_COEFFS)), "coeffs must be"),
+    "g_uncond_alone": (lambda a: a.update(eps_uncond=None, g_uncond=torch.randn(2, 3, 4, 4)), "g_uncond"),
+    "g_cond_without_g_uncond": (lambda a: a.update(g_cond=torch.randn(2, 3, 4, 4)), "g_uncond"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_mismatched_inputs_are_rejected_clearly(case):
+    mutate, message = BAD[case]
+    args = _good()
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        ops.guided_step(**args)
+    with pytest.raises(RuntimeError, match=message):  # the extension's own TORCH_CHECKs
+        C_OPS.guided_step(*args.values())
+
+
+def test_integer_dtype_is_rejected_by_the_extension():
+    args = {k: (v.to(torch.int32) if (v is not None and k != "coeffs") else v) for k, v in _good().items()}
+    with pytest.raises(RuntimeError, match="supported dtypes"):
+        C_OPS.guided_step(*args.values())
+
+
+def test_non_contiguous_input_is_rejected_by_the_op_and_rerouted_by_dispatch(monkeypatch):
+    args = _good()
+    args["eps_cond"] = torch.randn(2, 4, 4, 3).permute(0, 3, 1, 2)
+    with pytest.raises(RuntimeError, match="eps_cond is not contiguous"):
+        C_OPS.guided_step(*args.values())
+    torch.testing.assert_close(ops.guided_step(**args), reference.guided_step(**args))  # the reference takes strides
+    monkeypatch.setenv("INVDIFF_BACKEND", "cpp")
+    with pytest.raises(BackendError, match="non-contiguous"):
+        ops.guided_step(**args)
+
+
+# ----------------------------------------------------------------------- registration
+
+def test_opcheck_and_compile():
+    """Schema, fake (meta) implementation and a fullgraph torch.compile of a sampler step."""
+    args = _inputs(2, (3, 4, 4), torch.float32)
+    torch.library.opcheck(C_OPS.guided_step.default, tuple(args.values()), test_utils=("test_schema", "test_faketensor"))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a: ops.guided_step(**a) * 1.0, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(args), reference.guided_step(**args))
+
+
+# ----------------------------------------------------------------------- guarded load
+
+def test_missing_extension_is_one_warning_with_the_reason():
+    def fail(name):
+        raise ImportError("libc10.so: cannot open shared object file")
+
+    with pytest.warns(RuntimeWarning, match="Using the PyTorch reference path") as record:
+        module, reason = _ext.load_extension(importer=fail)
+    assert module is None and "cannot open shared object" in reason
+    assert len(record) == 1
+
+
+def test_extension_built_for_another_torch_is_refused():
+    real, _ = _ext.extension()
+
+    class Stale:
+        def build_info(self):
+            return {**real.build_info(), "torch_version": "1.0.0"}
+
+        def coeff_layout(self):
+            return real.coeff_layout()
+
+    with pytest.warns(RuntimeWarning, match="built against torch 1.0.0"):
+        module, reason = _ext.load_extension(importer=lambda name: Stale())
+    assert module is None and "rebuild" in reason
