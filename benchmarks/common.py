@@ -217,9 +217,10 @@ def add_ratios(rows: List[Dict]) -> None:
                 r[column] = peers[provider] / r["ms"]
 
 
-def bench_main(description: str, run_grid: Callable, argv=None) -> List[Dict]:
-    """The command line both bench scripts share: parse the grid, run it, print the table (and
-    the skipped providers with their reasons), optionally write JSON for gpu_summary.py."""
+def bench_main(description: str, run_grid: Callable, argv=None, ratios: Callable = None) -> List[Dict]:
+    """The command line the bench scripts share: parse the grid, run it, add the speed-up columns
+    (`ratios`, default add_ratios), print the table (and the skipped providers with their
+    reasons), and optionally write JSON for gpu_summary.py."""
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cuda", "cpu"])
@@ -237,7 +238,7 @@ def bench_main(description: str, run_grid: Callable, argv=None) -> List[Dict]:
     for row in run_grid(shapes, args.dtypes, args.modes, args.providers, args.device):
         print(f"  {row}", file=sys.stderr, flush=True)
         rows.append(row)
-    add_ratios(rows)
+    (ratios or add_ratios)(rows)
     print(format_table([r for r in rows if "ms" in r], TABLE_COLUMNS))
     for r in rows:
         if "skipped" in r:

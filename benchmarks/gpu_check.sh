@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared script for a lent GPU (H100/H200): build, check the kernels against the reference
-# at SD-sized shapes, run both kernel benchmarks, and print a short table last.
+# One prepared script for a lent GPU (H100/H200): build (invdiff._C with CUDA), check the Triton
+# kernels and the CUDA guided step against the reference at SD-sized shapes, run the kernel and
+# guided-step benchmarks, and print a short table last.
 #   bash benchmarks/gpu_check.sh            # writes logs and JSON under $OUT (or /tmp/invdiff_gpu)
 # The device image has torch and triton but no diffusers and no network: the package is installed
 # without dependencies, and only the kernel tests (which need neither) run there.
@@ -18,8 +19,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 date -u
 
-step "build: pip install -e . (no deps, no index)"
-"$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+step "build: pip install -e . (no deps, no index), invdiff._C with CUDA for sm_90"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+timeout 420 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+cat invdiff/_build_info.json || true
 "$PY" -c "import invdiff.ops as o; [print(r) for r in o.backend_table()]" || { echo "invdiff did not import"; exit 1; }
 
 step "correctness at SD-sized shapes (B up to 256, 4x64x64)"
@@ -34,6 +37,9 @@ timeout 240 "$PY" benchmarks/bench_invariant_loss.py --batches 256 --dtypes bf16
 step "bench_guidance_combine"
 timeout 180 "$PY" benchmarks/bench_guidance_combine.py --batches 256 --dtypes bf16 fp32 --json "$OUT/guidance_combine.json" 2>"$OUT/guidance_combine.err" | tee "$OUT/guidance_combine.txt" || status=1
 
-"$PY" benchmarks/gpu_summary.py "$OUT"/invariant_loss.json "$OUT"/guidance_combine.json || status=1
+step "bench_guided_step (fused CUDA step vs the eager chain)"
+timeout 120 "$PY" benchmarks/bench_guided_step.py --batches 256 --dtypes bf16 fp32 --json "$OUT/guided_step.json" 2>"$OUT/guided_step.err" | tee "$OUT/guided_step.txt" || status=1
+
+"$PY" benchmarks/gpu_summary.py "$OUT"/invariant_loss.json "$OUT"/guidance_combine.json "$OUT"/guided_step.json || status=1
 echo "gpu_check exit status: $status"
 exit $status

@@ -1,4 +1,5 @@
-"""Correctness of the fused kernels on a GPU at SD-sized shapes (run by gpu_check.sh).
+"""Correctness of the fused kernels and of invdiff._C's CUDA guided step on a GPU at SD-sized
+shapes (run by gpu_check.sh).
 
 Applies the tests' own oracle (tests/utils.py: compare_to_reference, DESIGN.md's tolerance rule)
 to the loss, grad_g and grad_eps at B up to 256 x 4x64x64 in fp32, bf16 and fp16, and to the
@@ -30,6 +31,7 @@ def cases(max_batch: int):
         for batch in (1, max_batch):
             yield "combine", dtype, batch, None, 2.0
             yield "cfg", dtype, batch, None, None
+            yield "guided_step", dtype, batch, None, None
 
 
 def run_case(op, dtype, batch, groups, ratio, device, size):
@@ -50,6 +52,22 @@ def run_case(op, dtype, batch, groups, ratio, device, size):
             fast = lambda p, tt, gg, ww: ops.invariant_loss(p, tt, ww, 1.0, g=gg, ratio=ratio)  # noqa: E731
             ref = lambda p, tt, gg, ww: reference.invariant_loss(p, tt, ww, 1.0, g=gg, ratio=ratio)  # noqa: E731
         compare_to_reference(fast, ref, [x, t, y, w], grad_output=torch.tensor(1.3, device=device, dtype=torch.float64))
+    elif op == "guided_step":  # invdiff._C's CUDA path, every input present, random coefficients
+        from invdiff.step_coeffs import NUM_COEFFS
+        from tests.utils import assert_close_to_ref, rounding_atol
+
+        os.environ["INVDIFF_BACKEND"] = "cpp"
+        try:
+            coeffs = torch.randn(batch, NUM_COEFFS, generator=gen).to(device)
+            coeffs[:, 5] = 1.5  # clip on
+            z = torch.randn(shape, generator=gen).to(device, dtype)
+            args = (x.detach(), y.detach(), t, y.detach() * 0.5, x.detach() * 0.25, coeffs, z)
+            out = ops.guided_step(*args)
+            same = reference.guided_step(*args)
+            ref = reference.guided_step(*[a.double() if a is not coeffs else a for a in args])
+            assert_close_to_ref(out, ref, same, atol=rounding_atol(dtype, float(ref.abs().max())), name="guided_step")
+        finally:
+            os.environ["INVDIFF_BACKEND"] = "triton"
     elif op == "combine":
         compare_to_reference(lambda a, b: ops.guidance_combine(a, b, ratio), lambda a, b: reference.guidance_combine(a, b, ratio), [x, y])
     else:

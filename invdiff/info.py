@@ -23,6 +23,11 @@ def collect() -> dict:
             info[mod] = __import__(mod).__version__
         except Exception:
             info[mod] = "not installed"
+    from ._ext import build_metadata
+
+    build = build_metadata()
+    if build:
+        info["invdiff._C build"] = ", ".join(f"{k}={v}" for k, v in sorted(build.items()) if v not in (None, ""))
     info["backends"] = backend_table()
     return info
 
