@@ -40,6 +40,13 @@ timeout 180 "$PY" benchmarks/bench_guidance_combine.py --batches 256 --dtypes bf
 step "bench_guided_step (fused CUDA step vs the eager chain)"
 timeout 120 "$PY" benchmarks/bench_guided_step.py --batches 256 --dtypes bf16 fp32 --json "$OUT/guided_step.json" 2>"$OUT/guided_step.err" | tee "$OUT/guided_step.txt" || status=1
 
+step "bench_latent_cache (SD 1.5-sized, random weights; needs diffusers on the machine)"
+if "$PY" -c "import diffusers, transformers" 2>/dev/null; then
+  timeout 240 "$PY" benchmarks/bench_latent_cache.py --sd-sized --steps 5 --json "$OUT/latent_cache.json" 2>"$OUT/latent_cache.err" | tee "$OUT/latent_cache.txt" || status=1
+else
+  echo "skipped: diffusers is not installed on this machine (carry its wheel, see the device README)"
+fi
+
 "$PY" benchmarks/gpu_summary.py "$OUT"/invariant_loss.json "$OUT"/guidance_combine.json "$OUT"/guided_step.json || status=1
 echo "gpu_check exit status: $status"
 exit $status

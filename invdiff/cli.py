@@ -19,20 +19,29 @@ def _add_data_args(p: argparse.ArgumentParser, default_bias: float = 0.9) -> Non
     p.add_argument("--data", default="colored-digits", help="'colored-digits' (embedded) or an imagefolder path")
     p.add_argument("--bias", type=float, default=default_bias, help="colored-digits: majority-colour share p in [1/A, 1]")
     p.add_argument("--num-colors", type=int, default=2, help="colored-digits: number of stroke colours A")
-    p.add_argument("--resolution", type=int, default=16, help="colored-digits: image size")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="colored-digits: image size (default 16); imagefolder: resize the shorter side to it and crop a square")
+    p.add_argument("--no-center-crop", action="store_true", help="imagefolder: crop at a fixed per-image position instead of the center")
+    p.add_argument("--random-flip", action="store_true", help="imagefolder: flip training images horizontally at random")
     p.add_argument("--data-seed", type=int, default=0, help="colored-digits: split and colouring seed")
 
 
 def _load_data(args, split: str = "train"):
     from .data import load_dataset
 
-    return load_dataset(args.data, split, args.bias, args.num_colors, args.resolution, args.data_seed)
+    return load_dataset(args.data, split, args.bias, args.num_colors, args.resolution, args.data_seed,
+                        center_crop=not args.no_center_crop, random_flip=args.random_flip)
 
 
 def _data_spec(args) -> Dict:
     if args.data == "colored-digits":
-        return {"name": "colored-digits", "p": args.bias, "num_colors": args.num_colors, "resolution": args.resolution, "seed": args.data_seed}
-    return {"name": "imagefolder", "root": os.path.abspath(args.data)}
+        return {"name": "colored-digits", "p": args.bias, "num_colors": args.num_colors, "resolution": args.resolution or 16, "seed": args.data_seed}
+    spec = {"name": "imagefolder", "root": os.path.abspath(args.data)}
+    if args.resolution is not None:
+        spec.update(resolution=args.resolution, center_crop=not args.no_center_crop)
+    if args.random_flip:
+        spec["random_flip"] = True
+    return spec
 
 
 def prompt_dirname(prompt: str) -> str:
@@ -65,6 +74,8 @@ def cmd_debias(args) -> None:
         alpha=args.alpha, loss_timesteps=args.loss_timesteps, loss_draws=args.loss_draws,
         max_step_steps=args.max_step_steps, max_step=args.max_step,
         per_prompt_groups=not args.pooled_groups, seed=args.seed,
+        frozen_dtype=args.frozen_dtype, attention=args.attention, channels_last=args.channels_last,
+        compile_frozen=args.compile, grad_checkpointing=args.grad_checkpointing, latent_cache=args.latent_cache,
     )
     result = debias(args.base, dataset, args.out, cfg, _data_spec(args), overwrite=args.overwrite)
     d = result["meta"]["diagnostics"]
@@ -79,13 +90,17 @@ def cmd_sample(args) -> None:
 
     if args.num < 1:
         raise ValueError("--num must be >= 1")
+    from .models.sd import set_attention
+
     base, guidance = load_model(args.model)
+    attention = set_attention(base.unet, args.attention)
+    print(f"attention: {attention}")
     prompts = [p for p in args.prompt for _ in range(args.num)]
     ids = prompts_to_ids(base, prompts)
     seeds = [args.seed + i for i in range(len(prompts))]
     manifest_path = os.path.join(args.out, "manifest.json")
     settings = {"model": os.path.abspath(args.model), "steps": args.steps, "guidance_scale": args.guidance_scale,
-                "scheduler": args.scheduler, "strength": args.strength, "seed": args.seed}
+                "scheduler": args.scheduler, "strength": args.strength, "seed": args.seed, "attention": args.attention}
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         if not os.path.isfile(manifest_path):
             raise FileExistsError(f"{args.out!r} is not empty and holds no invdiff samples; choose another --out")
@@ -125,21 +140,40 @@ def load_samples(directory: str):
 
 
 def cmd_evaluate(args) -> None:
-    from .data import colored_digits
+    """Colored-digits samples: Bias, digit accuracy, Frechet distance in the classifier's feature
+    space and precision/recall on those features. Any other samples: the quality metrics that
+    the given weights allow (Bias needs an attribute classifier for their prompts, which only the
+    colored-digits benchmark ships). FID and CLIP-T run only with local weights."""
+    from .data import colored_digits, load_dataset
     from .io import atomic_write_json
     from .metrics import evaluate_samples, load_digit_classifier
+    from .quality import quality_report
 
     images, prompts = load_samples(args.images)
-    digits = []
-    for p in prompts:
-        m = re.fullmatch(r"digit (\d)", p)
-        if not m:
-            raise ValueError(f"evaluate measures colored-digits samples (prompts 'digit 0'..'digit 9'); got {p!r}")
-        digits.append(int(m.group(1)))
-    ids = torch.tensor(digits)
-    ref = colored_digits("eval", num_colors=args.num_colors, resolution=images.shape[-1]).images
-    result = evaluate_samples(images, ids, 10, args.num_colors, load_digit_classifier(), ref, torch.arange(10) % args.num_colors)
-    text = json.dumps({k: v for k, v in result.items() if k != "counts"}, indent=2)
+    digit_prompts = [re.fullmatch(r"digit (\d)", p) for p in prompts]
+    if all(digit_prompts):
+        ids = torch.tensor([int(m.group(1)) for m in digit_prompts])
+        classifier = load_digit_classifier()
+        ref = colored_digits("eval", num_colors=args.num_colors, resolution=images.shape[-1]).images
+        result = evaluate_samples(images, ids, 10, args.num_colors, classifier, ref, torch.arange(10) % args.num_colors)
+        features_fn = classifier.features
+    else:
+        ref = load_dataset(args.reference, "train", resolution=images.shape[-1]).images if args.reference else None
+        result = {"bias": None, "skipped": [
+            "Bias skipped: it needs an attribute classifier for these prompts; the shipped one is for colored digits"]}
+        features_fn = None
+    if ref is None:
+        result.setdefault("skipped", []).append("FID, precision/recall skipped: no real images (--reference DIR)")
+        quality = quality_report(images, images, prompts, clip_model=args.clip_model)
+        quality["skipped"] = [line for line in quality["skipped"] if not line.startswith(("FID", "precision"))]
+    else:
+        quality = quality_report(ref, images, prompts, features_fn=features_fn,
+                                 inception_weights=args.inception_weights, clip_model=args.clip_model)
+    result.setdefault("skipped", []).extend(quality.pop("skipped"))
+    result.update({k: v for k, v in quality.items() if k not in ("num_real", "num_fake")})
+    for line in result["skipped"]:
+        print(line, file=sys.stderr)
+    text = json.dumps({k: v for k, v in result.items() if k not in ("counts", "skipped")}, indent=2)
     print(text)
     if args.out:
         atomic_write_json(args.out, result)
@@ -191,11 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss-draws", type=int, default=d.loss_draws, help="max step: noise draws per grid timestep")
     p.add_argument("--max-step-steps", type=int, default=d.max_step_steps, help="max step: Adam steps")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=["fp32", "bf16", "fp16"],
+                   help="dtype of the frozen UNet/VAE/text encoder (G_psi trains in fp32)")
+    p.add_argument("--attention", default=d.attention, choices=["sdpa", "xformers"],
+                   help="attention backend of the frozen UNet: PyTorch SDPA or xformers (if installed)")
+    p.add_argument("--channels-last", action="store_true", help="run the frozen UNet in channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the frozen UNet")
+    p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in G_psi's UNet")
+    p.add_argument("--latent-cache", default=None, help="Stable Diffusion bases: keep the VAE latents here (memory-mapped)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_debias)
 
     p = sub.add_parser("sample", help="sample PNGs from a base model or a run folder")
-    p.add_argument("--model", required=True, help="base model folder or debias run folder")
+    p.add_argument("--model", required=True, help="base model folder, debias run folder, Stable Diffusion or InvDiffPipeline folder")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention backend of the frozen UNet")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--num", type=int, default=8)
     p.add_argument("--out", required=True)
@@ -207,9 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("evaluate", help="Bias and quality of colored-digits samples")
+    p = sub.add_parser("evaluate", help="Bias and quality of samples")
     p.add_argument("--images", required=True, help="a folder written by `invdiff sample`")
     p.add_argument("--num-colors", type=int, default=2)
+    p.add_argument("--reference", default=None, help="an imagefolder of real images (FID, precision/recall) for non-digit samples")
+    p.add_argument("--inception-weights", default=None, help="local FID Inception weights (torch-fidelity's .pth); else FID is skipped")
+    p.add_argument("--clip-model", default=None, help="local CLIP folder (CLIPModel + CLIPProcessor) for CLIP-T; else skipped")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.set_defaults(func=cmd_evaluate)
 
@@ -225,11 +271,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .data.base import DataError
     from .io import CheckpointError
     from .models.conditioner import UnknownPromptError
+    from .models.sd import AttentionBackendError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, CheckpointError, UnknownPromptError, FileExistsError, ValueError) as exc:
+    except (DataError, CheckpointError, UnknownPromptError, FileExistsError, ValueError, AttentionBackendError) as exc:
         print(f"invdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

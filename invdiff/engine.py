@@ -51,11 +51,13 @@ class SamplingEngine:
 
     denoiser: the frozen base (and optional G_psi with its strength); scheduler: a name from
     `sampling.SCHEDULERS` or a diffusers scheduler instance; max_batch: slots on the device;
-    eta: DDIM's eta. `submit` queues requests, `step` advances every occupied slot by one step
-    and returns the finished images, `run` does both until the queue is empty.
+    eta: DDIM's eta; postprocess: final samples (n, C, H, W) -> images, by default the VAE decode
+    of a latent base and a clamp to [-1, 1] otherwise. `submit` queues requests, `step` advances
+    every occupied slot by one step and returns the finished images, `run` does both until the
+    queue is empty.
     """
 
-    def __init__(self, denoiser, scheduler="ddim", max_batch: int = 64, device=None, eta: float = 0.0, dtype=None):
+    def __init__(self, denoiser, scheduler="ddim", max_batch: int = 64, device=None, eta: float = 0.0, dtype=None, postprocess=None):
         from .sampling import make_scheduler
 
         if max_batch < 1:
@@ -79,6 +81,9 @@ class SamplingEngine:
             plan_steps(self.scheduler, 1, eta)
         except UnsupportedScheduler as err:
             self.fused_reason = str(err)  # why the per-slot scheduler path is used
+        if postprocess is None:
+            postprocess = base.decode_latents if hasattr(base, "decode_latents") else (lambda x: x.clamp(-1, 1).cpu())
+        self.postprocess = postprocess
         self.model_evaluations = 0  # UNet batches run, for throughput accounting
         self.slot_steps = 0  # image-steps done
 
@@ -196,15 +201,12 @@ class SamplingEngine:
             slot.step += 1
 
     def _retire(self) -> Dict[int, torch.Tensor]:
-        done: Dict[int, torch.Tensor] = {}
-        i = 0
-        while i < len(self._slots):
-            slot = self._slots[i]
-            total = slot.plan.steps if slot.plan is not None else len(slot.scheduler.timesteps)
-            if slot.step < total:
-                i += 1
-                continue
-            done[slot.request.request_id] = self._x[i].clamp(-1, 1).cpu()
+        finished = [i for i, slot in enumerate(self._slots) if slot.step >= (slot.plan.steps if slot.plan is not None else len(slot.scheduler.timesteps))]
+        if not finished:
+            return {}
+        images = self.postprocess(self._x[finished].clone())  # one batched decode for all that finished
+        done = {self._slots[i].request.request_id: images[j].cpu() for j, i in enumerate(finished)}
+        for i in sorted(finished, reverse=True):
             last = len(self._slots) - 1
             if i != last:  # keep the occupied slots packed at the front: x[:n] stays a view
                 self._x[i] = self._x[last]

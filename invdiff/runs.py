@@ -32,6 +32,7 @@ from .environments import (
 )
 from .io import CheckpointError, atomic_save_file, atomic_write_json, read_json, staged_directory
 from .models.base import BASE_META, FrozenBase
+from .models.sd import latent_dataset
 from .models.guidance import GuidanceModule
 from .training import MinStepConfig, train_guidance
 
@@ -65,6 +66,13 @@ class DebiasConfig:
     use_bank: bool = True  # min step reuses the max step's frozen predictions (environments.FrozenBank)
     importance_mix: float = 0.5  # share of uniform draws in the min step's t proposal; 1 = uniform
     seed: int = 0
+    # Real (Stable Diffusion class) bases: how the frozen parts run, and where cached latents go.
+    frozen_dtype: str = "fp32"  # fp32 | bf16 | fp16 for the frozen UNet, VAE and text encoder; G stays fp32
+    attention: str = "sdpa"  # sdpa | xformers
+    channels_last: bool = False
+    compile_frozen: bool = False  # torch.compile the frozen UNet
+    grad_checkpointing: bool = False  # for G_psi's UNet
+    latent_cache: Optional[str] = None  # folder for memory-mapped VAE latents (None: in memory)
 
     def validate(self, n: int) -> None:
         if not 2 <= self.groups <= n:
@@ -77,6 +85,31 @@ class DebiasConfig:
             raise ValueError(f"max_step must be one of {MAX_STEP_METHODS}, got {self.max_step!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.frozen_dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"frozen_dtype must be fp32, bf16 or fp16, got {self.frozen_dtype!r}")
+        if self.attention not in ("sdpa", "xformers"):
+            raise ValueError(f"attention must be sdpa or xformers, got {self.attention!r}")
+
+
+def load_base(path: str, config: Optional[DebiasConfig] = None, device=None) -> FrozenBase:
+    """The frozen base at `path`: a Stable Diffusion folder (or hub id) loads as a latent-space
+    LatentDiffusionBase with the config's dtype, attention and compile options; an invdiff base
+    folder as the embedded FrozenBase."""
+    from .models.sd import LatentDiffusionBase, is_sd_folder, looks_like_hub_id, set_attention
+
+    config = config or DebiasConfig()
+    if is_sd_folder(path) or looks_like_hub_id(path):
+        return LatentDiffusionBase.from_pretrained(
+            path, dtype=config.frozen_dtype, attention=config.attention, device=device,
+            channels_last=config.channels_last, compile_unet=config.compile_frozen,
+        )
+    base = FrozenBase.from_pretrained(path)
+    base.meta["attention"] = set_attention(base.unet, config.attention)
+    if config.channels_last:
+        base.unet.to(memory_format=torch.channels_last)
+    if config.compile_frozen:
+        base.unet = torch.compile(base.unet)
+    return base
 
 
 def check_output_dir(out: str, meta: Dict, overwrite: bool = False) -> None:
@@ -173,9 +206,18 @@ def debias(
         "given_weights": weights is not None,
     }
     check_output_dir(out, meta, overwrite)
-    base = FrozenBase.from_pretrained(base_dir)
-    if list(dataset.prompts) != base.prompts:
+    base = load_base(base_dir, config).freeze()
+    latent = hasattr(base, "decode_latents")
+    if latent:
+        # Text conditioning: the dataset's prompts take ids 0..P-1, encoded once by the frozen
+        # text encoder; the images become VAE latents, encoded once (and cached on disk if asked).
+        base.conditioner.add_prompts(dataset.prompts)
+        if base.prompts[: len(dataset.prompts)] != list(dataset.prompts):
+            raise ValueError("the base already holds other prompts; load it fresh for this dataset")
+        dataset = latent_dataset(base, dataset, config.latent_cache, progress=progress)
+    elif list(dataset.prompts) != base.prompts:
         raise ValueError("the dataset's prompts differ from those the base model was trained on")
+    meta["attention"] = base.meta.get("attention")
     diagnostics: Dict = {}
     if frozen is None:
         frozen = dict(zip(
@@ -196,6 +238,8 @@ def debias(
         scores = torch.zeros(len(dataset))
     torch.manual_seed(config.seed)  # G's initial weights depend on the run's seed only, not on history
     guidance = GuidanceModule.from_frozen(base.unet.config, config.preset, config.ratio)
+    if config.grad_checkpointing:
+        guidance.unet.enable_gradient_checkpointing()
     min_cfg = MinStepConfig(
         steps=config.steps,
         batch_size=config.batch_size,
@@ -209,8 +253,13 @@ def debias(
     meta["diagnostics"] = diagnostics
     meta["min_step_seconds"] = log[-1].get("seconds")
     with staged_directory(out) as stage:
-        shutil.copytree(base_dir, os.path.join(stage, "base"))
-        guidance.save_pretrained(os.path.join(stage, "guidance"))
+        if latent:  # the run folder is itself an InvDiffPipeline folder
+            from .pipeline import save_pipeline_folder
+
+            save_pipeline_folder(stage, base, guidance)
+        else:
+            shutil.copytree(base_dir, os.path.join(stage, "base"))
+            guidance.save_pretrained(os.path.join(stage, "guidance"))
         save_environments(os.path.join(stage, "environments.safetensors"), weights, dataset.sample_ids, scores, diagnostics)
         if losses is not None:
             atomic_save_file(
@@ -223,14 +272,26 @@ def debias(
 
 
 def load_model(path: str) -> Tuple[FrozenBase, Optional[GuidanceModule]]:
-    """A base folder gives (base, None); a run folder gives (its base copy, G_psi)."""
+    """(frozen base, G_psi or None) from: an invdiff base folder, a debias run folder, a Stable
+    Diffusion folder, or an InvDiffPipeline folder (an SD run folder is one)."""
+    from .models.sd import LatentDiffusionBase, is_sd_folder
+
+    def guidance_at(folder):
+        if not os.path.isdir(folder):
+            return None
+        try:
+            return GuidanceModule.from_pretrained(folder).eval().requires_grad_(False)
+        except Exception as exc:
+            raise CheckpointError(f"could not load G_psi from {folder!r}: {exc}") from exc
+
+    if is_sd_folder(path):
+        return LatentDiffusionBase.from_pretrained(path).freeze(), guidance_at(os.path.join(path, "guidance"))
     if os.path.isfile(os.path.join(path, RUN_META)):
         base = FrozenBase.from_pretrained(os.path.join(path, "base"))
-        try:
-            guidance = GuidanceModule.from_pretrained(os.path.join(path, "guidance"))
-        except Exception as exc:
-            raise CheckpointError(f"could not load G_psi from {path!r}: {exc}") from exc
-        return base.freeze(), guidance.eval().requires_grad_(False)
+        guidance = guidance_at(os.path.join(path, "guidance"))
+        if guidance is None:
+            raise CheckpointError(f"run folder {path!r} has no guidance/ (G_psi)")
+        return base.freeze(), guidance
     if os.path.isfile(os.path.join(path, BASE_META)) or os.path.isdir(os.path.join(path, "unet")):
         return FrozenBase.from_pretrained(path).freeze(), None
-    raise CheckpointError(f"{path!r} is neither an invdiff base model nor a run folder")
+    raise CheckpointError(f"{path!r} is neither an invdiff base model, a run folder nor a Stable Diffusion folder")

@@ -88,7 +88,8 @@ def sample(
     eta: float = 0.0,
 ) -> torch.Tensor:
     """Sample one image per (prompt id, seed) with the continuous-batching engine and the fused
-    guided step. prompt_ids: (N,) int64. Returns (N, C, H, W) in [-1, 1], in request order.
+    guided step. prompt_ids: (N,) int64. Returns (N, C, H, W) in [-1, 1], in request order
+    (decoded by the VAE for a latent-space base).
     An image depends only on its prompt, seed and settings, not on batch_size."""
     from .engine import Request, SamplingEngine
 
@@ -151,7 +152,7 @@ def sample_unfused(
             extra = {"eta": eta} if isinstance(sched, DDIMScheduler) else {}
             x = sched.step(eps, t, x, generator=gens, **extra).prev_sample
             bar.update(ids.numel())
-        outputs.append(x.clamp(-1, 1).cpu())
+        outputs.append(base.decode_latents(x) if hasattr(base, "decode_latents") else x.clamp(-1, 1).cpu())
     bar.close()
     return torch.cat(outputs)
 

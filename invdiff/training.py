@@ -105,7 +105,11 @@ def train_base(dataset: DiffusionDataset, config: BaseTrainConfig = BaseTrainCon
     bar = tqdm(total=config.steps, desc="train-base", disable=not progress)
     log = []
     for step, idx in enumerate(_batches(len(dataset), config.batch_size, config.steps, gen)):
-        x_t, t, target = _noised(noise_scheduler, dataset.images[idx], gen)
+        clean = dataset.images[idx]
+        if getattr(dataset, "random_flip", False):  # horizontal flip of a random half, as diffusers' scripts do
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            clean = torch.where(flip.view(-1, 1, 1, 1), clean.flip(-1), clean)
+        x_t, t, target = _noised(noise_scheduler, clean, gen)
         pid = _drop_prompts(dataset.prompt_ids[idx], conditioner.null_id, config.cfg_dropout, gen)
         dev = accelerator.device
         inner = accelerator.unwrap_model(model)

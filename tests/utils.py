@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 import torch
 
 # A small, fixed slice of the colored-digits train split: every 20th image (72 images, all ten
@@ -121,3 +123,97 @@ def compare_to_reference(fast_fn, ref_fn, inputs, grad_output=None, name: str = 
         assert g.dtype == fast_args[i].dtype, f"{name}: grad of input {i} is {g.dtype}, not {fast_args[i].dtype}"
         gscale = max(1e-30, float(rg.abs().max()))
         assert_close_to_ref(g, rg, sg, atol=rounding_atol(g.dtype, gscale), name=f"{name} grad of input {i}")
+
+
+# ----------------------------------------------------------------------------- tiny Stable Diffusion
+
+TINY_SD_TEXT_WIDTH = 32
+
+
+def write_tiny_clip_tokenizer(directory: str, model_max_length: int = 16) -> None:
+    """A working CLIP BPE tokenizer with a tiny vocabulary (letters, digits, space-ends), written
+    as the vocab.json + merges.txt files CLIPTokenizer reads. No download."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    os.makedirs(directory, exist_ok=True)
+    symbols = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for s in symbols:
+        vocab.setdefault(s, len(vocab))
+        vocab.setdefault(s + "</w>", len(vocab))
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=model_max_length)
+    tokenizer.save_pretrained(directory)
+
+
+def make_tiny_sd_folder(directory: str, text_width: int = TINY_SD_TEXT_WIDTH, cross_attention_dim: int = TINY_SD_TEXT_WIDTH,
+                        latent_size: int = 8, seed: int = 0) -> str:
+    """A tiny but real Stable Diffusion folder (diffusers layout): UNet2DConditionModel with
+    cross-attention, AutoencoderKL (factor 2, 4 latent channels), CLIPTextModel from config, a
+    CLIP tokenizer, DDPM scheduler, model_index.json. Images are 2 * latent_size pixels."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=2, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=2 * latent_size,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=80, hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=False)
+    unet.save_pretrained(os.path.join(directory, "unet"))
+    vae.save_pretrained(os.path.join(directory, "vae"))
+    text_encoder.save_pretrained(os.path.join(directory, "text_encoder"))
+    write_tiny_clip_tokenizer(os.path.join(directory, "tokenizer"))
+    scheduler.save_pretrained(os.path.join(directory, "scheduler"))
+    import json
+
+    with open(os.path.join(directory, "model_index.json"), "w") as f:
+        json.dump({
+            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+        }, f)
+    return directory
+
+
+def write_tiny_imagefolder(directory: str, size: int = 16, per_prompt: int = 8, seed: int = 0) -> str:
+    """A biased two-prompt imagefolder: 'a red square' images are mostly red-on-dark with a
+    'background' attribute, 'a blue square' mostly blue; metadata.jsonl with an evaluation-only
+    attribute column."""
+    import json
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    rows = []
+    for prompt, colour in (("a red square", (220, 30, 30)), ("a blue square", (30, 30, 220))):
+        for i in range(per_prompt):
+            background = int(i < per_prompt * 3 // 4)  # 75% of each prompt on the majority background
+            arr = np.full((size, size, 3), 200 if background else 40, dtype=np.uint8)
+            lo, hi = size // 4, 3 * size // 4
+            arr[lo:hi, lo:hi] = colour
+            arr = np.clip(arr.astype(int) + rng.integers(-10, 10, arr.shape), 0, 255).astype(np.uint8)
+            name = f"{prompt.split()[1]}_{i:03d}.png"
+            Image.fromarray(arr).save(os.path.join(directory, name))
+            rows.append({"file_name": name, "text": prompt, "background": background})
+    with open(os.path.join(directory, "metadata.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return directory

@@ -22,7 +22,9 @@ class DataError(ValueError):
 class DiffusionDataset:
     """images: (N, C, H, W) float32 in [-1, 1]; prompt_ids: (N,) int64 index into `prompts`;
     sample_ids: (N,) int64, stable across runs (environment weights are keyed by them);
-    attributes: optional {name: (N,) int64} evaluation-only labels."""
+    attributes: optional {name: (N,) int64} evaluation-only labels;
+    random_flip: asks the training loop to flip drawn images horizontally at random, like
+    diffusers' --random_flip (the stored images are never flipped)."""
 
     images: torch.Tensor
     prompt_ids: torch.Tensor
@@ -31,6 +33,7 @@ class DiffusionDataset:
     name: str
     attributes: Optional[Dict[str, torch.Tensor]] = None
     info: Dict = dataclasses.field(default_factory=dict)
+    random_flip: bool = False
 
     def __post_init__(self):
         n = self.images.shape[0]

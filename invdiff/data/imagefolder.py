@@ -2,12 +2,19 @@
 
 Each line of metadata.jsonl is {"file_name": "...", "text": "...", <optional attribute columns>}.
 `text` is the prompt. Any other column is an attribute label kept for evaluation only.
+
+With `resolution` set, images of any size and aspect ratio are brought to resolution x resolution
+the way diffusers' train_text_to_image.py does it: the shorter side is resized to `resolution`
+(bicubic here), then the image is cropped to a square, at the centre or, with center_crop=False, at
+an offset drawn per sample like torchvision's RandomCrop -- but from a fixed seed and the sample
+index, so loading the same folder twice gives identical tensors. Horizontal flipping is not done
+at load time: `random_flip` is recorded on the dataset and left to the training loop.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -15,6 +22,8 @@ import torch
 from .base import DataError, DiffusionDataset
 
 METADATA = "metadata.jsonl"
+CROP_SEED = 0  # the fixed seed of the per-sample crop offsets when center_crop=False
+MIN_RESOLUTION = 8
 
 
 def _read_metadata(root: str) -> List[Dict]:
@@ -40,10 +49,74 @@ def _read_metadata(root: str) -> List[Dict]:
     return rows
 
 
-def imagefolder(root: str) -> DiffusionDataset:
-    """Load every listed image as RGB in [-1, 1]. All images must share one size."""
+def _check_options(resolution, center_crop, random_flip) -> None:
+    if resolution is not None:
+        if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
+            raise DataError(f"resolution must be an integer >= {MIN_RESOLUTION} (or None to keep the images' own size), got {resolution!r}")
+        if resolution < MIN_RESOLUTION:
+            raise DataError(f"resolution must be >= {MIN_RESOLUTION}, got {int(resolution)}")
+    for label, value in (("center_crop", center_crop), ("random_flip", random_flip)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise DataError(f"{label} must be True or False, got {value!r}")
+
+
+def resized_size(width: int, height: int, resolution: int) -> Tuple[int, int]:
+    """(width, height) with the shorter side equal to `resolution`, the longer one scaled and
+    truncated like torchvision's Resize(int)."""
+    if width <= height:
+        return resolution, int(resolution * height / width)
+    return int(resolution * width / height), resolution
+
+
+def crop_box(width: int, height: int, resolution: int, center_crop: bool, index: int) -> Tuple[int, int]:
+    """(left, top) of the resolution x resolution crop of a (width, height) image.
+
+    Centre: torchvision's CenterCrop rounding. Otherwise torchvision's RandomCrop range
+    (offsets 0..size-resolution inclusive), drawn from a generator seeded by (CROP_SEED, index)."""
+    if center_crop:
+        return int(round((width - resolution) / 2.0)), int(round((height - resolution) / 2.0))
+    rng = np.random.default_rng((CROP_SEED, int(index)))
+    top = int(rng.integers(0, height - resolution + 1))
+    left = int(rng.integers(0, width - resolution + 1))
+    return left, top
+
+
+def _load_rgb(root: str, name: str, index: int, resolution: Optional[int], center_crop: bool) -> np.ndarray:
+    """One image as (H, W, 3) uint8, resized and cropped when `resolution` is set."""
     from PIL import Image
 
+    try:
+        with Image.open(os.path.join(root, name)) as im:
+            im = im.convert("RGB")
+            if resolution is not None:
+                w, h = resized_size(im.width, im.height, resolution)
+                if (w, h) != im.size:
+                    im = im.resize((w, h), resample=Image.Resampling.BICUBIC)
+                left, top = crop_box(w, h, resolution, center_crop, index)
+                im = im.crop((left, top, left + resolution, top + resolution))
+            return np.array(im, dtype=np.uint8)  # a writable copy
+    except (OSError, Image.DecompressionBombError) as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise DataError(f"{name!r} in {root!r} is not a readable image: {exc}") from exc
+
+
+def imagefolder(
+    root: str,
+    resolution: Optional[int] = None,
+    center_crop: bool = True,
+    random_flip: bool = False,
+) -> DiffusionDataset:
+    """Load every listed image as RGB in [-1, 1].
+
+    resolution: None keeps the images as they are, so they must all be square and of one size;
+    an int (>= 8) resizes each image's shorter side to it (bicubic) and crops a square.
+    center_crop: crop at the centre; False crops at a per-sample offset that is random-looking
+    but fixed (seeded by CROP_SEED and the sample index), so loading is deterministic.
+    random_flip: not applied here; recorded as `dataset.random_flip` for the training loop.
+    """
+    _check_options(resolution, center_crop, random_flip)
+    if resolution is not None:
+        resolution = int(resolution)
+    center_crop, random_flip = bool(center_crop), bool(random_flip)
     if not os.path.isdir(root):
         raise DataError(f"dataset folder {root!r} does not exist")
     rows = _read_metadata(root)
@@ -51,21 +124,22 @@ def imagefolder(root: str) -> DiffusionDataset:
     if missing:
         raise DataError(f"{len(missing)} file(s) listed in {METADATA} are missing, e.g. {missing[:3]}")
     images, sizes = [], {}
-    for r in rows:
-        try:
-            with Image.open(os.path.join(root, r["file_name"])) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.float32)
-        except OSError as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-            raise DataError(f"{r['file_name']!r} in {root!r} is not a readable image: {exc}") from exc
+    for i, r in enumerate(rows):
+        arr = _load_rgb(root, r["file_name"], i, resolution, center_crop)
         sizes.setdefault(arr.shape[:2], r["file_name"])
         images.append(arr)
+    hint = "pass --resolution N (resolution=N in Python) to resize and crop every image to N x N"
     if len(sizes) > 1:
         desc = ", ".join(f"{h}x{w} (e.g. {name})" for (h, w), name in sizes.items())
-        raise DataError(f"images in {root!r} have mixed sizes: {desc}; resize them to one size first")
-    (h, w), = sizes
+        raise DataError(f"images in {root!r} have mixed sizes: {desc}; {hint}")
+    ((h, w), name), = sizes.items()
     if h != w:
-        raise DataError(f"images must be square, got {h}x{w}")
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) / 127.5 - 1.0
+        raise DataError(f"images must be square, got {h}x{w} (e.g. {name}); {hint}")
+    # uint8 while reading, float32 only once: peak memory ~1.25x the final tensor
+    x = torch.empty((len(images), 3, h, w), dtype=torch.float32)
+    for i, arr in enumerate(images):
+        x[i] = torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1.0
+        images[i] = None
     prompts = sorted({r["text"] for r in rows})
     index = {p: i for i, p in enumerate(prompts)}
     attr_keys = sorted({k for r in rows for k in r} - {"file_name", "text"})
@@ -74,12 +148,24 @@ def imagefolder(root: str) -> DiffusionDataset:
         values = sorted({str(r.get(key)) for r in rows})
         vindex = {v: i for i, v in enumerate(values)}
         attributes[key] = torch.tensor([vindex[str(r.get(key))] for r in rows])
+    info = {
+        "root": os.path.abspath(root),
+        "attribute_values": {k: sorted({str(r.get(k)) for r in rows}) for k in attr_keys},
+        "resolution": resolution,
+        "center_crop": center_crop,
+        "random_flip": random_flip,
+    }
+    if resolution is not None:
+        info["interpolation"] = "bicubic"
+        if not center_crop:
+            info["crop_seed"] = CROP_SEED
     return DiffusionDataset(
-        images=x.contiguous(),
+        images=x,
         prompt_ids=torch.tensor([index[r["text"]] for r in rows]),
         prompts=prompts,
         sample_ids=torch.arange(len(rows)),
         name=f"imagefolder:{os.path.abspath(root)}",
         attributes=attributes or None,
-        info={"root": os.path.abspath(root), "attribute_values": {k: sorted({str(r.get(k)) for r in rows}) for k in attr_keys}},
+        info=info,
+        random_flip=random_flip,
     )

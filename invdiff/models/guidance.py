@@ -57,6 +57,22 @@ def guidance_unet_config(frozen_config: Dict, preset: str = "small") -> Dict:
         # keeps the frozen model's time-embedding width to accept the same prompt vectors.
         time_embedding_dim=time_dim,
     )
+    if any("CrossAttn" in b for b in frozen_config.get("down_block_types", [])):
+        # A text-conditioned frozen UNet (Stable Diffusion): G keeps its block pattern, so it reads
+        # the text through cross-attention too, at 1/divisor width. Heads shrink where the
+        # narrower width no longer divides evenly.
+        heads = frozen_config.get("attention_head_dim") or 8
+        heads = heads[0] if isinstance(heads, (list, tuple)) else heads
+        while heads > 1 and any(w % heads for w in widths):
+            heads //= 2
+        cfg.update(
+            down_block_types=list(frozen_config["down_block_types"]),
+            up_block_types=list(frozen_config["up_block_types"]),
+            mid_block_type=frozen_config.get("mid_block_type") or "UNetMidBlock2DCrossAttn",
+            attention_head_dim=heads,
+        )
+        cfg.pop("time_embedding_dim", None)
+        cfg.pop("class_embed_type", None)
     return cfg
 
 

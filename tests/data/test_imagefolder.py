@@ -161,3 +161,213 @@ def test_roundtrip_of_pixel_values(tmp_path):
     ds = imagefolder(str(tmp_path))
     expected = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1.0
     torch.testing.assert_close(ds.images[0], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution / center_crop / random_flip (diffusers' train_text_to_image preprocessing)
+# ---------------------------------------------------------------------------------------------
+import dataclasses  # noqa: E402
+
+from invdiff.data.imagefolder import CROP_SEED, crop_box, resized_size  # noqa: E402
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def _to_tensor(arr):
+    return torch.from_numpy(np.asarray(arr, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def _noise(size, seed):
+    w, h = size
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _bands(size, outer, inner, vertical=True):
+    """Three equal bands: outer | inner | outer, left to right (vertical=True) or top to bottom."""
+    w, h = size
+    arr = np.empty((h, w, 3), dtype=np.uint8)
+    arr[...] = outer
+    if vertical:
+        arr[:, w // 3: 2 * w // 3] = inner
+    else:
+        arr[h // 3: 2 * h // 3, :] = inner
+    return Image.fromarray(arr)
+
+
+@pytest.fixture()
+def mixed(tmp_path):
+    """Non-square images of four different sizes (one greyscale, one RGBA, one smaller than 8)."""
+    _noise((40, 24), 0).save(tmp_path / "wide.png")
+    _noise((18, 50), 1).save(tmp_path / "tall.png")
+    Image.new("L", (12, 9), 77).save(tmp_path / "grey.png")
+    Image.new("RGBA", (6, 4), (10, 20, 30, 128)).save(tmp_path / "tiny.png")
+    _write_metadata(
+        tmp_path,
+        [
+            {"file_name": "wide.png", "text": "a photo of a waterbird", "place": "water"},
+            {"file_name": "tall.png", "text": "a photo of a landbird", "place": "water"},
+            {"file_name": "grey.png", "text": "a photo of a landbird", "place": "land"},
+            {"file_name": "tiny.png", "text": "a photo of a waterbird", "place": "land"},
+        ],
+    )
+    return tmp_path
+
+
+def test_mixed_sizes_load_to_the_requested_square_resolution(mixed):
+    for res in (8, 16, 33):
+        ds = imagefolder(str(mixed), resolution=res)
+        assert ds.images.shape == (4, 3, res, res) and ds.images.dtype == torch.float32
+        assert ds.resolution == res
+        assert float(ds.images.min()) >= -1.0 and float(ds.images.max()) <= 1.0
+        # prompts, ids and attributes are unaffected by the resizing
+        assert ds.prompts == ["a photo of a landbird", "a photo of a waterbird"]
+        assert ds.prompt_ids.tolist() == [1, 0, 0, 1]
+        assert ds.attributes["place"].tolist() == [1, 1, 0, 0]
+        assert ds.info["resolution"] == res and ds.info["center_crop"] is True and ds.info["random_flip"] is False
+        assert ds.info["interpolation"] == "bicubic"
+    # a constant image stays constant whatever the resampling (greyscale -> RGB, alpha dropped)
+    ds = imagefolder(str(mixed), resolution=8)
+    torch.testing.assert_close(ds.images[2], torch.full((3, 8, 8), 77 / 127.5 - 1.0))
+    torch.testing.assert_close(ds.images[3], _to_tensor(np.broadcast_to(np.array([10, 20, 30], np.uint8), (8, 8, 3))))
+
+
+def test_resize_is_shorter_side_bicubic_then_center_crop(tmp_path):
+    """Exactly PIL bicubic to shorter side == resolution (longer side truncated, like
+    torchvision's Resize(int)), then torchvision's CenterCrop offsets."""
+    wide, tall = _noise((37, 23), 3), _noise((20, 47), 4)
+    wide.save(tmp_path / "wide.png")
+    tall.save(tmp_path / "tall.png")
+    _write_metadata(tmp_path, [{"file_name": "wide.png", "text": "t"}, {"file_name": "tall.png", "text": "t"}])
+    ds = imagefolder(str(tmp_path), resolution=16)
+    assert resized_size(37, 23, 16) == (25, 16)  # int(16 * 37 / 23) = 25
+    assert resized_size(20, 47, 16) == (16, 37)  # int(37.6) = 37
+    exp_wide = np.asarray(wide.resize((25, 16), Image.Resampling.BICUBIC))[:, 4:20]  # round(4.5) == 4
+    exp_tall = np.asarray(tall.resize((16, 37), Image.Resampling.BICUBIC))[10:26, :]  # round(10.5) == 10
+    torch.testing.assert_close(ds.images[0], _to_tensor(exp_wide), rtol=0, atol=0)
+    torch.testing.assert_close(ds.images[1], _to_tensor(exp_tall), rtol=0, atol=0)
+
+
+def test_center_crop_keeps_the_center(tmp_path):
+    # red | green | red bands; the square centre of each image is all green
+    _bands((30, 10), RED, GREEN).save(tmp_path / "exact.png")  # shorter side already 10: no resize
+    _bands((60, 20), RED, GREEN).save(tmp_path / "down.png")  # resized to 30x10, then cropped
+    _bands((10, 30), BLUE, GREEN, vertical=False).save(tmp_path / "tall.png")  # blue / green / blue
+    _write_metadata(tmp_path, [{"file_name": n, "text": "t"} for n in ("exact.png", "down.png", "tall.png")])
+    ds = imagefolder(str(tmp_path), resolution=10)
+    green = _to_tensor(np.broadcast_to(np.array(GREEN, np.uint8), (10, 10, 3)))
+    torch.testing.assert_close(ds.images[0], green, rtol=0, atol=0)
+    torch.testing.assert_close(ds.images[2], green, rtol=0, atol=0)
+    # after a 2x bicubic downscale only the edge columns may blend with the red bands
+    torch.testing.assert_close(ds.images[1][:, :, 2:8], green[:, :, 2:8], rtol=0, atol=2 / 127.5)
+    assert float(ds.images[1][1].mean()) > 0.8  # overwhelmingly green, not a crop of the red side
+    # the same images uncropped would show the bands: a top-left crop would be red/blue
+    assert crop_box(30, 10, 10, True, 0) == (10, 0) and crop_box(10, 30, 10, True, 0) == (0, 10)
+
+
+def test_non_center_crop_is_deterministic_and_follows_the_sample_index(tmp_path):
+    names = [f"img{i}.png" for i in range(8)]
+    sources = [_noise((40, 16), 10 + i) for i in range(8)]
+    for name, im in zip(names, sources):
+        im.save(tmp_path / name)
+    _write_metadata(tmp_path, [{"file_name": n, "text": "t"} for n in names])
+    a = imagefolder(str(tmp_path), resolution=16, center_crop=False)
+    b = imagefolder(str(tmp_path), resolution=16, center_crop=False)
+    assert torch.equal(a.images, b.images)  # loading twice gives identical tensors
+    assert a.info["center_crop"] is False and a.info["crop_seed"] == CROP_SEED
+    offsets = []
+    for i, im in enumerate(sources):
+        left, top = crop_box(40, 16, 16, False, i)
+        assert top == 0 and 0 <= left <= 40 - 16  # RandomCrop's range: only the long side moves
+        assert crop_box(40, 16, 16, False, i) == (left, top)  # a pure function of the index
+        expected = np.asarray(im)[:, left:left + 16]  # no resize: the shorter side is already 16
+        torch.testing.assert_close(a.images[i], _to_tensor(expected), rtol=0, atol=0)
+        offsets.append(left)
+    assert len(set(offsets)) > 1  # not one fixed offset for every image
+    centred = imagefolder(str(tmp_path), resolution=16)
+    assert not torch.equal(centred.images, a.images)
+    assert "crop_seed" not in centred.info
+
+
+def test_random_flip_is_recorded_not_applied_and_survives_views(mixed):
+    plain = imagefolder(str(mixed), resolution=8)
+    assert plain.random_flip is False
+    ds = imagefolder(str(mixed), resolution=8, random_flip=True)
+    assert ds.random_flip is True and ds.info["random_flip"] is True
+    assert torch.equal(ds.images, plain.images)  # nothing is flipped at load time
+    view = ds.training_view()
+    assert view.random_flip is True and view.attributes is None
+    sub = ds.subset(torch.tensor([3, 1]))
+    assert sub.random_flip is True and len(sub) == 2 and sub.sample_ids.tolist() == [3, 1]
+    assert sub.training_view().random_flip is True
+    assert dataclasses.replace(ds, name="other").random_flip is True
+    assert dataclasses.replace(ds, random_flip=False).random_flip is False
+
+
+def test_load_dataset_passes_the_options_through(mixed):
+    ds = load_dataset(str(mixed), resolution=12, center_crop=False, random_flip=True)
+    direct = imagefolder(str(mixed), resolution=12, center_crop=False, random_flip=True)
+    assert torch.equal(ds.images, direct.images)
+    assert ds.random_flip is True
+    assert ds.info["resolution"] == 12 and ds.info["center_crop"] is False
+    # positional use as before: (spec, split, bias, num_colors, resolution, seed)
+    assert load_dataset(str(mixed), "train", 0.9, 2, 8, 0).images.shape == (4, 3, 8, 8)
+
+
+def test_load_dataset_colored_digits_keeps_its_default_and_records_random_flip():
+    ds = load_dataset("colored-digits")
+    assert ds.resolution == 16 and ds.random_flip is False
+    flipped = load_dataset("colored-digits", resolution=8, random_flip=True)
+    assert flipped.resolution == 8 and flipped.random_flip is True
+    assert flipped.subset(torch.arange(3)).random_flip is True
+
+
+def test_without_resolution_mixed_sizes_suggest_resolution(mixed):
+    with pytest.raises(DataError, match=r"mixed sizes: .*--resolution"):
+        imagefolder(str(mixed))
+    with pytest.raises(DataError, match=r"mixed sizes: .*--resolution"):
+        load_dataset(str(mixed))
+
+
+def test_without_resolution_non_square_suggests_resolution(tmp_path):
+    _png(tmp_path / "wide.png", (0, 0, 0), size=(8, 4))
+    _write_metadata(tmp_path, [{"file_name": "wide.png", "text": "t"}])
+    with pytest.raises(DataError, match=r"square, got 4x8 \(e\.g\. wide\.png\).*--resolution"):
+        imagefolder(str(tmp_path))
+    assert imagefolder(str(tmp_path), resolution=8).images.shape == (1, 3, 8, 8)
+
+
+def test_without_resolution_info_records_the_defaults(folder):
+    ds = imagefolder(str(folder))
+    assert ds.info["resolution"] is None and ds.info["center_crop"] is True and ds.info["random_flip"] is False
+    assert ds.random_flip is False and ds.resolution == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        ({"resolution": 7}, r"resolution must be >= 8, got 7"),
+        ({"resolution": 0}, r"resolution must be >= 8, got 0"),
+        ({"resolution": -64}, r"resolution must be >= 8"),
+        ({"resolution": 64.0}, r"resolution must be an integer"),
+        ({"resolution": "512"}, r"resolution must be an integer"),
+        ({"resolution": True}, r"resolution must be an integer"),
+        ({"resolution": 16, "center_crop": "no"}, r"center_crop must be True or False"),
+        ({"resolution": 16, "random_flip": 1}, r"random_flip must be True or False"),
+    ],
+)
+def test_bad_options_are_data_errors(folder, kwargs, msg):
+    with pytest.raises(DataError, match=msg):
+        imagefolder(str(folder), **kwargs)
+
+
+def test_bad_options_are_checked_before_touching_the_folder(tmp_path):
+    with pytest.raises(DataError, match=r"resolution must be >= 8"):
+        imagefolder(str(tmp_path / "nope"), resolution=4)
+
+
+def test_unreadable_image_with_resolution_is_a_data_error(tmp_path):
+    _noise((20, 12), 0).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    _write_metadata(tmp_path, [{"file_name": "ok.png", "text": "t"}, {"file_name": "broken.png", "text": "t"}])
+    with pytest.raises(DataError, match=r"'broken\.png'.*not a readable image"):
+        imagefolder(str(tmp_path), resolution=8)

@@ -1,0 +1,317 @@
+"""Stable Diffusion class models as the frozen base: UNet + VAE + CLIP text encoder, in latent space.
+
+A diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/,
+model_index.json), or a hub id where the network allows it, loads as a `LatentDiffusionBase`.
+It offers the interface the rest of invdiff uses for the embedded model (`eps`, `prompt_embeds`,
+`conditioner.null_id`, `scheduler`, `save_pretrained`), so the max step, the min step and the
+samplers run unchanged on latents. What is frozen is computed once and cached:
+  - the text embeddings of every prompt (`TextConditioner`'s table), and
+  - the VAE latents of the training images (`latent_dataset`, optionally on disk, memory-mapped).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..io import CheckpointError, atomic_write_json
+from .base import FrozenBase
+
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class AttentionBackendError(RuntimeError):
+    pass
+
+
+def is_sd_folder(path: str) -> bool:
+    """A diffusers pipeline folder (it has model_index.json)."""
+    return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def looks_like_hub_id(path: str) -> bool:
+    return not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/"))
+
+
+def set_attention(unet, backend: str = "sdpa") -> str:
+    """Route the UNet's attention through PyTorch SDPA (default) or xformers; returns the name of
+    the backend now active. Asking for xformers without it installed is a clear error."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {list(ATTENTION_BACKENDS)}")
+    if not getattr(unet, "attn_processors", None):
+        return "none (the UNet has no attention layers)"
+    if backend == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError as exc:
+            raise AttentionBackendError(
+                "--attention xformers was asked for but xformers is not installed "
+                f"({exc}); pip install xformers, or use --attention sdpa (PyTorch's fused attention)"
+            ) from exc
+        unet.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa (torch.nn.functional.scaled_dot_product_attention)"
+
+
+class TextConditioner(torch.nn.Module):
+    """CLIP text conditioning with a cached embedding table.
+
+    Prompts get ids in the order they are registered; `null_id` (= the number of prompts) is the
+    empty prompt used for classifier-free guidance. The frozen text encoder runs once per prompt:
+    `forward(ids)` indexes the table. ids: (B,) int64 -> (B, L, D) with L = tokenizer.model_max_length.
+    """
+
+    def __init__(self, text_encoder, tokenizer, prompts: Sequence[str] = ()):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self._prompts: List[str] = []
+        self._table: Optional[torch.Tensor] = None
+        self.add_prompts(prompts)
+
+    @property
+    def prompts(self) -> List[str]:
+        return list(self._prompts)
+
+    @property
+    def null_id(self) -> int:
+        return len(self._prompts)
+
+    def add_prompts(self, prompts: Sequence[str]) -> None:
+        new = [p for p in dict.fromkeys(prompts) if p not in self._prompts]
+        if new:
+            self._prompts.extend(new)
+            self._table = None  # re-encoded on next use (the null row moves to the end)
+
+    def prompt_ids(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompt strings -> (B,) int64 ids, registering prompts not seen before."""
+        self.add_prompts(prompts)
+        return torch.tensor([self._prompts.index(p) for p in prompts], dtype=torch.long)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Run the text encoder: texts -> (N, L, D) last hidden states."""
+        tokens = self.tokenizer(
+            list(texts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(tokens.input_ids.to(device))[0]
+
+    def table(self) -> torch.Tensor:
+        if self._table is None:
+            self._table = self.encode(self._prompts + [""])
+        return self._table
+
+    def forward(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        table = self.table()
+        return table[prompt_ids.to(table.device)]
+
+
+class LatentDiffusionBase(FrozenBase):
+    """A frozen Stable Diffusion class model. eps() works on latents: (B, 4, h, w)."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, meta: Optional[Dict] = None):
+        torch.nn.Module.__init__(self)
+        self.unet = unet
+        self.vae = vae
+        self.conditioner = TextConditioner(text_encoder, tokenizer)
+        self.scheduler = scheduler
+        self.meta = dict(meta or {})
+        self.meta.setdefault("attention", set_attention(unet, "sdpa"))
+        check_cross_attention(unet, text_encoder)
+
+    @property
+    def prompts(self) -> List[str]:
+        return self.conditioner.prompts
+
+    @property
+    def text_encoder(self):
+        return self.conditioner.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.conditioner.tokenizer
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per latent cell along a side: 2 ** (number of VAE down blocks - 1)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def eps(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """The frozen UNet in its own dtype (bf16/fp16 when loaded so); fp32 out for G and the loss."""
+        dtype = self.unet.dtype
+        return self.unet(sample.to(dtype), timestep, prompt_embeds.to(dtype)).sample.float()
+
+    def check_resolution(self, resolution: int) -> None:
+        if resolution % self.vae_factor:
+            raise ValueError(
+                f"resolution {resolution} is not divisible by the VAE's downsampling factor {self.vae_factor}; "
+                f"use a multiple of {self.vae_factor} (e.g. --resolution {resolution // self.vae_factor * self.vae_factor or self.vae_factor})"
+            )
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, C_latent, H/f, W/f) latents, scaled by the VAE's scaling
+        factor. Uses the mean of the VAE posterior: a cached latent must not change between
+        epochs, and the posterior's spread is negligible next to the diffusion noise."""
+        from tqdm.auto import tqdm
+
+        self.check_resolution(images.shape[-1])
+        device, dtype = next(self.vae.parameters()).device, self.vae.dtype
+        out = []
+        for start in tqdm(range(0, len(images), batch_size), desc="VAE latents", disable=not progress):
+            batch = images[start : start + batch_size].to(device, dtype)
+            out.append((self.vae.encode(batch).latent_dist.mean * self.latent_scale).float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """(N, C_latent, h, w) scaled latents -> (N, 3, h*f, w*f) images in [-1, 1]."""
+        device, dtype = next(self.vae.parameters()).device, self.vae.dtype
+        out = []
+        for start in range(0, len(latents), batch_size):
+            batch = latents[start : start + batch_size].to(device, dtype) / self.latent_scale
+            out.append(self.vae.decode(batch).sample.float().clamp(-1, 1).cpu())
+        return torch.cat(out)
+
+    def save_pretrained(self, directory: str) -> None:
+        """The diffusers Stable Diffusion layout (safetensors), plus invdiff_base.json."""
+        from .base import BASE_META
+
+        os.makedirs(directory, exist_ok=True)
+        self.unet.save_pretrained(os.path.join(directory, "unet"))
+        self.vae.save_pretrained(os.path.join(directory, "vae"))
+        self.text_encoder.save_pretrained(os.path.join(directory, "text_encoder"))
+        self.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+        self.scheduler.save_pretrained(os.path.join(directory, "scheduler"))
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": __import__("diffusers").__version__,
+            "unet": ["diffusers", type(self.unet).__name__],
+            "vae": ["diffusers", type(self.vae).__name__],
+            "text_encoder": ["transformers", type(self.text_encoder).__name__],
+            "tokenizer": ["transformers", type(self.tokenizer).__name__],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+        }
+        atomic_write_json(os.path.join(directory, "model_index.json"), index)
+        atomic_write_json(os.path.join(directory, BASE_META), {k: v for k, v in self.meta.items() if k != "attention"})
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, dtype: str = "fp32", attention: str = "sdpa", device=None, channels_last: bool = False, compile_unet: bool = False
+    ) -> "LatentDiffusionBase":
+        """Load a Stable Diffusion folder (or hub id). dtype: fp32 | bf16 | fp16 for the frozen parts."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from .base import BASE_META
+
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+        local = os.path.isdir(path)
+        if local:
+            missing = [c for c in SD_COMPONENTS if not os.path.isdir(os.path.join(path, c))]
+            if not os.path.isfile(os.path.join(path, "model_index.json")):
+                missing.append("model_index.json")
+            if missing:
+                raise CheckpointError(
+                    f"{path!r} is not a complete Stable Diffusion folder: missing {', '.join(missing)} "
+                    f"(expected {', '.join(SD_COMPONENTS)} and model_index.json)"
+                )
+        elif not looks_like_hub_id(path):
+            raise CheckpointError(f"base model {path!r} does not exist (a local folder or a hub id like org/name)")
+        torch_dtype = DTYPES[dtype]
+        try:
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype)
+            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch_dtype)
+            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+            # The training noise schedule, whatever sampler the folder ships (often PNDM).
+            scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(path, subfolder="scheduler"))
+        except Exception as exc:  # offline hub id, corrupt weights, wrong classes
+            where = "folder" if local else "hub id (no network here? pass a local folder)"
+            raise CheckpointError(f"could not load the Stable Diffusion {where} {path!r}: {exc}") from exc
+        meta = {}
+        if local and os.path.isfile(os.path.join(path, BASE_META)):
+            with open(os.path.join(path, BASE_META)) as f:
+                meta = json.load(f)
+        meta.update(source=os.path.abspath(path) if local else path, kind="stable-diffusion", frozen_dtype=dtype)
+        base = cls(unet, vae, text_encoder, tokenizer, scheduler, meta)
+        base.meta["attention"] = set_attention(unet, attention)
+        if device is not None:
+            base.to(device)
+        if channels_last:
+            base.unet.to(memory_format=torch.channels_last)
+        if compile_unet:
+            base.unet = torch.compile(base.unet)
+        return base
+
+
+def check_cross_attention(unet, text_encoder) -> None:
+    width = int(text_encoder.config.hidden_size)
+    expected = unet.config.cross_attention_dim
+    if isinstance(expected, (list, tuple)):
+        expected = expected[0]
+    if int(expected) != width:
+        raise CheckpointError(
+            f"the text encoder's hidden size {width} does not match the UNet's cross_attention_dim {expected}: "
+            "the text encoder and UNet come from different models"
+        )
+
+
+# ----------------------------------------------------------------------- the latent cache
+
+
+def _fingerprint(base: LatentDiffusionBase, dataset) -> str:
+    """What the cached latents depend on: the images (sample ids, a content hash), the VAE."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(dataset.sample_ids.numpy()).tobytes())
+    h.update(np.ascontiguousarray(dataset.images[:: max(1, len(dataset) // 64)].numpy()).tobytes())
+    h.update(json.dumps(dict(base.vae.config), sort_keys=True, default=str).encode())
+    h.update(str(tuple(dataset.images.shape)).encode())
+    return h.hexdigest()[:16]
+
+
+def latent_dataset(base: LatentDiffusionBase, dataset, cache_dir: Optional[str] = None, progress: bool = True):
+    """The dataset with its images replaced by their VAE latents, encoded once.
+
+    With `cache_dir`, the latents are stored there as latents.npy (+ latents.json with the
+    fingerprint of images and VAE) and read back memory-mapped on later runs, so a large training
+    set need not fit in RAM. A cache made from other images or another VAE is rebuilt, not reused.
+    Returns a DiffusionDataset (N, C_latent, h, w) with the same prompts, ids and attributes.
+    """
+    import dataclasses
+
+    base.check_resolution(dataset.resolution)
+    fingerprint = _fingerprint(base, dataset)
+    latents = None
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
+        meta_path, data_path = os.path.join(cache_dir, "latents.json"), os.path.join(cache_dir, "latents.npy")
+        if os.path.isfile(meta_path) and os.path.isfile(data_path):
+            with open(meta_path) as f:
+                if json.load(f).get("fingerprint") == fingerprint:
+                    latents = torch.from_numpy(np.load(data_path, mmap_mode="c"))  # copy-on-write map: pages load on use
+    if latents is None:
+        latents = base.encode_images(dataset.images, progress=progress)
+        if cache_dir:
+            tmp = data_path + ".tmp.npy"
+            np.save(tmp, latents.numpy())
+            os.replace(tmp, data_path)
+            atomic_write_json(meta_path, {"fingerprint": fingerprint, "shape": list(latents.shape), "scaling_factor": base.latent_scale})
+            latents = torch.from_numpy(np.load(data_path, mmap_mode="c"))  # copy-on-write map: pages load on use
+    info = dict(dataset.info, latent=True, pixel_resolution=dataset.resolution, latent_fingerprint=fingerprint)
+    return dataclasses.replace(dataset, images=latents, info=info)

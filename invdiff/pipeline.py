@@ -1,0 +1,177 @@
+"""`InvDiffPipeline`: a diffusers DiffusionPipeline with the frozen Stable Diffusion components and
+the trained guidance module G_psi (with its combine ratio r, stored in G's config).
+
+    pipe = InvDiffPipeline.from_pretrained("runs/waterbirds")            # a debias run folder
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    images = pipe("a photo of a landbird", num_inference_steps=25, guidance_scale=7.5,
+                  generator=torch.Generator().manual_seed(0)).images
+
+The call is the ordinary diffusers one. At each step the frozen UNet's prediction for the
+conditional and unconditional branch is combined with G's (eps_tilde = combine(eps, G; r), moved
+by `guidance_strength` s from the frozen model, s = 0, to the trained one, s = 1), then
+classifier-free guidance and the scheduler's own `step` follow, so any scheduler works.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Union
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+from .models.guidance import GuidanceModule
+
+MODEL_CARD = """---
+library_name: diffusers
+tags:
+- invdiff
+- bias-mitigation
+- stable-diffusion
+---
+# InvDiff pipeline
+
+A frozen Stable Diffusion model with an InvDiff guidance module G_psi (arXiv 2412.08480,
+"Invariant Guidance for Bias Mitigation in Diffusion Models"), trained by `invdiff debias`
+without bias labels. Only `guidance/` was trained; unet/, vae/, text_encoder/ are the base's.
+
+- combine ratio r: {ratio}
+- G_psi: {guidance_kind}
+
+```python
+from invdiff.pipeline import InvDiffPipeline
+pipe = InvDiffPipeline.from_pretrained("{path}")
+image = pipe("a prompt", num_inference_steps=25).images[0]
+```
+"""
+
+
+class InvDiffPipeline(DiffusionPipeline):
+    """unet, vae, text_encoder, tokenizer, scheduler: the frozen Stable Diffusion parts;
+    guidance: G_psi (None gives the plain frozen model)."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["guidance"]
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, guidance: Optional[GuidanceModule] = None):
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, guidance=guidance)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: List[str]) -> torch.Tensor:
+        """prompts -> (N, L, D) CLIP last hidden states."""
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, List[str]],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        output_type: str = "pil",
+        guidance_strength: float = 1.0,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        latents: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+    ):
+        """The ordinary diffusers call. Returns ImagePipelineOutput(images) (PIL list, np array or
+        (N, 3, H, W) tensor in [0, 1] by `output_type`; "latent" gives the latents)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
+        device, dtype = self.unet.device, self.unet.dtype
+        use_cfg = guidance_scale != 1.0
+        cond = self.encode_prompt(prompts)
+        embeds = torch.cat([self.encode_prompt([""] * len(prompts)), cond]) if use_cfg else cond
+        shape = (len(prompts), self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_in = self.scheduler.scale_model_input(torch.cat([latents] * 2) if use_cfg else latents, t)
+            t_batch = t.expand(model_in.shape[0]).to(device)
+            eps = self.unet(model_in.to(dtype), t_batch, embeds.to(dtype)).sample.float()
+            if self.guidance is not None and guidance_strength != 0.0:
+                g = self.guidance(model_in.to(self.guidance.dtype), t_batch, embeds.to(self.guidance.dtype), eps)
+                eps = self.guidance.combine(eps, g.float(), guidance_strength)
+            if use_cfg:
+                uncond_eps, cond_eps = eps.chunk(2)
+                eps = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
+            latents = self.scheduler.step(eps, t, latents, generator=generator).prev_sample
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """diffusers layout with safetensors, plus a model card (README.md)."""
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
+        card = MODEL_CARD.format(
+            ratio=self.guidance.ratio if self.guidance is not None else "none (no G_psi)",
+            guidance_kind=f"UNet preset {self.guidance.config.preset!r}" if self.guidance is not None else "none",
+            path=os.path.abspath(save_directory),
+        )
+        with open(os.path.join(save_directory, "README.md"), "w") as f:
+            f.write(card)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs):
+        """Loads G_psi from `guidance/` itself (diffusers does not know invdiff's classes), then
+        the frozen components through DiffusionPipeline.from_pretrained."""
+        if "guidance" not in kwargs:
+            gdir = os.path.join(path, "guidance")
+            kwargs["guidance"] = GuidanceModule.from_pretrained(gdir) if os.path.isdir(gdir) else None
+        return super().from_pretrained(path, **kwargs)
+
+
+def save_pipeline_folder(directory: str, base, guidance: Optional[GuidanceModule]) -> None:
+    """Write an InvDiffPipeline folder for a LatentDiffusionBase and G_psi. The frozen components
+    are copied byte for byte from the base's own folder when it has one (so a bf16-loaded base
+    is not saved in bf16), else saved; the scheduler folder holds DDIM for sampling."""
+    import json
+    import shutil
+
+    from diffusers import DDIMScheduler
+
+    from .io import atomic_write_json
+
+    source = base.meta.get("source", "")
+    os.makedirs(directory, exist_ok=True)
+    if os.path.isdir(source):
+        for part in ("unet", "vae", "text_encoder", "tokenizer"):
+            shutil.copytree(os.path.join(source, part), os.path.join(directory, part), dirs_exist_ok=True)
+        with open(os.path.join(source, "model_index.json")) as f:
+            index = json.load(f)
+    else:
+        base.save_pretrained(directory)
+        with open(os.path.join(directory, "model_index.json")) as f:
+            index = json.load(f)
+    DDIMScheduler.from_config(base.scheduler.config).save_pretrained(os.path.join(directory, "scheduler"))
+    index.update(_class_name="InvDiffPipeline", scheduler=["diffusers", "DDIMScheduler"])
+    if guidance is not None:
+        guidance.save_pretrained(os.path.join(directory, "guidance"))
+        index["guidance"] = ["invdiff", "GuidanceModule"]
+    atomic_write_json(os.path.join(directory, "model_index.json"), index)
+    ratio = guidance.ratio if guidance is not None else "none (no G_psi)"
+    kind = f"UNet preset {guidance.config.preset!r}" if guidance is not None else "none"
+    with open(os.path.join(directory, "README.md"), "w") as f:
+        f.write(MODEL_CARD.format(ratio=ratio, guidance_kind=kind, path=os.path.abspath(directory)))

@@ -1,0 +1,73 @@
+"""InvDiffPipeline: a diffusers DiffusionPipeline with the frozen SD parts and G_psi."""
+import os
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from invdiff.models.guidance import GuidanceModule
+from invdiff.models.sd import LatentDiffusionBase
+from invdiff.pipeline import InvDiffPipeline
+from tests.utils import make_tiny_sd_folder
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    folder = make_tiny_sd_folder(str(tmp_path_factory.mktemp("pipe_sd") / "sd"))
+    base = LatentDiffusionBase.from_pretrained(folder)
+    torch.manual_seed(0)
+    guidance = GuidanceModule.from_frozen(base.unet.config, preset="small", ratio=0.5)
+    for p in guidance.parameters():
+        p.data.normal_(0, 0.02)  # a trained-looking G, not the zero init
+    return InvDiffPipeline(base.unet, base.vae, base.text_encoder, base.tokenizer,
+                           DDIMScheduler.from_config(base.scheduler.config), guidance)
+
+
+def _images(pipe, **kw):
+    return pipe(["a red square", "a blue square"], num_inference_steps=3, guidance_scale=2.0,
+                generator=torch.Generator().manual_seed(7), output_type="pt", **kw).images
+
+
+def test_call_is_the_ordinary_diffusers_call(pipe):
+    images = _images(pipe)
+    assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    pil = pipe("a red square", num_inference_steps=2, output_type="pil", generator=torch.Generator().manual_seed(0)).images
+    assert len(pil) == 1 and pil[0].size == (16, 16)
+    latents = pipe("a red square", num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (1, 4, 8, 8)
+
+
+def test_guidance_changes_the_images_and_strength_zero_is_the_frozen_model(pipe):
+    guided = _images(pipe)
+    frozen = _images(pipe, guidance_strength=0.0)
+    assert not torch.allclose(guided, frozen)
+    pipe_without = InvDiffPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, None)
+    torch.testing.assert_close(_images(pipe_without), frozen)
+
+
+def test_save_and_load_round_trip_gives_the_same_images(pipe, tmp_path):
+    pipe.save_pretrained(str(tmp_path / "saved"))
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "guidance", "model_index.json", "README.md"):
+        assert os.path.exists(tmp_path / "saved" / part), part
+    assert any(f.endswith(".safetensors") for f in os.listdir(tmp_path / "saved" / "guidance"))
+    assert "InvDiff" in (tmp_path / "saved" / "README.md").read_text()
+    loaded = InvDiffPipeline.from_pretrained(str(tmp_path / "saved"))
+    assert loaded.guidance.ratio == 0.5
+    torch.testing.assert_close(_images(loaded), _images(pipe))
+
+
+def test_scheduler_swap(pipe):
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        images = _images(pipe)
+        assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    finally:
+        pipe.scheduler = original
+
+
+def test_bad_calls(pipe):
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        pipe("a red square", num_inference_steps=0)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        pipe("a red square", num_inference_steps=1, height=15, width=16)

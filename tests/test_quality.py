@@ -1,0 +1,284 @@
+"""invdiff.quality: improved precision/recall, FID and CLIP-T from local weights only.
+
+CLIP-T runs for real on a tiny random CLIP model that the tests build and save themselves, so
+nothing is downloaded; FID is checked for its skip line and its errors (no Inception weights and
+no torch-fidelity on the test machine).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from invdiff import quality
+from invdiff.quality import clip_score, images_to_uint8, inception_fid, precision_recall, quality_report
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+
+def _gaussian_modes(centres, per_mode: int, seed: int, spread: float = 1.0) -> torch.Tensor:
+    """(len(centres) * per_mode, D) points, `per_mode` around each centre (rows grouped by mode)."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.tensor(centres, dtype=torch.float64)
+    noise = torch.randn(len(centres), per_mode, centres.shape[1], generator=gen, dtype=torch.float64)
+    return (centres.unsqueeze(1) + spread * noise).reshape(-1, centres.shape[1])
+
+
+# Four modes 100 apart with unit spread: every k-NN ball stays inside its own mode.
+FOUR_MODES = [[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]]
+
+
+def test_identical_feature_sets_have_full_precision_and_recall():
+    feats = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    assert precision_recall(feats, feats.clone()) == {"precision": 1.0, "recall": 1.0}
+
+
+def test_well_separated_sets_have_zero_precision_and_recall():
+    real = _gaussian_modes([[0.0] * 8], per_mode=60, seed=1)
+    fake = _gaussian_modes([[100.0] * 8], per_mode=60, seed=2)
+    assert precision_recall(real, fake) == {"precision": 0.0, "recall": 0.0}
+
+
+def test_fake_set_made_of_half_the_real_modes_exactly():
+    # fake = the real samples of modes 0 and 1. Each fake point *is* a real point (distance 0), so
+    # precision is exactly 1. Real points of modes 0 and 1 are fake points too; those of modes 2
+    # and 3 lie ~100 away from any fake point, far outside every fake k-NN ball: recall = 40/80.
+    real = _gaussian_modes(FOUR_MODES, per_mode=20, seed=3)
+    fake = real[:40]
+    assert precision_recall(real, fake) == {"precision": 1.0, "recall": 0.5}
+
+
+def test_fresh_samples_from_half_the_modes():
+    # Same picture with fake drawn independently: a few tail samples may fall outside the balls,
+    # so precision is near 1 and recall near (never above) one half.
+    real = _gaussian_modes(FOUR_MODES, per_mode=40, seed=4)
+    fake = _gaussian_modes(FOUR_MODES[:2], per_mode=40, seed=5)
+    scores = precision_recall(real, fake)
+    assert scores["precision"] >= 0.9
+    assert 0.4 <= scores["recall"] <= 0.5
+
+
+def test_precision_recall_by_hand_in_one_dimension():
+    # k=1. Real {0,1,2,3}: every nearest neighbour is 1 away, so each real ball has radius 1.
+    # Fake {0.5, 10}: each one's nearest neighbour is the other, radius 9.5.
+    # precision: 0.5 lies in the ball of 0, 10 lies in no real ball -> 1/2.
+    # recall: 0, 1, 2, 3 are all within 9.5 of 0.5 -> 4/4.
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    fake = torch.tensor([[0.5], [10.0]])
+    assert precision_recall(real, fake, k=1) == {"precision": 0.5, "recall": 1.0}
+
+
+def test_precision_recall_is_chunked_consistently(monkeypatch):
+    # Chunking the distance matrix (to bound memory) must not change the result.
+    real = _gaussian_modes(FOUR_MODES, per_mode=15, seed=6, spread=20.0)
+    fake = _gaussian_modes(FOUR_MODES[1:], per_mode=15, seed=7, spread=20.0)
+    whole = precision_recall(real, fake)
+    monkeypatch.setattr(quality, "DISTANCE_CHUNK", 7)
+    assert precision_recall(real, fake) == whole
+
+
+@pytest.mark.parametrize(
+    "real_shape, fake_shape, k, message",
+    [
+        ((3, 4), (10, 4), 3, "real_features has 3 samples"),  # k + 1 = 4 needed
+        ((10, 4), (3, 4), 3, "fake_features has 3 samples"),
+        ((10, 4), (10, 5), 3, "feature sizes differ"),
+        ((10,), (10, 4), 3, r"must be \(N, D\)"),
+        ((10, 4), (10, 2, 2), 3, r"must be \(N, D\)"),
+        ((10, 4), (10, 4), 0, "k must be >= 1"),
+    ],
+)
+def test_precision_recall_rejects_bad_inputs(real_shape, fake_shape, k, message):
+    with pytest.raises(ValueError, match=message):
+        precision_recall(torch.zeros(real_shape), torch.zeros(fake_shape), k=k)
+
+
+def test_precision_recall_rejects_non_finite_features():
+    feats = torch.zeros(10, 4)
+    feats[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        precision_recall(feats, torch.zeros(10, 4))
+
+
+# ----------------------------------------------------------------------------- FID
+
+
+def _images(n: int, seed: int, size: int = 36) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_fid_without_weights_is_skipped_with_one_line():
+    fid, line = inception_fid(_images(4, 0), _images(4, 1), None)
+    assert fid is None
+    assert "skipped" in line and "--inception-weights" in line and "\n" not in line
+
+
+def test_fid_with_a_missing_weights_file_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--inception-weights"):
+        inception_fid(_images(4, 0), _images(4, 1), str(tmp_path / "no_such_inception.pth"))
+
+
+def test_fid_without_torch_fidelity_says_so(tmp_path, monkeypatch):
+    # Pretend torch-fidelity is absent (as on the test machine) whatever is installed: the weights
+    # file exists, so the only reason left to skip is the missing package.
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"not read")
+    monkeypatch.setattr(quality, "_torch_fidelity_installed", lambda: False)
+    fid, line = inception_fid(_images(4, 0), _images(4, 1), str(weights))
+    assert fid is None
+    assert "torch-fidelity is not installed" in line and "\n" not in line
+
+
+def test_images_to_uint8_rounds_the_full_range():
+    images = torch.tensor([-1.0, -0.999, 0.0, 0.999, 1.0, 2.0]).view(1, 3, 1, 2)
+    assert images_to_uint8(images).flatten().tolist() == [0, 0, 128, 255, 255, 255]
+
+
+# ----------------------------------------------------------------------------- CLIP-T
+
+# Single characters the tiny tokenizer knows. CLIP's BPE marks the last symbol of each word with
+# "</w>", so every character comes in both forms.
+TINY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
+PROMPTS = ["a red cat", "a blue 7", "the green digit!", "at"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A random tiny CLIPModel + CLIPProcessor saved with save_pretrained (a folder path)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in TINY_ALPHABET:
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    # One merge, so the BPE merge table is exercised too: "at" becomes a single token.
+    vocab["at</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\na t</w>\n")  # the first line is a header
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    assert tokenizer("at")["input_ids"] == [0, vocab["at</w>"], 1]  # the files were really read
+
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size=32, crop_size=32), tokenizer=tokenizer)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+    return str(folder)
+
+
+def _reference_clip_t(model_dir: str, images: torch.Tensor, prompts) -> float:
+    """CLIP-T through the model's own forward: logits_per_image = exp(logit_scale) * cosine."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval()
+    processor = CLIPProcessor.from_pretrained(model_dir, local_files_only=True)
+    uint8 = ((images + 1) * 127.5).round().to(torch.uint8)
+    inputs = processor(text=list(prompts), images=list(uint8), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    cos = out.logits_per_image.diagonal().double() / model.logit_scale.detach().exp().double()
+    return float((100 * cos.clamp(min=0)).mean())
+
+
+def test_clip_score_matches_the_clip_forward_and_is_deterministic(tiny_clip_dir):
+    images = _images(len(PROMPTS), seed=8)
+    score, line = clip_score(images, PROMPTS, tiny_clip_dir)
+    assert isinstance(score, float) and 0.0 <= score <= 100.0
+    assert score == pytest.approx(_reference_clip_t(tiny_clip_dir, images, PROMPTS), abs=1e-4)
+    assert clip_score(images, PROMPTS, tiny_clip_dir)[0] == score
+    assert "CLIP-T" in line
+
+
+def test_clip_score_agrees_with_torchmetrics_per_pair(tiny_clip_dir):
+    # torchmetrics 1.9's CLIPScore cannot run as is on transformers 5 (get_image_features returns a
+    # ModelOutput, not a tensor); with that unwrapped it scores each single pair as max(100 cos, 0),
+    # which is exactly clip_score on that pair.
+    from torchmetrics.multimodal import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    class TensorFeatures(torch.nn.Module):
+        def __init__(self, clip):
+            super().__init__()
+            self.clip, self.config = clip, clip.config
+
+        def get_image_features(self, *args, **kwargs):
+            return quality._projected_embedding(self.clip.get_image_features(*args, **kwargs))
+
+        def get_text_features(self, *args, **kwargs):
+            return quality._projected_embedding(self.clip.get_text_features(*args, **kwargs))
+
+    clip = CLIPModel.from_pretrained(tiny_clip_dir, local_files_only=True).eval()
+    processor = CLIPProcessor.from_pretrained(tiny_clip_dir, local_files_only=True)
+    metric = CLIPScore(model_name_or_path=lambda: (TensorFeatures(clip), processor))
+    images = _images(len(PROMPTS), seed=9)
+    for image, prompt in zip(images, PROMPTS):
+        metric.reset()
+        metric.update(images_to_uint8(image.unsqueeze(0)), [prompt])
+        ours, _ = clip_score(image.unsqueeze(0), [prompt], tiny_clip_dir)
+        assert ours == pytest.approx(float(metric.compute()), abs=1e-3)
+
+
+def test_clip_score_without_a_model_is_skipped_with_one_line():
+    score, line = clip_score(_images(2, 0), ["a", "b"], None)
+    assert score is None
+    assert "skipped" in line and "--clip-model" in line and "\n" not in line
+
+
+def test_clip_score_with_a_missing_or_incomplete_folder_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--clip-model"):
+        clip_score(_images(2, 0), ["a", "b"], str(tmp_path / "no_such_clip"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        clip_score(_images(2, 0), ["a", "b"], str(tmp_path))  # exists, but nothing saved in it
+
+
+def test_clip_score_needs_one_prompt_per_image(tiny_clip_dir):
+    with pytest.raises(ValueError, match="one prompt per image"):
+        clip_score(_images(3, 0), ["a", "b"], tiny_clip_dir)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_report_without_weights_lists_every_skipped_metric(capsys):
+    report = quality_report(_images(6, 0), _images(6, 1), PROMPTS[:2] * 3)
+    assert report["num_real"] == report["num_fake"] == 6
+    assert not {"precision", "recall", "fid", "clip_t"} & report.keys()
+    skipped = report["skipped"]
+    assert len(skipped) == 3
+    assert any(line.startswith("precision/recall skipped") for line in skipped)
+    assert any(line.startswith("FID (Inception) skipped") for line in skipped)
+    assert any(line.startswith("CLIP-T skipped") for line in skipped)
+    assert all("\n" not in line for line in skipped)
+    assert capsys.readouterr().out == ""
+
+
+def test_report_runs_what_it_can(tiny_clip_dir, capsys):
+    real, fake = _images(6, 0), _images(6, 1)
+    prompts = PROMPTS[:3] * 2
+    report = quality_report(real, real.clone(), prompts, features_fn=lambda x: x.flatten(1), clip_model=tiny_clip_dir)
+    assert report["precision"] == report["recall"] == 1.0  # identical image sets
+    assert report["clip_t"] == clip_score(real, prompts, tiny_clip_dir)[0]
+    assert len(report["skipped"]) == 1 and report["skipped"][0].startswith("FID (Inception) skipped")
+    assert capsys.readouterr().out == ""
+
+    # A CLIP model without prompts has nothing to score against: skipped, with its reason.
+    report = quality_report(real, fake, None, clip_model=tiny_clip_dir)
+    assert any("no prompts" in line for line in report["skipped"])
+
+
+def test_report_raises_for_a_missing_weights_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--inception-weights"):
+        quality_report(_images(4, 0), _images(4, 1), inception_weights=str(tmp_path / "missing.pth"))
