@@ -104,6 +104,7 @@ setup(
     install_requires=[
         "torch>=2.1",
         "diffusers>=0.30",
+        "transformers>=4.40",  # CLIP text encoders of Stable Diffusion bases
         "accelerate>=0.30",
         "safetensors",
         "scikit-learn",
@@ -116,7 +117,9 @@ setup(
     extras_require={
         # Triton runs the fused kernels on CUDA, and on the CPU under TRITON_INTERPRET=1 (the tests).
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0"],
+        "lora": ["peft>=0.10"],  # the LoRA kind of G_psi
+        "xformers": ["xformers"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0", "peft>=0.10"],
     },
     entry_points={"console_scripts": ["invdiff=invdiff.cli:main"]},
 )

@@ -4,7 +4,12 @@ __version__ = "0.1.0"
 # Pipeline folders name their components as (library, class): diffusers looks up
 # `invdiff.GuidanceModule` here, and `invdiff.ModelMixin` to learn how to load it. Imported
 # lazily so that `import invdiff` stays light.
-_LAZY = {"GuidanceModule": "invdiff.models.guidance", "InvDiffPipeline": "invdiff.pipeline", "ModelMixin": "diffusers"}
+_LAZY = {
+    "GuidanceModule": "invdiff.models.guidance",
+    "LoraGuidance": "invdiff.models.lora",
+    "InvDiffPipeline": "invdiff.pipeline",
+    "ModelMixin": "diffusers",
+}
 
 
 def __getattr__(name):

@@ -76,6 +76,7 @@ def cmd_debias(args) -> None:
         per_prompt_groups=not args.pooled_groups, seed=args.seed,
         frozen_dtype=args.frozen_dtype, attention=args.attention, channels_last=args.channels_last,
         compile_frozen=args.compile, grad_checkpointing=args.grad_checkpointing, latent_cache=args.latent_cache,
+        guidance_kind=args.guidance, lora_rank=args.lora_rank,
     )
     result = debias(args.base, dataset, args.out, cfg, _data_spec(args), overwrite=args.overwrite)
     d = result["meta"]["diagnostics"]
@@ -216,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam-mode", default=d.lam_mode, choices=["absolute", "relative"],
                    help="relative: lambda is divided by the batch's mean loss (scale-free)")
     p.add_argument("--preset", default=d.preset, help="G_psi size preset: tiny, small, medium")
+    p.add_argument("--guidance", default=d.guidance_kind, choices=["unet", "lora"],
+                   help="kind of G_psi: a narrow UNet from --preset, or LoRA adapters (peft) on the frozen UNet")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank for --guidance lora")
     p.add_argument("--aggregation", default=d.aggregation, help="per-sample loss aggregation: spread, zscore, mean, high-noise")
     p.add_argument("--max-step", default=d.max_step, choices=["mixture", "official"],
                    help="environment inference: Gaussian-mixture groups (default) or the official projected Adam")

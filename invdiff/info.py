@@ -16,8 +16,12 @@ def collect() -> dict:
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "attention": "torch SDPA (diffusers AttnProcessor2_0)",
     }
+    import importlib.util
+
+    has_xformers = importlib.util.find_spec("xformers") is not None
+    info["attention"] = "sdpa (PyTorch scaled_dot_product_attention, default); xformers " + (
+        "installed: --attention xformers selects it" if has_xformers else "not installed (--attention xformers would fail)")
     for mod in ("diffusers", "accelerate", "triton", "xformers", "torchmetrics"):
         try:
             info[mod] = __import__(mod).__version__

@@ -47,14 +47,22 @@ image = pipe("a prompt", num_inference_steps=25).images[0]
 """
 
 
+def _guidance_kind(guidance) -> str:
+    if guidance is None:
+        return "none"
+    if hasattr(guidance.config, "rank"):
+        return f"LoRA adapters (rank {guidance.config.rank}) on the frozen UNet"
+    return f"UNet preset {guidance.config.preset!r}"
+
+
 class InvDiffPipeline(DiffusionPipeline):
     """unet, vae, text_encoder, tokenizer, scheduler: the frozen Stable Diffusion parts;
-    guidance: G_psi (None gives the plain frozen model)."""
+    guidance: G_psi, a GuidanceModule or a LoraGuidance (None gives the plain frozen model)."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["guidance"]
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, guidance: Optional[GuidanceModule] = None):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, guidance=None):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, guidance=guidance)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -127,7 +135,7 @@ class InvDiffPipeline(DiffusionPipeline):
         super().save_pretrained(save_directory, **kwargs)
         card = MODEL_CARD.format(
             ratio=self.guidance.ratio if self.guidance is not None else "none (no G_psi)",
-            guidance_kind=f"UNet preset {self.guidance.config.preset!r}" if self.guidance is not None else "none",
+            guidance_kind=_guidance_kind(self.guidance),
             path=os.path.abspath(save_directory),
         )
         with open(os.path.join(save_directory, "README.md"), "w") as f:
@@ -139,7 +147,9 @@ class InvDiffPipeline(DiffusionPipeline):
         the frozen components through DiffusionPipeline.from_pretrained."""
         if "guidance" not in kwargs:
             gdir = os.path.join(path, "guidance")
-            kwargs["guidance"] = GuidanceModule.from_pretrained(gdir) if os.path.isdir(gdir) else None
+            from .models.lora import load_guidance
+
+            kwargs["guidance"] = load_guidance(gdir) if os.path.isdir(gdir) else None
         return super().from_pretrained(path, **kwargs)
 
 
@@ -169,9 +179,9 @@ def save_pipeline_folder(directory: str, base, guidance: Optional[GuidanceModule
     index.update(_class_name="InvDiffPipeline", scheduler=["diffusers", "DDIMScheduler"])
     if guidance is not None:
         guidance.save_pretrained(os.path.join(directory, "guidance"))
-        index["guidance"] = ["invdiff", "GuidanceModule"]
+        index["guidance"] = ["invdiff", type(guidance).__name__]
     atomic_write_json(os.path.join(directory, "model_index.json"), index)
     ratio = guidance.ratio if guidance is not None else "none (no G_psi)"
-    kind = f"UNet preset {guidance.config.preset!r}" if guidance is not None else "none"
+    kind = _guidance_kind(guidance)
     with open(os.path.join(directory, "README.md"), "w") as f:
         f.write(MODEL_CARD.format(ratio=ratio, guidance_kind=kind, path=os.path.abspath(directory)))

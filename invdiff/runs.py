@@ -73,6 +73,8 @@ class DebiasConfig:
     compile_frozen: bool = False  # torch.compile the frozen UNet
     grad_checkpointing: bool = False  # for G_psi's UNet
     latent_cache: Optional[str] = None  # folder for memory-mapped VAE latents (None: in memory)
+    guidance_kind: str = "unet"  # "unet": a narrow zero-initialised UNet (preset); "lora": peft LoRA on the frozen UNet
+    lora_rank: int = 4
 
     def validate(self, n: int) -> None:
         if not 2 <= self.groups <= n:
@@ -87,6 +89,8 @@ class DebiasConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.frozen_dtype not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"frozen_dtype must be fp32, bf16 or fp16, got {self.frozen_dtype!r}")
+        if self.guidance_kind not in ("unet", "lora"):
+            raise ValueError(f"guidance_kind must be 'unet' or 'lora', got {self.guidance_kind!r}")
         if self.attention not in ("sdpa", "xformers"):
             raise ValueError(f"attention must be sdpa or xformers, got {self.attention!r}")
 
@@ -237,7 +241,12 @@ def debias(
         # frozen predictions, so ERM, the oracle and InvDiff see identical (t, noise) draws.
         scores = torch.zeros(len(dataset))
     torch.manual_seed(config.seed)  # G's initial weights depend on the run's seed only, not on history
-    guidance = GuidanceModule.from_frozen(base.unet.config, config.preset, config.ratio)
+    if config.guidance_kind == "lora":
+        from .models.lora import LoraGuidance
+
+        guidance = LoraGuidance.from_frozen(base.unet, config.ratio, config.lora_rank)
+    else:
+        guidance = GuidanceModule.from_frozen(base.unet.config, config.preset, config.ratio)
     if config.grad_checkpointing:
         guidance.unet.enable_gradient_checkpointing()
     min_cfg = MinStepConfig(
@@ -279,8 +288,10 @@ def load_model(path: str) -> Tuple[FrozenBase, Optional[GuidanceModule]]:
     def guidance_at(folder):
         if not os.path.isdir(folder):
             return None
+        from .models.lora import load_guidance
+
         try:
-            return GuidanceModule.from_pretrained(folder).eval().requires_grad_(False)
+            return load_guidance(folder).eval().requires_grad_(False)
         except Exception as exc:
             raise CheckpointError(f"could not load G_psi from {folder!r}: {exc}") from exc
 

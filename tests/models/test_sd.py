@@ -152,3 +152,42 @@ def test_cli_reports_bad_sd_input_in_one_line(tiny_sd, tmp_path, capsys):
     if importlib.util.find_spec("xformers") is None:
         rc = main(["debias", "--base", tiny_sd, "--data", data, "--out", str(tmp_path / "run2"), "--attention", "xformers"])
         assert rc == 2 and "xformers is not installed" in capsys.readouterr().err
+
+
+def test_lora_guidance_starts_at_zero_trains_adapters_only_and_round_trips(tiny_sd, tmp_path):
+    from invdiff.models.lora import LoraGuidance, load_guidance
+
+    base = LatentDiffusionBase.from_pretrained(tiny_sd).freeze()
+    g = LoraGuidance.from_frozen(base.unet, ratio=0.5, rank=2)
+    trainable = [n for n, p in g.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    ids = base.conditioner.prompt_ids(["a red square", "a blue square"])
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 600])
+    embeds = base.prompt_embeds(ids)
+    eps = base.eps(x, t, embeds)
+    assert torch.count_nonzero(g(x, t, embeds, eps)) == 0  # the adapted UNet equals the frozen one at init
+    for n, p in g.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    out = g(x, t, embeds, eps)
+    out.pow(2).mean().backward()
+    assert all(p.grad is not None for n, p in g.named_parameters() if p.requires_grad)
+    g.save_pretrained(str(tmp_path / "g"))
+    loaded = load_guidance(str(tmp_path / "g"))
+    assert type(loaded) is LoraGuidance and loaded.ratio == 0.5
+    torch.testing.assert_close(loaded(x, t, embeds, eps), out.detach())
+
+
+def test_debias_with_lora_guidance_gives_a_loadable_pipeline(tiny_sd, tiny_sd_data, tmp_path):
+    from invdiff.cli import main
+    from invdiff.models.lora import LoraGuidance
+    from invdiff.pipeline import InvDiffPipeline
+
+    run = str(tmp_path / "run")
+    assert main(["debias", "--base", tiny_sd, "--data", tiny_sd_data, "--out", run, "--steps", "2", "--batch-size", "8",
+                 "--loss-timesteps", "4", "--max-step-steps", "5", "--guidance", "lora", "--lora-rank", "2"]) == 0
+    pipe = InvDiffPipeline.from_pretrained(run)
+    assert isinstance(pipe.guidance, LoraGuidance)
+    images = pipe("a red square", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 16, 16)
+    assert "LoRA" in open(os.path.join(run, "README.md")).read()
