@@ -191,3 +191,14 @@ def test_debias_with_lora_guidance_gives_a_loadable_pipeline(tiny_sd, tiny_sd_da
     images = pipe("a red square", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 3, 16, 16)
     assert "LoRA" in open(os.path.join(run, "README.md")).read()
+
+
+def test_an_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
+    # What this machine is: nothing can be downloaded. (The env var is read at import time.)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="hub id .* pass a local folder"):
+        LatentDiffusionBase.from_pretrained("nobody/no-such-model")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        LatentDiffusionBase.from_pretrained("./no/such/folder")
