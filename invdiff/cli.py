@@ -57,11 +57,16 @@ def cmd_train_base(args) -> None:
     dataset = _load_data(args)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise FileExistsError(f"{args.out!r} is not empty; choose another --out or pass --overwrite")
+    from .distributed import barrier, init_from_env
+
+    rank, _ = init_from_env()
     cfg = BaseTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     model = train_base(dataset, cfg)
-    with staged_directory(args.out) as stage:
-        model.save_pretrained(stage)
-    print(f"saved base model to {args.out} (final loss {model.meta['final_loss']:.4f})")
+    if rank == 0:  # DDP keeps the weights identical on every rank
+        with staged_directory(args.out) as stage:
+            model.save_pretrained(stage)
+        print(f"saved base model to {args.out} (final loss {model.meta['final_loss']:.4f})")
+    barrier()
 
 
 def cmd_debias(args) -> None:
@@ -76,9 +81,13 @@ def cmd_debias(args) -> None:
         per_prompt_groups=not args.pooled_groups, seed=args.seed,
         frozen_dtype=args.frozen_dtype, attention=args.attention, channels_last=args.channels_last,
         compile_frozen=args.compile, grad_checkpointing=args.grad_checkpointing, latent_cache=args.latent_cache,
-        guidance_kind=args.guidance, lora_rank=args.lora_rank,
+        guidance_kind=args.guidance, lora_rank=args.lora_rank, grad_accum=args.grad_accum,
     )
-    result = debias(args.base, dataset, args.out, cfg, _data_spec(args), overwrite=args.overwrite)
+    result = debias(args.base, dataset, args.out, cfg, _data_spec(args), overwrite=args.overwrite,
+                    checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
+                    keep_checkpoints=args.keep_checkpoints, resume=args.resume)
+    if result["meta"].get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return
     d = result["meta"]["diagnostics"]
     print(f"saved run to {args.out}; inferred group sizes {[round(s, 1) for s in d.get('group_sizes', [])]}")
 
@@ -91,6 +100,23 @@ def cmd_sample(args) -> None:
 
     if args.num < 1:
         raise ValueError("--num must be >= 1")
+    if args.prompts:
+        if args.prompt:
+            raise ValueError("give --prompt or --prompts FILE, not both")
+        from .sample_job import run_sample_job
+
+        summary = run_sample_job(
+            args.model, args.prompts, args.out, num=args.num, seed=args.seed, steps=args.steps,
+            guidance_scale=args.guidance_scale, scheduler=args.scheduler, strength=args.strength,
+            batch_size=args.batch_size, attention=args.attention, resume=args.resume, overwrite=args.overwrite,
+        )
+        if "manifest" in summary:
+            print(f"{summary['items']} images in {args.out} ({summary['resumed']} kept from before); manifest {summary['manifest']}")
+        return
+    if not args.prompt:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
+    if args.resume:
+        raise ValueError("--resume applies to --prompts jobs")
     from .models.sd import set_attention
 
     base, guidance = load_model(args.model)
@@ -108,7 +134,8 @@ def cmd_sample(args) -> None:
         with open(manifest_path) as f:
             if json.load(f).get("settings") != settings:
                 raise FileExistsError(f"{args.out!r} holds samples made with other settings; choose another --out or pass --overwrite")
-    images = sample(GuidedDenoiser(base, guidance, args.strength), ids, seeds, args.steps, args.guidance_scale, args.scheduler)
+    images = sample(GuidedDenoiser(base, guidance, args.strength), ids, seeds, args.steps, args.guidance_scale, args.scheduler,
+                    batch_size=args.batch_size)
     pixels = to_uint8(images)
     entries = []
     counters: Dict[str, int] = {}
@@ -237,13 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the frozen UNet")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in G_psi's UNet")
     p.add_argument("--latent-cache", default=None, help="Stable Diffusion bases: keep the VAE latents here (memory-mapped)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="min-step micro-batches per optimiser step (group statistics are per micro-batch)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="min step: save an accelerate checkpoint every N steps")
+    p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoints)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder: continue an interrupted min step")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_debias)
 
     p = sub.add_parser("sample", help="sample PNGs from a base model or a run folder")
     p.add_argument("--model", required=True, help="base model folder, debias run folder, Stable Diffusion or InvDiffPipeline folder")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention backend of the frozen UNet")
-    p.add_argument("--prompt", action="append", required=True)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); the images are written all at once")
+    p.add_argument("--prompts", default=None,
+                   help="a .txt or .jsonl prompts file: a sharded, resumable job with manifest.jsonl (see sample_job.py)")
+    p.add_argument("--resume", action="store_true", help="--prompts jobs: keep the finished images, sample the rest")
+    p.add_argument("--batch-size", type=int, default=64, help="engine slots (images sampled together)")
     p.add_argument("--num", type=int, default=8)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=25)

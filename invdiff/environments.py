@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .data.base import DiffusionDataset
 from .io import CheckpointError, atomic_save_file, load_safetensors
 from .models.base import FrozenBase, training_target
+from .distributed import all_reduce_sum_, rank_and_world
 from .ops import per_sample_mse
 
 AGGREGATIONS = ("spread", "zscore", "mean", "high-noise")
@@ -80,6 +81,10 @@ def collect_losses(
 
     Returns (losses, timesteps): losses is (N, T) fp32, the mean over `draws` noise draws at each
     grid timestep; timesteps is (T,). With return_bank=True also a `FrozenBank` of every draw.
+
+    Under accelerate/torchrun the batches of (sample, t, draw) jobs are dealt round-robin to the
+    ranks and the results summed across them (each cell is written by exactly one rank, so the
+    sum is exact): every rank returns the single-process result.
     """
     dataset = dataset.training_view()
     base = base.freeze()
@@ -92,8 +97,15 @@ def collect_losses(
     noise_per_sample = num_timesteps * draws
     bank_noise = torch.empty((n, noise_per_sample, *shape)) if return_bank else None
     bank_pred = torch.empty((n, noise_per_sample, *shape)) if return_bank else None
-    bar = tqdm(total=jobs, desc="max-step losses", disable=not progress, unit="eval")
-    for start in range(0, jobs, batch_size):
+    rank, world = rank_and_world()
+    out.zero_()
+    if return_bank:
+        bank_noise.zero_()
+        bank_pred.zero_()
+    bar = tqdm(total=jobs, desc="max-step losses", disable=not progress or rank != 0, unit="eval")
+    for number, start in enumerate(range(0, jobs, batch_size)):
+        if number % world != rank:
+            continue
         job = torch.arange(start, min(start + batch_size, jobs))
         sample = job // noise_per_sample
         within = job % noise_per_sample
@@ -117,8 +129,12 @@ def collect_losses(
         if return_bank:
             bank_noise[sample, within] = noise
             bank_pred[sample, within] = pred.float().cpu()
-        bar.update(job.numel())
+        bar.update(job.numel() * world)
     bar.close()
+    all_reduce_sum_(out)
+    if return_bank:
+        all_reduce_sum_(bank_noise)
+        all_reduce_sum_(bank_pred)
     losses = out.view(n, num_timesteps, draws).mean(2)
     if not torch.isfinite(losses).all():
         bad = (~torch.isfinite(losses)).any(1).nonzero().flatten()[:5].tolist()

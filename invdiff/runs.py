@@ -12,6 +12,7 @@ A run folder is self-contained:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -73,6 +74,7 @@ class DebiasConfig:
     compile_frozen: bool = False  # torch.compile the frozen UNet
     grad_checkpointing: bool = False  # for G_psi's UNet
     latent_cache: Optional[str] = None  # folder for memory-mapped VAE latents (None: in memory)
+    grad_accum: int = 1  # micro-batches per min step; group statistics are per micro-batch
     guidance_kind: str = "unet"  # "unet": a narrow zero-initialised UNet (preset); "lora": peft LoRA on the frozen UNet
     lora_rank: int = 4
 
@@ -195,11 +197,24 @@ def debias(
     progress: bool = True,
     weights: Optional[torch.Tensor] = None,
     frozen: Optional[Dict] = None,
+    checkpoint_every: int = 0,
+    checkpoint_dir: Optional[str] = None,
+    keep_checkpoints: int = 2,
+    resume: Optional[str] = None,
 ) -> Dict:
     """Max step then min step; writes RUN_DIR atomically. `weights` (N, K) skips the max step
     (used for the oracle baseline and for ERM with a single all-ones environment). `frozen`
     ({"losses", "timesteps", "bank"} from `collect_losses(..., return_bank=True)` with this
-    config's grid and seed) reuses the frozen model's predictions across several runs."""
+    config's grid and seed) reuses the frozen model's predictions across several runs.
+    checkpoint_every / checkpoint_dir (default OUT.checkpoints) / keep_checkpoints / resume
+    ("latest" or a checkpoint folder): the min step's atomic accelerate checkpoints. A resumed
+    run recomputes the max step (deterministic) and continues the min step where it stopped.
+    Under torchrun / accelerate launch every stage is data-parallel (see invdiff.distributed)."""
+    if (checkpoint_every or resume) and checkpoint_dir is None:
+        checkpoint_dir = out.rstrip("/") + ".checkpoints"
+    from .distributed import barrier, init_from_env
+
+    rank, world = init_from_env()
     dataset = dataset.training_view()
     config.validate(len(dataset))
     meta = {
@@ -210,6 +225,20 @@ def debias(
         "given_weights": weights is not None,
     }
     check_output_dir(out, meta, overwrite)
+    if checkpoint_dir and rank == 0:
+        # A checkpoint only continues the run that made it: same base, data and config.
+        identity = {k: meta[k] for k in ("base", "data", "config")}
+        marker = os.path.join(checkpoint_dir, "run.json")
+        if os.path.isfile(marker):
+            stored = read_json(marker, what="checkpoint run description")
+            if stored != json.loads(json.dumps(identity)):
+                raise ValueError(f"the checkpoints in {checkpoint_dir!r} belong to a run with other settings; "
+                                 "use another --checkpoint-dir or remove them")
+        elif resume:
+            raise ValueError(f"--resume {resume}: no checkpoints of this run in {checkpoint_dir!r}")
+        else:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            atomic_write_json(marker, identity)
     base = load_base(base_dir, config).freeze()
     latent = hasattr(base, "decode_latents")
     if latent:
@@ -257,10 +286,20 @@ def debias(
         lam_warmup=config.lam_warmup,
         lam_mode=config.lam_mode,
         seed=config.seed,
+        grad_accum=config.grad_accum,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        resume=resume,
     )
     log = train_guidance(base, guidance, dataset, weights, min_cfg, progress=progress, bank=bank if config.use_bank else None)
     meta["diagnostics"] = diagnostics
     meta["min_step_seconds"] = log[-1].get("seconds")
+    meta["processes"] = world
+    result = {"weights": weights, "scores": scores, "losses": losses, "log": log, "meta": meta}
+    if rank != 0:  # DDP keeps G identical on every rank: the main process writes the run
+        barrier()
+        return result
     with staged_directory(out) as stage:
         if latent:  # the run folder is itself an InvDiffPipeline folder
             from .pipeline import save_pipeline_folder
@@ -277,7 +316,8 @@ def debias(
             )
         atomic_write_json(os.path.join(stage, "train_log.json"), {"log": log})
         atomic_write_json(os.path.join(stage, RUN_META), meta)
-    return {"weights": weights, "scores": scores, "losses": losses, "log": log, "meta": meta}
+    barrier()
+    return result
 
 
 def load_model(path: str) -> Tuple[FrozenBase, Optional[GuidanceModule]]:

@@ -6,7 +6,10 @@ are the single-environment case of the same objective.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
@@ -18,6 +21,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import ops
+from .distributed import global_invariant_loss_with_stats, global_mean, shard
 from .data.base import DiffusionDataset
 from .models.base import FrozenBase, base_unet_config, default_scheduler, training_target
 from .models.conditioner import PromptEmbedding
@@ -50,6 +54,64 @@ class MinStepConfig:
     lam_mode: str = "absolute"
     cfg_dropout: float = 0.1
     seed: int = 0
+    # Gradient accumulation: the global batch is cut into this many micro-batches, each forms its
+    # OWN group statistics (R_k, Var_k) and L_e, and their gradients are averaged before one
+    # optimiser step. So the objective is the mean of per-micro-batch L_e, not L_e of the whole
+    # accumulated batch (the variance of means over smaller batches is larger).
+    grad_accum: int = 1
+    # Checkpoints (accelerate save_state), written atomically every `checkpoint_every` steps into
+    # checkpoint_dir/checkpoint-STEP, keeping the newest `keep_checkpoints`; resume="latest" or a path.
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None
+
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def latest_checkpoint(directory: Optional[str]) -> Optional[str]:
+    """The newest complete checkpoint folder in `directory` (None if there is none)."""
+    if not directory or not os.path.isdir(directory):
+        return None
+    steps = sorted(int(n[len(CHECKPOINT_PREFIX):]) for n in os.listdir(directory)
+                   if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit())
+    return os.path.join(directory, f"{CHECKPOINT_PREFIX}{steps[-1]:07d}") if steps else None
+
+
+class _LoopState:
+    """The loop's own progress, checkpointed beside the model, optimiser and LR schedule."""
+
+    def __init__(self):
+        self.step = 0
+        self.log: List[Dict] = []
+
+    def state_dict(self):
+        return {"step": self.step, "log": json.dumps(self.log)}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+        self.log = json.loads(state["log"])
+
+
+def _save_checkpoint(accelerator, directory: str, step: int, keep: int) -> None:
+    """accelerate.save_state into a temporary folder, then one rename: a kill during the write
+    leaves the previous checkpoints intact and no half-written one under a checkpoint name."""
+    final = os.path.join(directory, f"{CHECKPOINT_PREFIX}{step:07d}")
+    tmp = os.path.join(directory, f".tmp-{CHECKPOINT_PREFIX}{step:07d}")
+    if accelerator.is_main_process:
+        os.makedirs(directory, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted(n for n in os.listdir(directory) if n.startswith(CHECKPOINT_PREFIX))
+        for old in done[: max(0, len(done) - keep)]:
+            shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -111,10 +173,14 @@ def train_base(dataset: DiffusionDataset, config: BaseTrainConfig = BaseTrainCon
             clean = torch.where(flip.view(-1, 1, 1, 1), clean.flip(-1), clean)
         x_t, t, target = _noised(noise_scheduler, clean, gen)
         pid = _drop_prompts(dataset.prompt_ids[idx], conditioner.null_id, config.cfg_dropout, gen)
+        # Data parallel: every rank drew the same global batch and trains on its rows of it. The
+        # local mean is scaled so that DDP's average over ranks is the global batch's mean.
+        x_t, t, target, pid = shard((x_t, t, target, pid), accelerator.process_index, accelerator.num_processes)
+        share = len(pid) * accelerator.num_processes / len(idx)
         dev = accelerator.device
         inner = accelerator.unwrap_model(model)
         pred = inner.eps(x_t.to(dev), t.to(dev), inner.prompt_embeds(pid.to(dev)))
-        loss = ops.invariant_loss(pred, target.to(dev), ones[: len(idx)].to(dev), lam=0.0)
+        loss = share * ops.invariant_loss(pred, target.to(dev), ones[: len(pid)].to(dev), lam=0.0)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
@@ -165,6 +231,8 @@ def train_guidance(
         raise ValueError(f"lambda must be >= 0, got {config.lam}")
     if config.lam_mode not in ("absolute", "relative"):
         raise ValueError(f"lam_mode must be 'absolute' or 'relative', got {config.lam_mode!r}")
+    if config.grad_accum < 1 or config.batch_size % config.grad_accum:
+        raise ValueError(f"grad_accum must be >= 1 and divide batch_size {config.batch_size}, got {config.grad_accum}")
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     base = base.freeze()
@@ -172,61 +240,89 @@ def train_guidance(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, config.steps // 10), config.steps))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     guidance, opt = accelerator.prepare(guidance, opt)
+    state = _LoopState()
+    accelerator.register_for_checkpointing(sched, state)
+    rank, world = accelerator.process_index, accelerator.num_processes
     dev = accelerator.device
     base.to(dev)
     inner = accelerator.unwrap_model(guidance)
-    log: List[Dict] = []
-    bar = tqdm(total=config.steps, desc=desc, disable=not progress)
+    resume_from = latest_checkpoint(config.checkpoint_dir) if config.resume == "latest" else config.resume
+    if resume_from:
+        accelerator.load_state(resume_from)
+    bar = tqdm(total=config.steps, initial=state.step, desc=desc, disable=not progress or not accelerator.is_main_process)
     t0 = time.time()
-    for step, idx in enumerate(_batches(len(dataset), config.batch_size, config.steps, gen)):
+
+    def draw(idx):
+        """All of one step's randomness, for the global batch, from `gen` (identical on every
+        rank, so each rank takes its own rows of the same global batch)."""
         pid = _drop_prompts(dataset.prompt_ids[idx], base.conditioner.null_id, config.cfg_dropout, gen)
         if bank is None:
             x_t, t, target = _noised(base.scheduler, dataset.images[idx], gen)
-            cached, importance = None, None
+            return pid, x_t, t, target, None, None
+        if bank.proposal is None:
+            pick = torch.randint(0, bank.draws, (len(idx),), generator=gen)
+            importance = None
         else:
-            if bank.proposal is None:
-                draw = torch.randint(0, bank.draws, (len(idx),), generator=gen)
-                importance = None
-            else:
-                draw = torch.multinomial(bank.proposal, len(idx), replacement=True, generator=gen)
-                importance = (1.0 / bank.draws) / bank.proposal[draw]
-            t, noise, cached = bank.timesteps[draw], bank.noise[idx, draw], bank.pred[idx, draw]
-            clean = dataset.images[idx]
-            x_t = base.scheduler.add_noise(clean, noise, t)
-            target = training_target(base.scheduler, clean, noise, t)
-        x_t, t, target, pid = x_t.to(dev), t.to(dev), target.to(dev), pid.to(dev)
-        with torch.no_grad():
-            embeds = base.prompt_embeds(pid)
-            if cached is None:
-                eps = base.eps(x_t, t, embeds)
-            else:
-                eps = cached.to(dev)
-                dropped = pid == base.conditioner.null_id
-                if dropped.any():  # the bank holds conditional predictions only
-                    eps[dropped] = base.eps(x_t[dropped], t[dropped], embeds[dropped]).to(eps.dtype)
+            pick = torch.multinomial(bank.proposal, len(idx), replacement=True, generator=gen)
+            importance = (1.0 / bank.draws) / bank.proposal[pick]
+        t, noise, cached = bank.timesteps[pick], bank.noise[idx, pick], bank.pred[idx, pick]
+        clean = dataset.images[idx]
+        return pid, base.scheduler.add_noise(clean, noise, t), t, training_target(base.scheduler, clean, noise, t), cached, importance
+
+    for step, idx in enumerate(_batches(len(dataset), config.batch_size, config.steps, gen)):
+        drawn = draw(idx)
+        if step < state.step:
+            continue  # resuming: replay the random stream up to the checkpoint, without training
         lam = config.lam * min(1.0, (step + 1) / config.lam_warmup) if config.lam_warmup else config.lam
-        if config.lam_mode == "relative":
-            lam = lam / float(ops.per_sample_mse(eps, target).mean().clamp_min(1e-12))
-        g = guidance(x_t, t, embeds, eps)
-        w = weights[idx]
-        if importance is not None:
-            # Self-normalised importance weights: R_k = sum w_ik iw_i l_i / sum w_ik iw_i.
-            w = w * importance[:, None]
-        w = w.to(dev)
-        # One fused op gives L_e and the group risks it formed, so the log costs no second pass.
-        stats = ops.invariant_loss_with_stats(eps, target, w, lam, g=g, ratio=inner.ratio)
-        loss = stats.loss
         opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        stats_of_step = []
+        for micro in range(config.grad_accum):
+            rows = torch.arange(micro, len(idx), config.grad_accum)  # micro-batch of the global batch
+            part = [t[rows] if t is not None else None for t in (idx,) + drawn]
+            # This rank's share of the micro-batch.
+            m_idx, pid, x_t, t, target, cached, importance = shard(part, rank, world)
+            x_t, t, target, pid = x_t.to(dev), t.to(dev), target.to(dev), pid.to(dev)
+            with torch.no_grad():
+                embeds = base.prompt_embeds(pid)
+                if cached is None:
+                    eps = base.eps(x_t, t, embeds)
+                else:
+                    eps = cached.to(dev)
+                    dropped = pid == base.conditioner.null_id
+                    if dropped.any():  # the bank holds conditional predictions only
+                        eps[dropped] = base.eps(x_t[dropped], t[dropped], embeds[dropped]).to(eps.dtype)
+            lam_used = lam
+            if config.lam_mode == "relative":
+                lam_used = lam / float(global_mean(ops.per_sample_mse(eps, target)).clamp_min(1e-12))
+            g = guidance(x_t, t, embeds, eps)
+            w = weights[m_idx]
+            if importance is not None:
+                # Self-normalised importance weights: R_k = sum w_ik iw_i l_i / sum w_ik iw_i.
+                w = w * importance[:, None]
+            w = w.to(dev)
+            if world > 1:
+                # Exact global group statistics (see invdiff.distributed).
+                stats = global_invariant_loss_with_stats(eps, target, w, lam_used, g=g, ratio=inner.ratio)
+            else:
+                # One fused op gives L_e and the group risks it formed, so the log costs no second pass.
+                stats = ops.invariant_loss_with_stats(eps, target, w, lam_used, g=g, ratio=inner.ratio)
+            accelerator.backward(stats.loss / config.grad_accum)
+            stats_of_step.append((stats, lam_used))
         accelerator.clip_grad_norm_(guidance.parameters(), 1.0)
         opt.step()
         sched.step()
+        stats, lam_used = stats_of_step[-1]
         r = stats.risks[stats.weight_sums > 0]
         var = float(r.var()) if r.numel() > 1 else 0.0
-        log.append({"step": step, "loss": float(loss.detach()), "mean_risk": float(r.mean()), "var_risk": var, "lam": lam})
+        loss_value = sum(float(s.loss.detach()) for s, _ in stats_of_step) / len(stats_of_step)
+        state.log.append({"step": step, "loss": loss_value, "mean_risk": float(r.mean()), "var_risk": var, "lam": lam_used})
+        state.step = step + 1
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", var=f"{var:.2e}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", var=f"{var:.2e}")
         bar.update(1)
+        if config.checkpoint_every and config.checkpoint_dir and state.step % config.checkpoint_every == 0:
+            _save_checkpoint(accelerator, config.checkpoint_dir, state.step, config.keep_checkpoints)
     bar.close()
-    log.append({"seconds": time.time() - t0})
+    log = list(state.log)
+    log.append({"seconds": time.time() - t0, "resumed_from": resume_from, "processes": world})
     return log
