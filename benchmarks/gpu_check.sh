@@ -3,6 +3,9 @@
 # kernels and the CUDA guided step against the reference at SD-sized shapes, run the kernel and
 # guided-step benchmarks, and print a short table last.
 #   bash benchmarks/gpu_check.sh            # writes logs and JSON under $OUT (or /tmp/invdiff_gpu)
+# Never run yet (no session has had a device). Budget: the build is a few minutes on 16 cores;
+# every step has its own timeout. GPU_CHECK_SKIP_E2E=1 leaves out the diffusers-based end-to-end
+# part (latent cache, e2e_train, e2e_sample) when the 15 device minutes are short.
 # The device image has torch and triton but no diffusers and no network: the package is installed
 # without dependencies, and only the kernel tests (which need neither) run there.
 set -uo pipefail
@@ -40,9 +43,14 @@ timeout 180 "$PY" benchmarks/bench_guidance_combine.py --batches 256 --dtypes bf
 step "bench_guided_step (fused CUDA step vs the eager chain)"
 timeout 120 "$PY" benchmarks/bench_guided_step.py --batches 256 --dtypes bf16 fp32 --json "$OUT/guided_step.json" 2>"$OUT/guided_step.err" | tee "$OUT/guided_step.txt" || status=1
 
-step "bench_latent_cache (SD 1.5-sized, random weights; needs diffusers on the machine)"
-if "$PY" -c "import diffusers, transformers" 2>/dev/null; then
+step "bench_latent_cache and the e2e comparison (SD 1.5-sized, random weights; need diffusers on the machine)"
+if [[ "${GPU_CHECK_SKIP_E2E:-0}" == "1" ]]; then
+  echo "skipped: GPU_CHECK_SKIP_E2E=1"
+elif "$PY" -c "import diffusers, transformers" 2>/dev/null; then
   timeout 240 "$PY" benchmarks/bench_latent_cache.py --sd-sized --steps 5 --json "$OUT/latent_cache.json" 2>"$OUT/latent_cache.err" | tee "$OUT/latent_cache.txt" || status=1
+  step "e2e_train / e2e_sample (SD 1.5-shaped UNet, random weights) against the official approach"
+  timeout 300 "$PY" benchmarks/e2e_train.py --config sd15 --batches 8 32 --steps 5 --json "$OUT/e2e_train.json" 2>"$OUT/e2e_train.err" | tee "$OUT/e2e_train.txt" || status=1
+  timeout 300 "$PY" benchmarks/e2e_sample.py --config sd15 --images 32 --batch 16 --steps 20 --json "$OUT/e2e_sample.json" 2>"$OUT/e2e_sample.err" | tee "$OUT/e2e_sample.txt" || status=1
 else
   echo "skipped: diffusers is not installed on this machine (carry its wheel, see the device README)"
 fi
