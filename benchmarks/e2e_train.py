@@ -47,7 +47,13 @@ def worker(config: str, provider: str, batch: int, steps: int, device: str) -> d
     frozen_dtype = torch.bfloat16 if (device == "cuda" and provider != "official") else torch.float32
     base, prompts = build(config, device, frozen_dtype)
     g = official_g(base, device) if provider == "official" else invdiff_g(base, device)
-    opt = torch.optim.AdamW([p for p in g.parameters() if p.requires_grad], lr=1e-4)
+    trainable = [p for p in g.parameters() if p.requires_grad]
+    if provider == "official":
+        opt = torch.optim.AdamW(trainable, lr=1e-4)  # PyTorch's default implementation
+    else:
+        from invdiff.training import adamw
+
+        opt = adamw(trainable, 1e-4)  # what invdiff.training uses
     cfg = base.unet.config
     gen = torch.Generator().manual_seed(0)
     shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)

