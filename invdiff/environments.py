@@ -93,15 +93,11 @@ def collect_losses(
     n, shape = len(dataset), dataset.images.shape[1:]
     # (sample, t, draw) triples, flattened so the UNet always sees full batches.
     jobs = n * num_timesteps * draws
-    out = torch.empty(jobs)
+    out = torch.zeros(jobs)  # zeros: ranks fill disjoint cells that are then summed
     noise_per_sample = num_timesteps * draws
-    bank_noise = torch.empty((n, noise_per_sample, *shape)) if return_bank else None
-    bank_pred = torch.empty((n, noise_per_sample, *shape)) if return_bank else None
+    bank_noise = torch.zeros((n, noise_per_sample, *shape)) if return_bank else None
+    bank_pred = torch.zeros((n, noise_per_sample, *shape)) if return_bank else None
     rank, world = rank_and_world()
-    out.zero_()
-    if return_bank:
-        bank_noise.zero_()
-        bank_pred.zero_()
     bar = tqdm(total=jobs, desc="max-step losses", disable=not progress or rank != 0, unit="eval")
     for number, start in enumerate(range(0, jobs, batch_size)):
         if number % world != rank:

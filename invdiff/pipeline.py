@@ -55,6 +55,17 @@ def _guidance_kind(guidance) -> str:
     return f"UNet preset {guidance.config.preset!r}"
 
 
+def write_model_card(directory: str, guidance) -> None:
+    """README.md of a pipeline folder: what it is, its ratio r and its kind of G_psi."""
+    card = MODEL_CARD.format(
+        ratio=guidance.ratio if guidance is not None else "none (no G_psi)",
+        guidance_kind=_guidance_kind(guidance),
+        path=os.path.abspath(directory),
+    )
+    with open(os.path.join(directory, "README.md"), "w") as f:
+        f.write(card)
+
+
 class InvDiffPipeline(DiffusionPipeline):
     """unet, vae, text_encoder, tokenizer, scheduler: the frozen Stable Diffusion parts;
     guidance: G_psi, a GuidanceModule or a LoraGuidance (None gives the plain frozen model)."""
@@ -133,13 +144,7 @@ class InvDiffPipeline(DiffusionPipeline):
         """diffusers layout with safetensors, plus a model card (README.md)."""
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, **kwargs)
-        card = MODEL_CARD.format(
-            ratio=self.guidance.ratio if self.guidance is not None else "none (no G_psi)",
-            guidance_kind=_guidance_kind(self.guidance),
-            path=os.path.abspath(save_directory),
-        )
-        with open(os.path.join(save_directory, "README.md"), "w") as f:
-            f.write(card)
+        write_model_card(save_directory, self.guidance)
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs):
@@ -181,7 +186,4 @@ def save_pipeline_folder(directory: str, base, guidance: Optional[GuidanceModule
         guidance.save_pretrained(os.path.join(directory, "guidance"))
         index["guidance"] = ["invdiff", type(guidance).__name__]
     atomic_write_json(os.path.join(directory, "model_index.json"), index)
-    ratio = guidance.ratio if guidance is not None else "none (no G_psi)"
-    kind = _guidance_kind(guidance)
-    with open(os.path.join(directory, "README.md"), "w") as f:
-        f.write(MODEL_CARD.format(ratio=ratio, guidance_kind=kind, path=os.path.abspath(directory)))
+    write_model_card(directory, guidance)

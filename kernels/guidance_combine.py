@@ -22,6 +22,17 @@ from .utils import TUNING, as_rows, emulate_bf16_rounding, next_power_of_2, stor
 
 
 @triton.jit
+def _row_coefficients(row_weight_ptr, row, a, b, HAS_ROW_WEIGHT: tl.constexpr):
+    """(coefficient of x, coefficient of y) for one row: (1 - w_row, w_row) for a per-row CFG
+    weight, else the scalars (a, b)."""
+    if HAS_ROW_WEIGHT:
+        w = tl.load(row_weight_ptr + row).to(tl.float32)
+        return 1.0 - w, w
+    else:
+        return a, b
+
+
+@triton.jit
 def _axpby_fwd_kernel(
     x_ptr, y_ptr, out_ptr, row_weight_ptr,
     D, stride_x, stride_y,
@@ -31,13 +42,7 @@ def _axpby_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    if HAS_ROW_WEIGHT:
-        w = tl.load(row_weight_ptr + row).to(tl.float32)
-        coef_x = 1.0 - w
-        coef_y = w
-    else:
-        coef_x = a
-        coef_y = b
+    coef_x, coef_y = _row_coefficients(row_weight_ptr, row, a, b, HAS_ROW_WEIGHT)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
     out = coef_x * x + coef_y * y
@@ -55,13 +60,7 @@ def _axpby_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
-    if HAS_ROW_WEIGHT:
-        w = tl.load(row_weight_ptr + row).to(tl.float32)
-        coef_x = 1.0 - w
-        coef_y = w
-    else:
-        coef_x = a
-        coef_y = b
+    coef_x, coef_y = _row_coefficients(row_weight_ptr, row, a, b, HAS_ROW_WEIGHT)
     go = tl.load(grad_out_ptr + row * stride_go + cols, mask=mask, other=0.0).to(tl.float32)
     if WRITE_X:
         tl.store(grad_x_ptr + row * D + cols, store_value(coef_x * go, grad_x_ptr, BF16_RTNE), mask=mask)

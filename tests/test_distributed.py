@@ -1,5 +1,6 @@
 """Data parallelism on 2 CPU processes (gloo): the exact global invariant objective, sharded loss
 collection, and kill-and-resume of training and of the sampling job."""
+import datetime
 import json
 import os
 import signal
@@ -19,8 +20,26 @@ WORLD = 2
 
 
 def _init(rank, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # A timeout turns a stuck collective into an error instead of a hung test run.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
+
+
+def _finish():
+    dist.barrier()  # neither rank tears the group down while the other is still in a collective
+    dist.destroy_process_group()
+
+
+def _spawn(fn, args, deadline_s: float = 240):
+    """mp.spawn with a deadline: a worker that never returns fails the test instead of hanging it."""
+    context = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.time() + deadline_s
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{fn.__name__} did not finish within {deadline_s} s")
 
 
 def _batch(empty_group_on_rank1: bool):
@@ -52,12 +71,12 @@ def _objective_worker(rank, init_file, out_dir, empty_group_on_rank1):
     stats.loss.backward()
     torch.save({"loss": stats.loss.detach(), "risks": stats.risks, "grads": [p.grad for p in model.parameters()]},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    _finish()
 
 
 @pytest.mark.parametrize("empty_group_on_rank1", [False, True], ids=["all_groups", "empty_group_on_one_rank"])
 def test_two_processes_give_the_loss_and_gradients_of_one_process_on_the_whole_batch(tmp_path, empty_group_on_rank1):
-    mp.spawn(_objective_worker, args=(str(tmp_path / "init"), str(tmp_path), empty_group_on_rank1), nprocs=WORLD)
+    _spawn(_objective_worker, (str(tmp_path / "init"), str(tmp_path), empty_group_on_rank1))
     eps, target, x, weights = _batch(empty_group_on_rank1)
     model = _TinyG()
     loss = reference.invariant_loss(eps, target, weights, 2.0, g=model(x), ratio=2.0)
@@ -88,7 +107,7 @@ def _collect_worker(rank, init_file, base_dir, out_dir):
     base = FrozenBase.from_pretrained(base_dir)
     losses, grid, bank = collect_losses(base, tiny_dataset(), 3, 2, seed=1, batch_size=16, progress=False, return_bank=True)
     torch.save({"losses": losses, "pred": bank.pred, "noise": bank.noise}, os.path.join(out_dir, f"collect{rank}.pt"))
-    dist.destroy_process_group()
+    _finish()
 
 
 def test_sharded_loss_collection_equals_one_process(tmp_path, tiny_base_dir):
@@ -96,7 +115,7 @@ def test_sharded_loss_collection_equals_one_process(tmp_path, tiny_base_dir):
     from invdiff.models.base import FrozenBase
     from tests.utils import tiny_dataset
 
-    mp.spawn(_collect_worker, args=(str(tmp_path / "init"), tiny_base_dir, str(tmp_path)), nprocs=WORLD)
+    _spawn(_collect_worker, (str(tmp_path / "init"), tiny_base_dir, str(tmp_path)))
     losses, grid, bank = collect_losses(FrozenBase.from_pretrained(tiny_base_dir), tiny_dataset(), 3, 2, seed=1,
                                         batch_size=16, progress=False, return_bank=True)
     for rank in range(WORLD):

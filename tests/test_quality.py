@@ -6,13 +6,13 @@ no torch-fidelity on the test machine).
 """
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from invdiff import quality
 from invdiff.quality import clip_score, images_to_uint8, inception_fid, precision_recall, quality_report
+from tests.utils import write_tiny_clip_tokenizer
 
 
 # ----------------------------------------------------------------------------- precision / recall
@@ -150,16 +150,12 @@ def tiny_clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     folder = tmp_path_factory.mktemp("tiny_clip")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in TINY_ALPHABET:
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
     # One merge, so the BPE merge table is exercised too: "at" becomes a single token.
-    vocab["at</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\na t</w>\n")  # the first line is a header
+    write_tiny_clip_tokenizer(str(folder), model_max_length=32, alphabet=TINY_ALPHABET, merges=["a t</w>"])
     tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-    assert tokenizer("at")["input_ids"] == [0, vocab["at</w>"], 1]  # the files were really read
+    at = tokenizer.convert_tokens_to_ids("at</w>")
+    assert tokenizer("at")["input_ids"] == [0, at, 1]  # the files were really read
+    vocab = tokenizer.get_vocab()
 
     processor = CLIPProcessor(image_processor=CLIPImageProcessor(size=32, crop_size=32), tokenizer=tokenizer)
     config = CLIPConfig(

@@ -130,25 +130,32 @@ def compare_to_reference(fast_fn, ref_fn, inputs, grad_output=None, name: str = 
 TINY_SD_TEXT_WIDTH = 32
 
 
-def write_tiny_clip_tokenizer(directory: str, model_max_length: int = 16) -> None:
-    """A working CLIP BPE tokenizer with a tiny vocabulary (letters, digits, space-ends), written
-    as the vocab.json + merges.txt files CLIPTokenizer reads. No download."""
+TINY_CLIP_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def write_tiny_clip_tokenizer(directory: str, model_max_length: int = 16, alphabet: str = TINY_CLIP_ALPHABET,
+                              merges=()):
+    """A working CLIP BPE tokenizer with a tiny vocabulary (each character alone and word-final,
+    plus the tokens of `merges`, e.g. "a t</w>"), written as the vocab.json + merges.txt files
+    CLIPTokenizer reads and saved with save_pretrained. No download. Returns the tokenizer."""
     import json
 
     from transformers import CLIPTokenizer
 
     os.makedirs(directory, exist_ok=True)
-    symbols = list("abcdefghijklmnopqrstuvwxyz0123456789")
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for s in symbols:
+    for s in alphabet:
         vocab.setdefault(s, len(vocab))
         vocab.setdefault(s + "</w>", len(vocab))
+    for merge in merges:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
     with open(os.path.join(directory, "vocab.json"), "w") as f:
         json.dump(vocab, f)
     with open(os.path.join(directory, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
+        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))  # the first line is a header
     tokenizer = CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=model_max_length)
     tokenizer.save_pretrained(directory)
+    return tokenizer
 
 
 def make_tiny_sd_folder(directory: str, text_width: int = TINY_SD_TEXT_WIDTH, cross_attention_dim: int = TINY_SD_TEXT_WIDTH,

@@ -83,6 +83,17 @@ def prompt_embeds_dim(unet_config: Dict) -> int:
     return int(unet_config["cross_attention_dim"])
 
 
+def combine_with_strength(eps: torch.Tensor, g: torch.Tensor, ratio: float, strength: float = 1.0) -> torch.Tensor:
+    """eps_tilde with the trained ratio r, for either kind of G_psi. `strength` s moves along the
+    line from the frozen eps (s=0) to the trained combination (s=1) and past it (s>1), whichever
+    branch r uses; it is the sampling-time guidance-strength sweep and leaves r itself untouched.
+    eps, g: (B, C, H, W)."""
+    combined = guidance_combine(eps, g, ratio)
+    if strength == 1.0:
+        return combined
+    return eps + strength * (combined - eps)
+
+
 class GuidanceModule(ModelMixin, ConfigMixin):
     """G_psi(x_t, t, c) -> (B, C, H, W) correction, combined with the frozen eps by ratio r."""
 
@@ -157,10 +168,4 @@ class GuidanceModule(ModelMixin, ConfigMixin):
         return out + torch.einsum("bij,bjhw->bihw", mix, frozen) + shift.view(b, c, 1, 1)
 
     def combine(self, eps: torch.Tensor, g: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        """eps_tilde with the trained ratio r. `strength` s moves along the line from the frozen eps
-        (s=0) to the trained combination (s=1) and past it (s>1), whichever branch r uses; it is
-        the sampling-time guidance-strength sweep and leaves r itself untouched."""
-        combined = guidance_combine(eps, g, self.ratio)
-        if strength == 1.0:
-            return combined
-        return eps + strength * (combined - eps)
+        return combine_with_strength(eps, g, self.ratio, strength)

@@ -17,8 +17,8 @@ import torch
 from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 
-from ..ops import guidance_combine
 from ..ops.reference import check_ratio
+from .guidance import combine_with_strength
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -75,9 +75,7 @@ class LoraGuidance(ModelMixin, ConfigMixin):
         return out - frozen_output.to(out.dtype)
 
     def combine(self, eps: torch.Tensor, g: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        """As GuidanceModule.combine: eps_tilde with ratio r, moved by strength s from eps."""
-        combined = guidance_combine(eps, g, self.ratio)
-        return combined if strength == 1.0 else eps + strength * (combined - eps)
+        return combine_with_strength(eps, g, self.ratio, strength)
 
 
 def load_guidance(folder: str):

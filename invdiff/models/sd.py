@@ -119,15 +119,15 @@ class TextConditioner(torch.nn.Module):
 class LatentDiffusionBase(FrozenBase):
     """A frozen Stable Diffusion class model. eps() works on latents: (B, 4, h, w)."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, meta: Optional[Dict] = None):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, meta: Optional[Dict] = None, attention: str = "sdpa"):
         torch.nn.Module.__init__(self)
+        check_cross_attention(unet, text_encoder)
         self.unet = unet
         self.vae = vae
         self.conditioner = TextConditioner(text_encoder, tokenizer)
         self.scheduler = scheduler
         self.meta = dict(meta or {})
-        self.meta.setdefault("attention", set_attention(unet, "sdpa"))
-        check_cross_attention(unet, text_encoder)
+        self.meta["attention"] = set_attention(unet, attention)
 
     @property
     def prompts(self) -> List[str]:
@@ -249,8 +249,7 @@ class LatentDiffusionBase(FrozenBase):
             with open(os.path.join(path, BASE_META)) as f:
                 meta = json.load(f)
         meta.update(source=os.path.abspath(path) if local else path, kind="stable-diffusion", frozen_dtype=dtype)
-        base = cls(unet, vae, text_encoder, tokenizer, scheduler, meta)
-        base.meta["attention"] = set_attention(unet, attention)
+        base = cls(unet, vae, text_encoder, tokenizer, scheduler, meta, attention=attention)
         if device is not None:
             base.to(device)
         if channels_last:

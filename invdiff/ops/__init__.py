@@ -83,9 +83,11 @@ def _triton_backend() -> Backend:
     # already loaded importing Triton costs little. Triton reads TRITON_INTERPRET now, when the
     # kernels are defined, so set it before importing invdiff.ops.
     impls, missing = {}, None
+    kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     try:
         from invdiff import kernels
 
+        kernel_dtypes = kernels.KERNEL_DTYPES
         missing = kernels.unavailable_reason()
         if missing is None:
             from invdiff.kernels import guidance_combine as combine_kernel
@@ -103,7 +105,7 @@ def _triton_backend() -> Backend:
         name="triton",
         ops=impls or dict.fromkeys(OPS),
         devices=("cuda", "cpu"),  # cpu: the interpreter, forced only (see _triton_checks)
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        dtypes=kernel_dtypes,
         available=missing is None,
         unavailable_reason=missing or "",
         extra_checks=[_triton_checks],
