@@ -69,27 +69,45 @@ def cmd_train_base(args) -> None:
     barrier()
 
 
-def cmd_debias(args) -> None:
-    from .runs import DebiasConfig, debias
+# `invdiff debias` flags that set a DebiasConfig field: flag dest -> field. They default to
+# "not given", so that a --recipe's values hold unless a flag overrides them.
+DEBIAS_FLAGS = {
+    "groups": "groups", "lam": "lam", "ratio": "ratio", "steps": "steps", "batch_size": "batch_size", "lr": "lr",
+    "lam_warmup": "lam_warmup", "lam_mode": "lam_mode", "preset": "preset", "aggregation": "aggregation",
+    "alpha": "alpha", "loss_timesteps": "loss_timesteps", "loss_draws": "loss_draws",
+    "max_step_steps": "max_step_steps", "max_step": "max_step", "seed": "seed", "frozen_dtype": "frozen_dtype",
+    "attention": "attention", "latent_cache": "latent_cache", "guidance": "guidance_kind", "lora_rank": "lora_rank",
+    "grad_accum": "grad_accum", "t_band": "t_band", "ema_decay": "ema_decay", "jtt_upweight": "jtt_upweight",
+    "importance_mix": "importance_mix", "head": "head",
+}
+DEBIAS_SWITCHES = {"pooled_groups": ("per_prompt_groups", False), "channels_last": ("channels_last", True),
+                   "compile": ("compile_frozen", True), "grad_checkpointing": ("grad_checkpointing", True),
+                   "no_bank": ("use_bank", False)}
 
+
+def debias_config_from_args(args):
+    """The DebiasConfig of `invdiff debias`: the --recipe preset, then every flag given on top."""
+    from .runs import recipe_config
+
+    overrides = {field: getattr(args, dest) for dest, field in DEBIAS_FLAGS.items() if hasattr(args, dest)}
+    overrides.update({field: value for dest, (field, value) in DEBIAS_SWITCHES.items() if getattr(args, dest, False)})
+    return recipe_config(args.recipe, **overrides)
+
+
+def cmd_debias(args) -> None:
+    from .runs import debias
+
+    cfg = debias_config_from_args(args)
     dataset = _load_data(args)
-    cfg = DebiasConfig(
-        groups=args.groups, lam=args.lam, ratio=args.ratio, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, lam_warmup=args.lam_warmup, lam_mode=args.lam_mode, preset=args.preset, aggregation=args.aggregation,
-        alpha=args.alpha, loss_timesteps=args.loss_timesteps, loss_draws=args.loss_draws,
-        max_step_steps=args.max_step_steps, max_step=args.max_step,
-        per_prompt_groups=not args.pooled_groups, seed=args.seed,
-        frozen_dtype=args.frozen_dtype, attention=args.attention, channels_last=args.channels_last,
-        compile_frozen=args.compile, grad_checkpointing=args.grad_checkpointing, latent_cache=args.latent_cache,
-        guidance_kind=args.guidance, lora_rank=args.lora_rank, grad_accum=args.grad_accum,
-    )
+    cfg.validate(len(dataset))  # every flag checked before the base is loaded or a loss computed
     result = debias(args.base, dataset, args.out, cfg, _data_spec(args), overwrite=args.overwrite,
                     checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
                     keep_checkpoints=args.keep_checkpoints, resume=args.resume)
     if result["meta"].get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return
     d = result["meta"]["diagnostics"]
-    print(f"saved run to {args.out}; inferred group sizes {[round(s, 1) for s in d.get('group_sizes', [])]}")
+    print(f"saved run to {args.out}; inferred group sizes {[round(s, 1) for s in d.get('group_sizes', [])]}; "
+          f"G acts for t >= {result['meta']['t_min']}")
 
 
 def cmd_sample(args) -> None:
@@ -210,7 +228,8 @@ def cmd_evaluate(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, seeds=args.seeds, quick=args.quick)
+    seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if args.full else [0])
+    run_demo(args.out, seeds=seeds, quick=args.quick, full=args.full, settings_keys=args.settings, rows=args.rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,39 +252,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     from .runs import DebiasConfig
 
+    from .environments import AGGREGATIONS, MAX_STEP_METHODS
+    from .runs import RECIPES
+
     d = DebiasConfig()
-    p.add_argument("--groups", type=int, default=d.groups, help="number of environments K")
-    p.add_argument("--lam", type=float, default=d.lam, help="variance-penalty weight lambda")
-    p.add_argument("--ratio", type=float, default=d.ratio, help="combine ratio r (<=1 interpolate, >1 residual)")
-    p.add_argument("--steps", type=int, default=d.steps, help="min-step optimisation steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lam-warmup", type=int, default=d.lam_warmup, help="steps over which lambda ramps up from 0")
-    p.add_argument("--lam-mode", default=d.lam_mode, choices=["absolute", "relative"],
-                   help="relative: lambda is divided by the batch's mean loss (scale-free)")
-    p.add_argument("--preset", default=d.preset, help="G_psi size preset: tiny, small, medium")
-    p.add_argument("--guidance", default=d.guidance_kind, choices=["unet", "lora"],
-                   help="kind of G_psi: a narrow UNet from --preset, or LoRA adapters (peft) on the frozen UNet")
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank for --guidance lora")
-    p.add_argument("--aggregation", default=d.aggregation, help="per-sample loss aggregation: spread, zscore, mean, high-noise")
-    p.add_argument("--max-step", default=d.max_step, choices=["mixture", "official"],
-                   help="environment inference: Gaussian-mixture groups (default) or the official projected Adam")
+    given = argparse.SUPPRESS  # a config flag left out keeps the recipe's value
+
+    def opt(flag, help, **kw):
+        field = DEBIAS_FLAGS[flag.lstrip("-").replace("-", "_")]
+        p.add_argument(flag, default=given, help=f"{help} (default: {getattr(d, field)})", **kw)
+
+    p.add_argument("--recipe", default="invdiff", choices=sorted(RECIPES),
+                   help="preset: invdiff (default), official (the paper's recipe as published), jtt, groupdro; "
+                        "flags given on top override it")
+    opt("--groups", "number of environments K", type=int)
+    opt("--lam", "variance-penalty weight lambda", type=float)
+    opt("--ratio", "combine ratio r (<=1 interpolate, >1 residual)", type=float)
+    opt("--steps", "min-step optimisation steps", type=int)
+    opt("--batch-size", "min-step batch size", type=int)
+    opt("--lr", "min-step learning rate", type=float)
+    opt("--lam-warmup", "steps over which lambda ramps up from 0", type=int)
+    opt("--lam-mode", "relative: lambda is divided by the batch's mean loss (scale-free)", choices=["absolute", "relative"])
+    opt("--preset", "G_psi size preset: tiny, small, medium")
+    opt("--guidance", "kind of G_psi: a narrow UNet from --preset, or LoRA adapters (peft) on the frozen UNet",
+        choices=["unet", "lora"])
+    opt("--lora-rank", "LoRA rank for --guidance lora", type=int)
+    opt("--aggregation", "per-sample loss aggregation", choices=list(AGGREGATIONS))
+    opt("--max-step", "environment inference: gap (widest gap above the median), mixture, official (projected Adam)",
+        choices=list(MAX_STEP_METHODS))
     p.add_argument("--pooled-groups", action="store_true", help="infer K groups over all prompts instead of K per prompt")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="weight of the official min-loss term in the max step")
-    p.add_argument("--loss-timesteps", type=int, default=d.loss_timesteps, help="max step: size of the t grid")
-    p.add_argument("--loss-draws", type=int, default=d.loss_draws, help="max step: noise draws per grid timestep")
-    p.add_argument("--max-step-steps", type=int, default=d.max_step_steps, help="max step: Adam steps")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=["fp32", "bf16", "fp16"],
-                   help="dtype of the frozen UNet/VAE/text encoder (G_psi trains in fp32)")
-    p.add_argument("--attention", default=d.attention, choices=["sdpa", "xformers"],
-                   help="attention backend of the frozen UNet: PyTorch SDPA or xformers (if installed)")
+    opt("--alpha", "weight of the official min-loss term in the max step", type=float)
+    opt("--loss-timesteps", "max step: size of the t grid", type=int)
+    opt("--loss-draws", "max step: noise draws per grid timestep", type=int)
+    opt("--max-step-steps", "max step (official): Adam steps", type=int)
+    opt("--t-band", "where G acts: auto (the high-spread band of t), off (every t), or the band's first timestep")
+    opt("--ema-decay", "EMA of G's weights, in (0, 1); off when not given", type=float)
+    opt("--jtt-upweight", "--recipe jtt: weight of the high-loss group", type=float)
+    opt("--importance-mix", "share of uniform t draws in the min step, in (0, 1]; 1 = no importance sampling", type=float)
+    opt("--head", "G_psi's recalibration head: affine, zero-sum (leaves grey pixels alone), none (UNet body only)",
+        choices=["affine", "zero-sum", "none"])
+    p.add_argument("--no-bank", action="store_true", help="min step: fresh (t, noise) every step instead of the frozen bank")
+    opt("--seed", "seed", type=int)
+    opt("--frozen-dtype", "dtype of the frozen UNet/VAE/text encoder (G_psi trains in fp32)", choices=["fp32", "bf16", "fp16"])
+    opt("--attention", "attention backend of the frozen UNet: PyTorch SDPA or xformers (if installed)",
+        choices=["sdpa", "xformers"])
     p.add_argument("--channels-last", action="store_true", help="run the frozen UNet in channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the frozen UNet")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in G_psi's UNet")
-    p.add_argument("--latent-cache", default=None, help="Stable Diffusion bases: keep the VAE latents here (memory-mapped)")
-    p.add_argument("--grad-accum", type=int, default=1,
-                   help="min-step micro-batches per optimiser step (group statistics are per micro-batch)")
+    opt("--latent-cache", "Stable Diffusion bases: keep the VAE latents here (memory-mapped)")
+    opt("--grad-accum", "min-step micro-batches per optimiser step (group statistics are per micro-batch)", type=int)
     p.add_argument("--checkpoint-every", type=int, default=0, help="min step: save an accelerate checkpoint every N steps")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoints)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
@@ -284,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=8)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=2.0)
+    # w = 1 (no CFG on top of G): on the shipped p=0.9 base, w = 2 already pushes the base past
+    # its data's bias and lowers quality, and CFG amplifies the conditional branch's attribute
+    # back (README "Guidance scale").
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale w (1 = off)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "euler", "dpm"])
     p.add_argument("--strength", type=float, default=1.0, help="G_psi strength s (0 = frozen model, 1 = as trained)")
     p.add_argument("--seed", type=int, default=0)
@@ -302,8 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="debias the shipped p=0.9 base model and report")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0; 0 1 2 with --full)")
     p.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests only")
+    p.add_argument("--full", action="store_true",
+                   help="the whole matrix: every setting (design and held out), every row, strengths 0.5/1/1.5, 3 seeds")
+    p.add_argument("--settings", nargs="+", default=None, help="settings to run (default: the design setting; all with --full)")
+    p.add_argument("--rows", nargs="+", default=None, help="rows to run (default: base erm oracle invdiff official; all with --full)")
     p.set_defaults(func=cmd_demo)
     return parser
 

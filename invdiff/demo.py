@@ -1,76 +1,149 @@
-"""`invdiff demo`: debias the shipped p=0.9 colored-digits base model and prove it.
+"""`invdiff demo`: debias shipped biased models and prove it, against baselines, on the setting the
+defaults were chosen on and on settings no choice was made on.
 
-Compares, per seed: the base model; ERM (the same G_psi trained on the plain mean loss, i.e. one
-environment and lambda=0); an oracle (InvDiff given the true (digit, colour) groups); and InvDiff
-with inferred groups. Writes report.json, report.md, a sample grid, a Bias bar chart and the
-InvDiff strength sweep. Attribute labels are read here for *evaluation and the oracle only*.
+A *setting* is a biased training set plus the shipped base model trained on it (SETTINGS). A
+*row* is one model evaluated on it (ROWS): the frozen base; ERM (the same G_psi on the plain
+mean loss); the oracle (InvDiff given the true (prompt, attribute) groups, a ceiling no real user
+has); InvDiff (inferred groups, no labels); the official recipe as published; JTT- and GroupDRO-
+style baselines on the inferred groups; and a base trained on balanced data (the quality a
+perfectly debiased model could have). Guided rows are swept over the sampling strength s.
+
+Every (setting, seed, row) cell is cached as JSON under OUT/cells, keyed by the settings it was
+made with, so an interrupted `--full` run continues where it stopped. Attribute labels are read
+for evaluation, the oracle and the alignment diagnostic only.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
-from dataclasses import asdict, replace
-from typing import Dict, List, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List, Optional, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from .environments import collect_losses
 from .data.colored_digits import COLOR_NAMES, colored_digits, majority_color
-from .io import CheckpointError, atomic_write_json, staged_directory
-from .metrics import evaluate_samples, group_alignment, load_digit_classifier
+from .environments import collect_losses
+from .io import CheckpointError, atomic_path, atomic_write_json
+from .metrics import evaluate_samples, group_alignment, load_digit_classifier, predict_color
 from .models.base import FrozenBase
-from .report import bias_bar_chart, markdown_table, sample_grid, sweep_chart, write_markdown
-from .runs import DebiasConfig, debias, load_model, weights_from_losses
+from .report import bias_bar_chart, pareto_chart, sample_grid, write_markdown
+from .runs import DebiasConfig, debias, load_model, recipe_config, weights_from_losses
 from .sampling import GuidedDenoiser, sample
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 DEMO_P = 0.9
-MODELS = ("base", "erm", "oracle", "invdiff")
 
 
-def shipped_base(p: float = DEMO_P) -> str:
-    path = os.path.join(ASSETS, f"base_p{p:g}")
+@dataclass(frozen=True)
+class Setting:
+    """A biased training set and the shipped base trained on it."""
+
+    key: str
+    title: str
+    design: bool  # the defaults were chosen here; every other setting is held out
+    base: str  # shipped asset folder name
+    attribute: str  # "color" or "thickness"
+    p: float  # majority share of each prompt's majority attribute value
+    num_values: int  # values the attribute takes
+    balanced_base: str  # the same budget on balanced data (p = 1 / num_values)
+
+
+SETTINGS = {
+    s.key: s
+    for s in (
+        Setting("colors2_p0.9", "colored digits, 2 colours, p = 0.9", True, "base_p0.9", "color", 0.9, 2, "base_balanced"),
+        Setting("colors2_p0.8", "colored digits, 2 colours, p = 0.8", False, "base_p0.8", "color", 0.8, 2, "base_balanced"),
+        Setting("colors3_p0.9", "colored digits, 3 colours, p = 0.9", False, "base_p0.9_c3", "color", 0.9, 3,
+                "base_balanced_c3"),
+        Setting("thickness_p0.9", "stroke thickness (white digits, imagefolder), p = 0.9", False, "base_thick_p0.9",
+                "thickness", 0.9, 2, "base_thick_balanced"),
+    )
+}
+DESIGN = "colors2_p0.9"
+ROWS = ("base", "erm", "oracle", "invdiff", "official", "jtt", "groupdro", "balanced")
+MAIN_ROWS = ("base", "erm", "oracle", "invdiff", "official")
+GUIDED = ("erm", "oracle", "invdiff", "official", "jtt", "groupdro")
+# Backwards-compatible names.
+MODELS = MAIN_ROWS
+
+
+def shipped_base(p: float = DEMO_P, name: Optional[str] = None) -> str:
+    """The folder of a shipped base model (by name, or the 2-colour base at p)."""
+    name = name or f"base_p{p:g}"
+    path = os.path.join(ASSETS, name)
     if not os.path.isdir(path):
-        raise CheckpointError(f"no shipped base model for p={p}: run `make assets` to rebuild {path}")
+        raise CheckpointError(f"no shipped base model {name!r}: run `make assets` to rebuild {path}")
     return path
 
 
-def demo_settings(quick: bool = False) -> Dict:
-    """The demo's fixed settings. `quick` shrinks everything for the CLI smoke test."""
+def demo_settings(quick: bool = False, full: bool = False) -> Dict:
+    """The demo's fixed settings. `quick` shrinks everything for the CI smoke test."""
     s = {
         "invdiff": DebiasConfig(),
-        "per_digit": 50,
+        "per_digit": 40,
         "sample_steps": 25,
-        # w=1: on the shipped base, CFG at w=2 worsened the Frechet distance from 176 to 309 and
-        # digit accuracy from 0.968 to 0.942 (100 samples per digit, measured).
+        # w = 1: CFG at w = 2 on top of G moved Bias back towards the base's (README "Guidance scale").
         "guidance_scale": 1.0,
-        "sweep": [1.0, 2.0],
+        "sweep": [0.5, 1.0, 1.5] if full else [0.5, 1.0],
     }
     if quick:
-        s["invdiff"] = replace(s["invdiff"], steps=4, batch_size=16, loss_timesteps=2, max_step_steps=10)
-        s.update(per_digit=2, sample_steps=2, sweep=[1.0])
+        s["invdiff"] = replace(s["invdiff"], steps=3, batch_size=16, loss_timesteps=2, max_step_steps=5)
+        s.update(per_digit=2, sample_steps=2, sweep=[0.5, 1.0])
     return s
 
 
-def _evaluate(base, guidance, strength, settings, seed, classifier, reference, w=None):
+class _Data:
+    """One setting's data, read once: training set, eval reference, attribute measurement."""
+
+    def __init__(self, setting: Setting, resolution: int, data_seed: int, workdir: str):
+        self.setting = setting
+        if setting.attribute == "color":
+            self.train = colored_digits("train", p=setting.p, num_colors=setting.num_values, resolution=resolution, seed=data_seed)
+            self.eval = colored_digits("eval", num_colors=setting.num_values, resolution=resolution, seed=data_seed)
+            self.measure = lambda images, prompt_ids: predict_color(images, setting.num_values)
+            self.spec = {"name": "colored-digits", "p": setting.p, "num_colors": setting.num_values,
+                         "resolution": resolution, "seed": data_seed}
+        else:
+            from .data import load_dataset
+            from .data.stroke_digits import ThicknessProbe, stroke_digits, write_imagefolder
+
+            # Through the generic imagefolder path, as the base was trained (scripts/make_assets.py).
+            folder = write_imagefolder(stroke_digits("train", p=setting.p, resolution=resolution, seed=data_seed),
+                                       os.path.join(workdir, "thickness_train"))
+            self.train = load_dataset(folder)
+            self.eval = stroke_digits("eval", resolution=resolution, seed=data_seed)
+            self.measure = ThicknessProbe(self.eval)
+            self.spec = {"name": "imagefolder", "path": "stroke-digits train split", "p": setting.p, "resolution": resolution}
+        attribute = self.train.attributes[setting.attribute]
+        digit = self.train.attributes["digit"]
+        self.true_groups = digit * setting.num_values + attribute
+        self.minority = attribute != digit % setting.num_values
+        self.majority = torch.tensor([majority_color(d, setting.num_values) for d in range(10)])
+
+
+def _evaluate(base, guidance, strength, settings, seed, classifier, data: _Data):
     """Sample `per_digit` images per digit and score them. Returns (metrics dict, images)."""
     per = settings["per_digit"]
     ids = torch.arange(10).repeat_interleave(per)
     seeds = [seed * 1_000_000 + i for i in range(ids.numel())]
-    scale = settings["guidance_scale"] if w is None else w
-    images = sample(GuidedDenoiser(base, guidance, strength), ids, seeds, settings["sample_steps"], scale, progress=False)
-    majority = torch.tensor([majority_color(d, 2) for d in range(10)])
-    result = evaluate_samples(images, ids, 10, 2, classifier, reference, majority)
-    return result, images
+    images = sample(GuidedDenoiser(base, guidance, strength), ids, seeds, settings["sample_steps"],
+                    settings["guidance_scale"], progress=False)
+    result = evaluate_samples(images, ids, 10, data.setting.num_values, classifier, data.eval.images, data.majority,
+                              attributes=data.measure(images, ids))
+    return {k: result[k] for k in ("bias", "bias_std", "digit_accuracy", "frechet_distance", "majority_share")}, images
 
 
 def max_step_alignment(losses, train, cfg: DebiasConfig, minority, true_groups) -> List[Dict]:
     """Evaluation-only: how each (aggregation, max step, grouping) choice lines up with the true
     groups, from the same frozen losses. The "before/after" of the max-step design choices."""
     rows = []
-    for aggregation in ("mean", "zscore", "spread"):
-        for method in ("official", "mixture"):
+    for aggregation in ("mean", "spread"):
+        for method in ("official", "mixture", "gap"):
             for per_prompt in (False, True):
                 c = replace(cfg, aggregation=aggregation, max_step=method, per_prompt_groups=per_prompt)
                 weights, scores = weights_from_losses(losses, train.prompt_ids, c)
@@ -86,137 +159,260 @@ def _mean_std(values: List[float]) -> Dict[str, float]:
     return {"mean": float(t.mean()), "std": float(t.std(unbiased=True)) if t.numel() > 1 else 0.0}
 
 
-def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = False) -> Dict:
-    t_start = time.time()
-    settings = demo_settings(quick)
-    base_dir = shipped_base()
+def _row_config(row: str, cfg: DebiasConfig) -> DebiasConfig:
+    if row == "erm":
+        return replace(cfg, lam=0.0)
+    if row in ("official", "jtt", "groupdro"):
+        keep = {k: getattr(cfg, k) for k in ("steps", "batch_size", "loss_timesteps", "loss_draws", "max_step_steps", "seed")}
+        return recipe_config(row, **keep)  # the same G_psi and budget, the recipe's own objective
+    return cfg
+
+
+def _cell_key(setting: Setting, seed: int, row: str, settings: Dict) -> str:
+    blob = json.dumps({"setting": asdict(setting), "seed": seed, "row": row,
+                       "settings": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in settings.items()}},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _run_cell(setting, data: _Data, seed, row, settings, classifier, frozen_of, workdir, show) -> Dict:
+    """One (setting, seed, row): train if guided, sample over the strength sweep, evaluate."""
+    cfg = replace(settings["invdiff"], seed=seed)
+    if row in ("base", "balanced"):
+        folder = shipped_base(name=setting.base if row == "base" else setting.balanced_base)
+        base = FrozenBase.from_pretrained(folder).freeze()
+        res, images = _evaluate(base, None, 1.0, settings, seed, classifier, data)
+        return {"result": res, "sweep": [], "images": images, "extra": {}}
+    base_dir = shipped_base(name=setting.base)
     base = FrozenBase.from_pretrained(base_dir).freeze()
-    info = base.meta.get("dataset_info", {})
-    train = colored_digits("train", p=DEMO_P, num_colors=2, resolution=base.unet.config.sample_size, seed=info.get("seed", 0))
-    reference = colored_digits("eval", num_colors=2, resolution=base.unet.config.sample_size, seed=info.get("seed", 0)).images
+    n = len(data.train)
+    weights = {"erm": torch.ones(n, 1), "oracle": torch.nn.functional.one_hot(data.true_groups, 10 * setting.num_values).float()}.get(row)
+    run_dir = os.path.join(workdir, "runs", f"{setting.key}_seed{seed}_{row}")
+    vcfg = _row_config(row, cfg)
+    started = time.time()
+    result = debias(base_dir, data.train, run_dir, vcfg, data.spec, weights=weights, progress=False,
+                    frozen=frozen_of(cfg), overwrite=True)
+    extra = {"train_seconds": time.time() - started, "t_min": result["meta"]["t_min"]}
+    if weights is None and result["weights"].shape[1] > 1:
+        a = group_alignment(result["weights"], result["scores"], data.minority, data.true_groups)
+        extra["balanced_minority_share"] = a["balanced_minority_share"]
+        extra["score_auroc_minority"] = a["score_auroc_minority"]
+    _, guidance = load_model(run_dir)
+    sweep, res, images = [], None, None
+    for s in settings["sweep"]:
+        r_s, imgs = _evaluate(base, guidance, s, settings, seed, classifier, data)
+        sweep.append({"strength": s, **{k: r_s[k] for k in ("bias", "digit_accuracy", "frechet_distance")}})
+        if s == 1.0:
+            res, images = r_s, imgs
+    if res is None:
+        res, images = _evaluate(base, guidance, 1.0, settings, seed, classifier, data)
+    return {"result": res, "sweep": sweep, "images": images, "extra": extra}
+
+
+def setting_targets(models: Dict[str, Dict], design: bool) -> Dict[str, bool]:
+    """The issue's targets for InvDiff at strength 1, from the means over seeds."""
+    inv, base = models["invdiff"], models["base"]
+    t = {}
+    if design:
+        t["bias_at_most_0.5_of_base"] = inv["bias"] <= 0.5 * base["bias"]
+        if "oracle" in models:
+            t["bias_within_0.08_of_oracle"] = inv["bias"] <= models["oracle"]["bias"] + 0.08
+    else:
+        t["bias_at_most_0.6_of_base"] = inv["bias"] <= 0.6 * base["bias"]
+    t["frechet_at_most_1.15_of_base"] = inv["frechet_distance"] <= 1.15 * base["frechet_distance"]
+    t["digit_accuracy_within_2_points"] = inv["digit_accuracy"] >= base["digit_accuracy"] - 0.02
+    if "erm" in models:
+        t["bias_not_worse_than_erm"] = inv["bias"] <= models["erm"]["bias"]
+    return t
+
+
+def check_request(settings_keys: Sequence[str], rows: Sequence[str], seeds: Sequence[int]) -> None:
+    """Every requested setting, row and seed is valid and every base it needs is shipped: one
+    clear error before any compute."""
+    unknown = [k for k in settings_keys if k not in SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise ValueError(f"unknown row(s) {bad}; choose from {list(ROWS)}")
+    if "base" not in rows or "invdiff" not in rows:
+        raise ValueError("the rows must include 'base' and 'invdiff' (the targets compare them)")
+    if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise ValueError(f"seeds must be distinct non-negative integers, got {list(seeds)}")
+    for k in settings_keys:
+        shipped_base(name=SETTINGS[k].base)
+        if "balanced" in rows:
+            shipped_base(name=SETTINGS[k].balanced_base)
+
+
+def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = False, full: bool = False,
+             settings_keys: Optional[Sequence[str]] = None, rows: Optional[Sequence[str]] = None,
+             progress: bool = True) -> Dict:
+    """Run the demo; returns the report (also written to OUT/report.json and OUT/report.md)."""
+    t_start = time.time()
+    settings_keys = list(settings_keys or (SETTINGS if full else [DESIGN]))
+    rows = list(rows or (ROWS if full else MAIN_ROWS))
+    check_request(settings_keys, rows, seeds)
+    settings = demo_settings(quick, full)
     classifier = load_digit_classifier()
-    # Evaluation-only labels: the oracle's groups and the alignment diagnostic.
-    true_groups = train.attributes["digit"] * 2 + train.attributes["color"]
-    minority = train.attributes["color"] != train.attributes["digit"] % 2
-    spec = {"name": "colored-digits", "p": DEMO_P, "num_colors": 2, "resolution": train.resolution, "seed": info.get("seed", 0)}
-
-    per_seed: Dict[str, List[Dict]] = {m: [] for m in MODELS}
-    sweep_rows: List[Dict] = []
-    alignment = []
+    os.makedirs(os.path.join(out, "cells"), exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="invdiff-demo-")
+    report_settings = []
     grids = {}
-    with staged_directory(out) as stage:
-        runs = os.path.join(stage, "runs")
-        for seed in seeds:
-            print(f"== seed {seed} ==", flush=True)
-            cfg = replace(settings["invdiff"], seed=seed)
-            res, grids["base"] = _evaluate(base, None, 1.0, settings, seed, classifier, reference)
-            if settings["guidance_scale"] == 1.0:
-                res["majority_share_w1"] = res["majority_share"]
-            else:
-                res_w1, _ = _evaluate(base, None, 1.0, settings, seed, classifier, reference, w=1.0)
-                res["majority_share_w1"] = res_w1["majority_share"]
-            per_seed["base"].append(res)
-            n = len(train)
-            erm_cfg = replace(cfg, lam=0.0, groups=2)
-            variants = {
-                "erm": (erm_cfg, torch.ones(n, 1)),
-                "oracle": (cfg, torch.nn.functional.one_hot(true_groups, 20).float()),
-                "invdiff": (cfg, None),
-            }
-            # The frozen model's losses and predictions on the fixed draws: computed once per
-            # seed and shared, so all three G_psi train on identical (t, noise) draws.
-            frozen = dict(zip(("losses", "timesteps", "bank"), collect_losses(
-                base, train.training_view(), cfg.loss_timesteps, cfg.loss_draws, cfg.seed, progress=not quick, return_bank=True)))
-            if seed == seeds[0]:
-                alignment_table = max_step_alignment(frozen["losses"], train, cfg, minority, true_groups)
-            for name, (vcfg, weights) in variants.items():
-                run_dir = os.path.join(runs, f"{name}_seed{seed}")
-                result = debias(base_dir, train, run_dir, vcfg, spec, weights=weights, progress=not quick, frozen=frozen)
-                _, guidance = load_model(run_dir)
-                res, images = _evaluate(base, guidance, 1.0, settings, seed, classifier, reference)
-                res["train_seconds"] = result["meta"]["min_step_seconds"]
-                per_seed[name].append(res)
-                if name == "invdiff":
-                    grids["invdiff"] = images
-                    alignment.append(group_alignment(result["weights"], result["scores"], minority, true_groups))
-                    for s in settings["sweep"]:
-                        r_s = res if s == 1.0 else _evaluate(base, guidance, s, settings, seed, classifier, reference)[0]
-                        sweep_rows.append({"seed": seed, "strength": s, "bias": r_s["bias"], "digit_accuracy": r_s["digit_accuracy"], "frechet_distance": r_s.get("frechet_distance")})
-                print(f"   {name:8s} bias={res['bias']:.3f} acc={res['digit_accuracy']:.3f} fd={res['frechet_distance']:.2f}", flush=True)
+    show = min(settings["per_digit"], 8)
+    try:
+        for key in settings_keys:
+            setting = SETTINGS[key]
+            resolution = FrozenBase.from_pretrained(shipped_base(name=setting.base)).unet.config.sample_size
+            data = _Data(setting, resolution, 0, workdir)
+            per_seed: Dict[str, List[Dict]] = {r: [] for r in rows}
+            alignment_table = None
+            for seed in seeds:
+                frozen_cache: Dict = {}
 
-        models = {}
-        for name, rows in per_seed.items():
-            entry = {}
-            for key in ("bias", "bias_std", "digit_accuracy", "frechet_distance"):
-                ms = _mean_std([r[key] for r in rows])
-                entry[key] = ms["mean"]
-                entry[key + "_seed_std"] = ms["std"]
-            entry["per_seed"] = rows
-            models[name] = entry
-        strengths = sorted({r["strength"] for r in sweep_rows})
-        sweep = [
-            {
-                "strength": s,
-                "bias": _mean_std([r["bias"] for r in sweep_rows if r["strength"] == s])["mean"],
-                "digit_accuracy": _mean_std([r["digit_accuracy"] for r in sweep_rows if r["strength"] == s])["mean"],
-                "frechet_distance": _mean_std([r["frechet_distance"] for r in sweep_rows if r["strength"] == s])["mean"],
-            }
-            for s in strengths
-        ]
-        b, inv, erm = models["base"], models["invdiff"], models["erm"]
-        targets = {
-            "bias_at_most_half_of_base": inv["bias"] <= 0.5 * b["bias"],
-            "bias_below_erm": inv["bias"] < erm["bias"],
-            "digit_accuracy_within_3_points": inv["digit_accuracy"] >= b["digit_accuracy"] - 0.03,
-            "frechet_within_10_percent": inv["frechet_distance"] <= 1.10 * b["frechet_distance"],
-        }
-        report = {
-            "p": DEMO_P,
-            "seeds": list(seeds),
-            "settings": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in settings.items()},
-            "models": models,
-            "sweep": sweep,
-            "alignment": alignment,
-            "max_step_alignment": alignment_table,
-            "targets": targets,
-            "seconds": time.time() - t_start,
-        }
-        atomic_write_json(os.path.join(stage, "report.json"), report)
-        labels = [f"digit {d} ({COLOR_NAMES[majority_color(d, 2)]})" for d in range(10)]
-        per = settings["per_digit"]
-        show = min(per, 8)
-        pick = torch.cat([torch.arange(d * per, d * per + show) for d in range(10)])
-        sample_grid({k: v[pick] for k, v in grids.items()}, labels, show, os.path.join(stage, "samples_base_vs_invdiff.png"),
-                    title=f"colored digits, p={DEMO_P}: base vs InvDiff (seed {seeds[-1]})")
-        bias_bar_chart(models, os.path.join(stage, "bias.png"), title=f"Bias at p={DEMO_P} ({len(seeds)} seed(s), lower is better)")
-        if len(sweep) > 1:
-            sweep_chart(sweep, os.path.join(stage, "sweep.png"))
-        md = [f"# InvDiff demo: colored digits, p = {DEMO_P}\n", f"Seeds: {list(seeds)}; {report['seconds']:.0f} s.\n",
-              markdown_table(models), "\n## Targets\n"]
-        md += [f"- {k}: {'met' if v else 'MISSED'}" for k, v in targets.items()]
-        md.append("\n## Majority-colour share per digit (the data has %g)\n" % DEMO_P)
-        md.append("| digit | " + " | ".join(str(d) for d in range(10)) + " |\n|---|" + "---|" * 10)
-        rows = [("base w=1", "majority_share_w1")]
-        if settings["guidance_scale"] != 1.0:
-            rows.append((f"base w={settings['guidance_scale']:g}", "majority_share"))
-        for label, key in rows:
-            shares = torch.tensor([r[key] for r in per_seed["base"]]).mean(0).tolist()
-            md.append(f"| {label} | " + " | ".join(f"{s:.2f}" for s in shares) + " |")
-        shares = torch.tensor([r["majority_share"] for r in per_seed["invdiff"]]).mean(0).tolist()
-        md.append("| invdiff | " + " | ".join(f"{s:.2f}" for s in shares) + " |")
-        md.append("\n## Strength sweep (InvDiff)\n\n| strength | bias | digit_accuracy | frechet_distance |\n|---|---|---|---|")
-        md += [f"| {r['strength']:g} | {r['bias']:.3f} | {r['digit_accuracy']:.3f} | {r['frechet_distance']:.2f} |" for r in sweep]
-        md.append("\n## Max step: how the inferred groups line up with the true ones (seed %d, evaluation only)\n" % seeds[0])
-        md.append("`balanced_minority_share`: the minority share that equal weight per inferred group would give "
-                  "(0.5 = perfect groups, 0.1 = no better than the data).\n")
-        md.append("| aggregation | max step | groups | AUROC of score | balanced minority share |\n|---|---|---|---|---|")
-        md += [f"| {r['aggregation']} | {r['max_step']} | {'per prompt' if r['per_prompt'] else 'pooled'} | "
-               f"{r['score_auroc_minority']:.3f} | {r['balanced_minority_share']:.3f} |" for r in alignment_table]
-        md.append("\n![samples](samples_base_vs_invdiff.png)\n\n![bias](bias.png)\n")
-        write_markdown(os.path.join(stage, "report.md"), "\n".join(md) + "\n")
-    print()
-    print(markdown_table(models))
-    for k, v in targets.items():
-        print(f"  {k}: {'met' if v else 'MISSED'}")
-    print(f"wrote {out}/report.json, report.md, samples_base_vs_invdiff.png, bias.png ({report['seconds']:.0f} s)")
+                def frozen_of(cfg, _cache=frozen_cache):
+                    # The frozen model's losses and predictions on the fixed draws: computed once
+                    # per (setting, seed), so every guided row trains on identical draws.
+                    if "v" not in _cache:
+                        base = FrozenBase.from_pretrained(shipped_base(name=setting.base)).freeze()
+                        _cache["v"] = dict(zip(("losses", "timesteps", "bank"), collect_losses(
+                            base, data.train.training_view(), cfg.loss_timesteps, cfg.loss_draws, cfg.seed,
+                            progress=False, return_bank=True)))
+                    return _cache["v"]
+
+                for row in rows:
+                    cell_path = os.path.join(out, "cells", f"{key}_seed{seed}_{row}_{_cell_key(setting, seed, row, settings)}")
+                    if os.path.isfile(cell_path + ".json"):
+                        cell = json.load(open(cell_path + ".json"))
+                        images = load_file(cell_path + ".safetensors")["images"]
+                    else:
+                        if progress:
+                            print(f"== {key} seed {seed}: {row}", flush=True)
+                        ran = _run_cell(setting, data, seed, row, settings, classifier, frozen_of, workdir, show)
+                        per = settings["per_digit"]
+                        pick = torch.cat([torch.arange(d * per, d * per + show) for d in range(10)])
+                        images = ran["images"][pick].contiguous()
+                        cell = {"result": ran["result"], "sweep": ran["sweep"], "extra": ran["extra"]}
+                        with atomic_path(cell_path + ".safetensors") as tmp:
+                            save_file({"images": images}, tmp)
+                        atomic_write_json(cell_path + ".json", cell)
+                    if progress:
+                        r = cell["result"]
+                        print(f"   {key} seed {seed} {row:9s} bias={r['bias']:.3f} acc={r['digit_accuracy']:.3f} "
+                              f"fd={r['frechet_distance']:.1f}", flush=True)
+                    per_seed[row].append(cell)
+                    if setting.design and seed == seeds[0] and row in ("base", "invdiff"):
+                        grids[row] = images
+                if setting.design and seed == seeds[0] and alignment_table is None and "invdiff" in rows:
+                    alignment_table = max_step_alignment(frozen_of(replace(settings["invdiff"], seed=seed))["losses"],
+                                                         data.train, replace(settings["invdiff"], seed=seed),
+                                                         data.minority, data.true_groups)
+            report_settings.append(_summarise(setting, per_seed, settings, alignment_table))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report = {
+        "seeds": list(seeds),
+        "rows": rows,
+        "settings": report_settings,
+        "config": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in settings.items()},
+        "seconds": time.time() - t_start,
+    }
+    _write_report(out, report, grids, show)
     return report
+
+
+def _summarise(setting: Setting, per_seed: Dict[str, List[Dict]], settings: Dict, alignment_table) -> Dict:
+    models = {}
+    for row, cells in per_seed.items():
+        entry = {}
+        for key in ("bias", "digit_accuracy", "frechet_distance"):
+            values = [c["result"][key] for c in cells]
+            ms = _mean_std(values)
+            entry[key], entry[key + "_seed_std"] = ms["mean"], ms["std"]
+            entry.setdefault("per_seed", {})[key] = values
+        entry["majority_share"] = torch.tensor([c["result"]["majority_share"] for c in cells]).mean(0).tolist()
+        if cells[0]["sweep"]:
+            entry["sweep"] = [
+                {"strength": s["strength"], **{k: _mean_std([c["sweep"][i][k] for c in cells])["mean"]
+                                                for k in ("bias", "digit_accuracy", "frechet_distance")}}
+                for i, s in enumerate(cells[0]["sweep"])
+            ]
+        for key in ("balanced_minority_share", "score_auroc_minority", "train_seconds", "t_min"):
+            if key in cells[0]["extra"]:
+                entry[key] = _mean_std([c["extra"][key] for c in cells])["mean"]
+        models[row] = entry
+    return {
+        "name": setting.key,
+        "title": setting.title,
+        "design": setting.design,
+        "base": setting.base,
+        "attribute": setting.attribute,
+        "p": setting.p,
+        "num_values": setting.num_values,
+        "models": models,
+        "targets": setting_targets(models, setting.design),
+        "max_step_alignment": alignment_table,
+    }
+
+
+def _pareto_rows(models: Dict[str, Dict]) -> Dict[str, List[Dict]]:
+    return {row: m.get("sweep") or [{"strength": 1.0, **{k: m[k] for k in ("bias", "frechet_distance")}}]
+            for row, m in models.items()}
+
+
+def _write_report(out: str, report: Dict, grids: Dict, show: int) -> None:
+    atomic_write_json(os.path.join(out, "report.json"), report)
+    seeds = report["seeds"]
+    md = ["# InvDiff demo\n", f"Seeds {seeds}; {report['seconds']:.0f} s. Means over seeds at strength 1 "
+          f"(± std over seeds); {report['config']['per_digit']} samples per digit per seed, "
+          f"w = {report['config']['guidance_scale']:g}.\n"]
+    for entry in report["settings"]:
+        models = entry["models"]
+        md.append(f"## {entry['title']} ({'design setting' if entry['design'] else 'held out'})\n")
+        md.append("| model | Bias | digit accuracy | Frechet distance |\n|---|---|---|---|")
+        for row, m in models.items():
+            md.append(f"| {row} | {m['bias']:.3f} ± {m['bias_seed_std']:.3f} | {m['digit_accuracy']:.3f} ± "
+                      f"{m['digit_accuracy_seed_std']:.3f} | {m['frechet_distance']:.0f} ± {m['frechet_distance_seed_std']:.0f} |")
+        md.append("\nTargets (InvDiff, strength 1): " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in entry["targets"].items()))
+        inv = models["invdiff"]
+        if "balanced_minority_share" in inv:
+            md.append(f"\nInferred groups (evaluation only): balanced minority share {inv['balanced_minority_share']:.3f} "
+                      f"(perfect groups 0.5), score AUROC {inv['score_auroc_minority']:.3f}; G acts for t >= {inv['t_min']:.0f}.")
+        sweeps = {row: m["sweep"] for row, m in models.items() if m.get("sweep")}
+        if sweeps:
+            md.append("\n| model | strength | Bias | digit accuracy | Frechet distance |\n|---|---|---|---|---|")
+            for row, sw in sweeps.items():
+                md += [f"| {row} | {r['strength']:g} | {r['bias']:.3f} | {r['digit_accuracy']:.3f} | {r['frechet_distance']:.0f} |" for r in sw]
+        names = COLOR_NAMES if entry["attribute"] == "color" else ["thin", "thick"]
+        md.append(f"\nMajority-{entry['attribute']} share per digit (the data has {entry['p']:g}):\n")
+        md.append("| model | " + " | ".join(f"{d} ({names[d % entry['num_values']]})" for d in range(10)) + " |\n|---|" + "---|" * 10)
+        for row in ("base", "invdiff", "oracle"):
+            if row in models:
+                md.append(f"| {row} | " + " | ".join(f"{s:.2f}" for s in models[row]["majority_share"]) + " |")
+        pareto = f"pareto_{entry['name']}.png"
+        pareto_chart(_pareto_rows(models), os.path.join(out, pareto), models["base"]["frechet_distance"],
+                     title=f"{entry['title']}: Bias against Frechet distance")
+        md.append(f"\n![pareto]({pareto})\n")
+        if entry.get("max_step_alignment"):
+            md.append("### Max step: how the inferred groups line up with the true ones (first seed, evaluation only)\n")
+            md.append("`balanced minority share`: the minority share that equal weight per inferred group gives "
+                      "(0.5 = perfect groups).\n")
+            md.append("| aggregation | max step | groups | AUROC of score | balanced minority share |\n|---|---|---|---|---|")
+            md += [f"| {r['aggregation']} | {r['max_step']} | {'per prompt' if r['per_prompt'] else 'pooled'} | "
+                   f"{r['score_auroc_minority']:.3f} | {r['balanced_minority_share']:.3f} |" for r in entry["max_step_alignment"]]
+            md.append("")
+    design = next((e for e in report["settings"] if e["design"]), None)
+    if design is not None and {"base", "invdiff"} <= set(grids):
+        labels = [f"digit {d} ({COLOR_NAMES[majority_color(d, design['num_values'])]})" for d in range(10)]
+        sample_grid(grids, labels, show, os.path.join(out, "samples_base_vs_invdiff.png"),
+                    title=f"{design['title']}: base vs InvDiff (seed {seeds[0]})")
+        bias_bar_chart(design["models"], os.path.join(out, "bias.png"), title=f"Bias, {design['title']} (lower is better)")
+        md.append("![samples](samples_base_vs_invdiff.png)\n\n![bias](bias.png)\n")
+    write_markdown(os.path.join(out, "report.md"), "\n".join(md) + "\n")
+    for entry in report["settings"]:
+        print(f"\n{entry['title']} ({'design' if entry['design'] else 'held out'})")
+        for row, m in entry["models"].items():
+            print(f"  {row:9s} bias={m['bias']:.3f} acc={m['digit_accuracy']:.3f} fd={m['frechet_distance']:.1f}")
+        for k, v in entry["targets"].items():
+            print(f"  {k}: {'met' if v else 'MISSED'}")
+    print(f"wrote {out}/report.json, report.md and the pictures ({report['seconds']:.0f} s)")

@@ -10,14 +10,20 @@
    plain mean is dominated by low t and by which prompt is hard; z-scoring per (t, prompt) gives
    every timestep the same say and compares a sample only with others of its own prompt. The
    prompt is the conditioning, not a bias label, so this stays label-free.
-3. `infer_environments` is the official recipe: soft weights W (N, K) on the simplex, Adam
-   (lr 0.01) for 500 full-batch steps from a uniform-random init, projected after each step, to
-   *maximise* the spread std_k R_k of the group mean losses (optionally + alpha * min l_i W_ik).
+3. The score becomes groups, per prompt or pooled (`MaxStepPolicy`, `groups_from_losses`):
+   "gap" (default) cuts at the widest gaps in the upper half of the sorted scores;
+   "mixture" takes a Gaussian mixture's responsibilities; "official" (`infer_environments`) is
+   the paper's recipe: soft weights W (N, K) on the simplex, Adam (lr 0.01) for 500 full-batch
+   steps from a uniform-random init, projected after each step, to *maximise* the spread
+   std_k R_k of the group mean losses (optionally + alpha * min l_i W_ik).
+4. `guidance_band` picks, from the same losses, the band of t where G_psi acts.
+
+This module holds the max step's whole policy; runs.py only orchestrates it.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -200,15 +206,23 @@ def spread_weights(losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return w / w.sum().clamp_min(1e-12) if float(w.sum()) > 0 else torch.full_like(w, 1.0 / w.numel())
 
 
-def draw_proposal(losses: torch.Tensor, prompt_ids: torch.Tensor, draws: int, mix: float = 0.5) -> torch.Tensor:
+def draw_proposal(losses: torch.Tensor, prompt_ids: torch.Tensor, draws: int, mix: float = 0.5,
+                  band: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(J,) min-step sampling distribution over the bank's draws: `mix` of it uniform, the rest by
     `spread_weights` of the grid timesteps. The attribute signal lives where samples' losses
-    disagree (high t for colour); uniform draws spent 80% of min-step samples elsewhere."""
+    disagree (high t for colour); uniform draws spent 80% of min-step samples elsewhere.
+    band: optional (J,) bool, the draws where G acts (see guidance_band); the proposal is
+    restricted to them, since outside the band G's output is zero and the loss is a constant."""
     if not 0.0 < mix <= 1.0:
         raise ValueError("mix must be in (0, 1]")
     per_t = spread_weights(losses.double(), prompt_ids)
-    q = mix / losses.shape[1] + (1.0 - mix) * per_t
-    return (q.repeat_interleave(draws) / draws).float()
+    q = (mix / losses.shape[1] + (1.0 - mix) * per_t).repeat_interleave(draws) / draws
+    if band is not None:
+        if not bool(band.any()):
+            raise ValueError("the guidance band holds none of the bank's draws")
+        q = q * band.double()
+        q = q / q.sum()
+    return q.float()
 
 
 def project_simplex_rows(w: torch.Tensor) -> torch.Tensor:
@@ -250,7 +264,7 @@ def infer_environments(
     return w.detach().float()
 
 
-MAX_STEP_METHODS = ("mixture", "official")
+MAX_STEP_METHODS = ("gap", "mixture", "official")
 
 
 def infer_environments_mixture(scores: torch.Tensor, num_groups: int, seed: int = 0) -> torch.Tensor:
@@ -275,6 +289,124 @@ def infer_environments_mixture(scores: torch.Tensor, num_groups: int, seed: int 
     resp = torch.from_numpy(gm.predict_proba(x)).float()
     order = torch.from_numpy(gm.means_.ravel()).argsort()  # groups sorted by mean score
     return project_simplex_rows(resp[:, order])
+
+
+def infer_environments_gap(scores: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Hard groups cut at the K-1 widest gaps between neighbouring sorted scores in the upper
+    half of the score axis. scores: (N,) -> W: (N, K) one-hot, groups ordered by score.
+
+    Why: a spurious correlation leaves a *small* minority whose loss is high, so the cut that
+    matters sits between a large majority and a few outliers. A Gaussian mixture spends its
+    high-score component on the majority's upper tail as well (on colored digits, p=0.9, its
+    per-prompt high groups held 61-94% minority samples; balanced minority share 0.32-0.36 over
+    3 loss seeds), and projected Adam cuts near the midpoint of the group means. The widest gap
+    above the median falls between the two populations whenever the score ranks them apart
+    (same losses: share 0.515-0.534, perfect groups give 0.5). The search starts at the median
+    because a minority is by definition at most half of a prompt's samples, and stops one short
+    of the top so no group is a single outlier.
+    """
+    n = scores.shape[0]
+    if not 2 <= num_groups <= n:
+        raise ValueError(f"number of groups K must be in [2, N={n}], got {num_groups}")
+    if not torch.isfinite(scores).all():
+        raise LossError("per-sample losses contain NaN or inf")
+    values, order = scores.double().sort()
+    # Candidate cuts lie between values[j] and values[j + 1]; the groups above hold at most half.
+    low, high = (n + 1) // 2 - 1, n - 2
+    if high - low + 1 < num_groups - 1:  # too few samples above the median: use every gap
+        low, high = 0, n - 2
+    gaps = values[low + 1 : high + 2] - values[low : high + 1]
+    cuts = (gaps.topk(num_groups - 1).indices + low).sort().values
+    rank_group = torch.zeros(n, dtype=torch.long)
+    for c in cuts.tolist():
+        rank_group[c + 1 :] += 1
+    group = torch.empty(n, dtype=torch.long)
+    group[order] = rank_group
+    return torch.nn.functional.one_hot(group, num_groups).float()
+
+
+@dataclass(frozen=True)
+class MaxStepPolicy:
+    """Everything that turns the frozen model's (N, T) losses into environments W."""
+
+    method: str = "gap"  # gap | mixture | official (projected Adam on std_k R_k)
+    groups: int = 2  # K
+    aggregation: str = "spread"  # see aggregate_losses
+    per_prompt: bool = True  # K environments inside each prompt (see infer_groups)
+    min_per_prompt: int = 8  # ... when every prompt has at least this many samples per group
+    steps: int = 500  # official: Adam steps
+    lr: float = 0.01  # official: Adam learning rate
+    alpha: float = 0.0  # official: weight of the min-loss term
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in MAX_STEP_METHODS:
+            raise ValueError(f"max_step must be one of {MAX_STEP_METHODS}, got {self.method!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; choose from {AGGREGATIONS}")
+        if self.groups < 2:
+            raise ValueError(f"number of groups K must be >= 2, got {self.groups}")
+        if self.steps < 1:
+            raise ValueError(f"max-step steps must be >= 1, got {self.steps}")
+
+
+def _groups_of(scores: torch.Tensor, policy: MaxStepPolicy) -> torch.Tensor:
+    if policy.method == "gap":
+        return infer_environments_gap(scores, policy.groups)
+    if policy.method == "mixture":
+        return infer_environments_mixture(scores, policy.groups, policy.seed)
+    return infer_environments(scores, policy.groups, policy.steps, policy.lr, policy.alpha, policy.seed)
+
+
+def infer_groups(scores: torch.Tensor, policy: MaxStepPolicy, prompt_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N,) per-sample scores -> (N, K) environments, or (N, P*K) with per-prompt groups.
+
+    Per prompt (the default when every prompt has at least `min_per_prompt * K` samples): the
+    max step runs separately within each prompt's samples and prompt p owns columns
+    [p*K, (p+1)*K). A spurious correlation is a dependence between the prompt and an attribute,
+    so its environments live inside each prompt; the prompt is the conditioning, not a bias
+    label. Pooled groups mix all prompts' minorities into one group, and the min step then cannot
+    balance any single prompt (measured: Bias 0.655 pooled vs the oracle's 0.275, see README).
+    """
+    policy.validate()
+    if prompt_ids is None or not policy.per_prompt:
+        return _groups_of(scores, policy)
+    counts = torch.bincount(prompt_ids)
+    present = torch.nonzero(counts).flatten()
+    if int(counts[present].min()) < policy.min_per_prompt * policy.groups:
+        return _groups_of(scores, policy)
+    k = policy.groups
+    weights = torch.zeros(scores.shape[0], len(present) * k)
+    for j, p in enumerate(present.tolist()):
+        rows = prompt_ids == p
+        weights[rows, j * k : (j + 1) * k] = _groups_of(scores[rows], policy)
+    return weights
+
+
+def groups_from_losses(losses: torch.Tensor, prompt_ids: Optional[torch.Tensor], policy: MaxStepPolicy):
+    """(N, T) frozen losses -> (W, scores (N,)): the policy's aggregation, then its grouping."""
+    policy.validate()
+    scores = aggregate_losses(losses, prompt_ids, policy.aggregation)
+    return infer_groups(scores, policy, prompt_ids), scores
+
+
+def guidance_band(losses: torch.Tensor, prompt_ids: Optional[torch.Tensor], num_train_timesteps: int) -> int:
+    """The first timestep of the band where G_psi acts: [t_min, num_train_timesteps).
+
+    losses: (N, T) on the grid of `timestep_grid(T, num_train_timesteps)`. The band is the run of grid
+    bins, from the noisiest down, whose `spread_weights` are above uniform (1/T), i.e. where the
+    samples of a prompt disagree more than on average: that is where an attribute is decided
+    (on colored digits, p=0.9, t >= 800: 80% of the weight in 20% of t). Outside the band G's
+    correction only has shapes left to change, which is where the quality went (README). Label-free.
+    """
+    groups = torch.zeros(losses.shape[0], dtype=torch.long) if prompt_ids is None else prompt_ids
+    weights = spread_weights(losses.double(), groups)
+    above = weights > 1.0 / weights.numel()
+    first = weights.numel() - 1
+    while first > 0 and bool(above[first - 1]):
+        first -= 1
+    bin_width = num_train_timesteps / weights.numel()
+    return int(round(first * bin_width))
 
 
 def environment_diagnostics(weights: torch.Tensor, scores: torch.Tensor) -> Dict:

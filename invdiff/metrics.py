@@ -174,14 +174,16 @@ def evaluate_samples(
     classifier: DigitClassifier,
     reference: Optional[torch.Tensor] = None,
     majority: Optional[torch.Tensor] = None,
+    attributes: Optional[torch.Tensor] = None,
 ) -> Dict:
     """Bias, digit accuracy and Frechet distance of colored-digit samples.
 
     images: (N, 3, H, W); prompt_ids: (N,) (= the prompted digit); reference: (M, 3, H, W) real
     eval images for the Frechet distance; majority: optional (P,) majority colour per prompt, to
-    report each prompt's majority-colour share.
+    report each prompt's majority-colour share. attributes: optional (N,) attribute index per
+    image, measured by the caller (a non-colour attribute); num_colors is then its number of values.
     """
-    colors = predict_color(images, num_colors)
+    colors = predict_color(images, num_colors) if attributes is None else attributes
     counts = attribute_counts(prompt_ids, colors, num_prompts, num_colors)
     out = bias_summary(counts[counts.sum(1) > 0])  # over the prompts that were sampled
     out["counts"] = counts.tolist()

@@ -1,7 +1,7 @@
 """Pictures and tables: sample grids, the Bias bar chart, the strength sweep, report.md."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -108,3 +108,32 @@ def markdown_table(models: Dict[str, Dict], keys=("bias", "bias_std", "digit_acc
 
 def write_markdown(path: str, text: str) -> None:
     atomic_write_text(path, text)
+
+
+def pareto_chart(rows: Dict[str, List[Dict]], path: str, base_frechet: Optional[float] = None, title: str = "") -> None:
+    """Bias against Frechet distance, one curve per model. rows: {model: [{"strength", "bias",
+    "frechet_distance"}, ...]}: unguided rows have one point, guided rows one per strength s
+    (labelled). Lower-left is better; the dotted line marks 1.15 x the base's Frechet distance."""
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    colors = ["#555", "#c66", "#4a4", "#27c", "#a5d", "#d90", "#3bb", "#999"]
+    for color, (name, points) in zip(colors * 2, rows.items()):
+        points = sorted(points, key=lambda r: r.get("strength", 1.0))
+        xs = [r["frechet_distance"] for r in points]
+        ys = [r["bias"] for r in points]
+        ax.plot(xs, ys, "o-" if len(points) > 1 else "s", color=color, label=name, ms=5)
+        if len(points) > 1:
+            for r, x, y in zip(points, xs, ys):
+                ax.annotate(f"s={r['strength']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
+    if base_frechet is not None:
+        ax.axvline(1.15 * base_frechet, ls=":", color="#888", lw=1)
+        ax.text(1.15 * base_frechet, 0.02, " 1.15 x base", fontsize=7, color="#666")
+    ax.set_xlabel("Frechet distance (lower is better)")
+    ax.set_ylabel("Bias (lower is better)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title or "Bias against quality")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

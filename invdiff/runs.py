@@ -22,13 +22,12 @@ import torch
 
 from .data.base import DiffusionDataset
 from .environments import (
-    aggregate_losses,
+    MaxStepPolicy,
     collect_losses,
     draw_proposal,
     environment_diagnostics,
-    MAX_STEP_METHODS,
-    infer_environments,
-    infer_environments_mixture,
+    groups_from_losses,
+    guidance_band,
     save_environments,
 )
 from .io import CheckpointError, atomic_save_file, atomic_write_json, read_json, staged_directory
@@ -58,7 +57,7 @@ class DebiasConfig:
     aggregation: str = "spread"
     loss_timesteps: int = 20
     loss_draws: int = 1
-    max_step: str = "mixture"  # "official": projected Adam on std_k R_k; "mixture": see environments.py
+    max_step: str = "gap"  # "gap" | "mixture" | "official" (projected Adam on std_k R_k); see environments.py
     per_prompt_groups: bool = True  # K environments inside each prompt (see max_step)
     min_per_prompt_groups: int = 8  # ... when every prompt has at least this many samples per group
     max_step_steps: int = 500
@@ -77,6 +76,30 @@ class DebiasConfig:
     grad_accum: int = 1  # micro-batches per min step; group statistics are per micro-batch
     guidance_kind: str = "unet"  # "unet": a narrow zero-initialised UNet (preset); "lora": peft LoRA on the frozen UNet
     lora_rank: int = 4
+    # Where in t G_psi acts: "auto" (the high-spread band found by environments.guidance_band),
+    # "off" (every t), or the first timestep of the band as an integer string.
+    t_band: str = "auto"
+    ema_decay: Optional[float] = None  # EMA of G's weights (None: off); the EMA weights are saved
+    head: str = "affine"  # G's recalibration head: affine | zero-sum | none (models/guidance.py HEADS)
+    # The min step's objective: "invariant" (L_e), "groupdro" (online max_k R_k) or "jtt"
+    # (plain loss, high-loss group upweighted by jtt_upweight). See training.MinStepConfig.
+    objective: str = "invariant"
+    jtt_upweight: float = 5.0
+
+    def max_step_policy(self) -> MaxStepPolicy:
+        return MaxStepPolicy(
+            method=self.max_step, groups=self.groups, aggregation=self.aggregation, per_prompt=self.per_prompt_groups,
+            min_per_prompt=self.min_per_prompt_groups, steps=self.max_step_steps, lr=self.max_step_lr,
+            alpha=self.alpha, seed=self.seed,
+        )
+
+    def band_start(self, losses: torch.Tensor, prompt_ids: torch.Tensor, num_train_timesteps: int) -> int:
+        """The first timestep where G acts, given the frozen (N, T) losses."""
+        if self.t_band == "off":
+            return 0
+        if self.t_band == "auto":
+            return guidance_band(losses, prompt_ids, num_train_timesteps)
+        return int(self.t_band)
 
     def validate(self, n: int) -> None:
         if not 2 <= self.groups <= n:
@@ -85,8 +108,7 @@ class DebiasConfig:
             raise ValueError(f"lambda must be >= 0, got {self.lam}")
         if not self.ratio > 0:
             raise ValueError(f"guidance ratio r must be > 0, got {self.ratio}")
-        if self.max_step not in MAX_STEP_METHODS:
-            raise ValueError(f"max_step must be one of {MAX_STEP_METHODS}, got {self.max_step!r}")
+        self.max_step_policy().validate()
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.frozen_dtype not in ("fp32", "bf16", "fp16"):
@@ -95,6 +117,44 @@ class DebiasConfig:
             raise ValueError(f"guidance_kind must be 'unet' or 'lora', got {self.guidance_kind!r}")
         if self.attention not in ("sdpa", "xformers"):
             raise ValueError(f"attention must be sdpa or xformers, got {self.attention!r}")
+        if self.t_band not in ("auto", "off") and not (self.t_band.isdigit() and int(self.t_band) < 10_000):
+            raise ValueError(f"t band must be 'auto', 'off' or a timestep >= 0, got {self.t_band!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {self.ema_decay}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not self.jtt_upweight >= 1.0:
+            raise ValueError(f"JTT upweight must be >= 1, got {self.jtt_upweight}")
+        if not 0.0 < self.importance_mix <= 1.0:
+            raise ValueError(f"importance mix must be in (0, 1], got {self.importance_mix}")
+
+    def validate_for_base(self, num_train_timesteps: int) -> None:
+        """Checks that need the base: the band must start inside [0, T)."""
+        if self.t_band not in ("auto", "off") and not 0 <= int(self.t_band) < num_train_timesteps:
+            raise ValueError(f"t band start {self.t_band} is outside [0, {num_train_timesteps})")
+
+
+OBJECTIVES = ("invariant", "groupdro", "jtt")
+
+# Named presets over DebiasConfig. "official" is the paper's recipe as published: projected Adam
+# on the plain mean loss, pooled groups, absolute lambda = 1, its training ratio 0.5, fresh (t,
+# noise) every step (no bank, no importance sampling) and G at every t; G_psi's architecture and
+# the step budget stay ours, so the comparison isolates the recipe.
+RECIPES = {
+    "invdiff": {},
+    "official": dict(max_step="official", aggregation="mean", per_prompt_groups=False, lam=1.0, lam_mode="absolute",
+                     ratio=0.5, use_bank=False, importance_mix=1.0, t_band="off"),
+    # Label-free baselines on the same G_psi, budget and inferred groups.
+    "jtt": dict(objective="jtt", per_prompt_groups=False, lam=0.0),
+    "groupdro": dict(objective="groupdro", lam=0.0),
+}
+
+
+def recipe_config(name: str, **overrides) -> DebiasConfig:
+    """DebiasConfig for a named recipe (RECIPES), with overrides on top."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose from {sorted(RECIPES)}")
+    return dataclasses.replace(DebiasConfig(), **{**RECIPES[name], **overrides})
 
 
 def load_base(path: str, config: Optional[DebiasConfig] = None, device=None) -> FrozenBase:
@@ -136,40 +196,20 @@ def check_output_dir(out: str, meta: Dict, overwrite: bool = False) -> None:
         )
 
 
-def _max_step_pooled(scores: torch.Tensor, config: DebiasConfig) -> torch.Tensor:
-    if config.max_step == "mixture":
-        return infer_environments_mixture(scores, config.groups, config.seed)
-    return infer_environments(scores, config.groups, config.max_step_steps, config.max_step_lr, config.alpha, config.seed)
-
-
-def max_step(scores: torch.Tensor, config: DebiasConfig, prompt_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(N,) per-sample scores -> (N, K) soft environments, or (N, P*K) with per-prompt groups.
-
-    Per prompt (the default when every prompt has at least `min_per_prompt_groups * K` samples):
-    the max step runs separately within each prompt's samples and prompt p owns columns
-    [p*K, (p+1)*K). A spurious correlation is a dependence between the prompt and an attribute,
-    so its environments live inside each prompt; the prompt is the conditioning, not a bias
-    label. Pooled groups mix all prompts' minorities into one group, and the min step then cannot
-    balance any single prompt (measured: Bias 0.655 pooled vs the oracle's 0.275, see README).
-    """
-    if prompt_ids is None or not config.per_prompt_groups:
-        return _max_step_pooled(scores, config)
-    counts = torch.bincount(prompt_ids)
-    present = torch.nonzero(counts).flatten()
-    if int(counts[present].min()) < config.min_per_prompt_groups * config.groups:
-        return _max_step_pooled(scores, config)
-    k = config.groups
-    weights = torch.zeros(scores.shape[0], len(present) * k)
-    for j, p in enumerate(present.tolist()):
-        rows = prompt_ids == p
-        weights[rows, j * k : (j + 1) * k] = _max_step_pooled(scores[rows], config)
-    return weights
-
-
 def weights_from_losses(losses: torch.Tensor, prompt_ids: torch.Tensor, config: DebiasConfig):
-    """(N, T) frozen losses -> (W, scores): the configured aggregation, then the max step."""
-    scores = aggregate_losses(losses, prompt_ids, config.aggregation)
-    return max_step(scores, config, prompt_ids), scores
+    """(N, T) frozen losses -> (W, scores): the max step of `config` (environments.py)."""
+    weights, scores = groups_from_losses(losses, prompt_ids, config.max_step_policy())
+    if config.objective == "jtt":
+        # JTT: one environment, the high-loss ("error") group upweighted. With one column the
+        # invariant loss is the weighted mean sum_i w_i l_i / sum_i w_i.
+        high = weights[:, -1] if weights.shape[1] == config.groups else _highest_group(weights, config.groups)
+        weights = (1.0 + (config.jtt_upweight - 1.0) * high)[:, None]
+    return weights, scores
+
+
+def _highest_group(weights: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) membership of each prompt's highest-score group in per-prompt (N, P*K) weights."""
+    return weights.view(weights.shape[0], -1, k)[:, :, -1].sum(1)
 
 
 def environment_weights(
@@ -240,6 +280,8 @@ def debias(
             os.makedirs(checkpoint_dir, exist_ok=True)
             atomic_write_json(marker, identity)
     base = load_base(base_dir, config).freeze()
+    num_train_timesteps = base.scheduler.config.num_train_timesteps
+    config.validate_for_base(num_train_timesteps)
     latent = hasattr(base, "decode_latents")
     if latent:
         # Text conditioning: the dataset's prompts take ids 0..P-1, encoded once by the frozen
@@ -258,9 +300,11 @@ def debias(
             collect_losses(base, dataset, config.loss_timesteps, config.loss_draws, config.seed, progress=progress, return_bank=True),
         ))
     losses, grid, bank = frozen["losses"], frozen["timesteps"], frozen["bank"]
-    if config.importance_mix < 1.0:
+    t_min = config.band_start(losses, dataset.prompt_ids, num_train_timesteps)
+    if config.importance_mix < 1.0 or t_min > 0:
         bank = dataclasses.replace(
-            bank, proposal=draw_proposal(losses, dataset.prompt_ids, config.loss_draws, config.importance_mix)
+            bank, proposal=draw_proposal(losses, dataset.prompt_ids, config.loss_draws, config.importance_mix,
+                                         band=bank.timesteps >= t_min)
         )
     if weights is None:
         weights, scores = weights_from_losses(losses, dataset.prompt_ids, config)
@@ -273,9 +317,10 @@ def debias(
     if config.guidance_kind == "lora":
         from .models.lora import LoraGuidance
 
-        guidance = LoraGuidance.from_frozen(base.unet, config.ratio, config.lora_rank)
+        guidance = LoraGuidance.from_frozen(base.unet, config.ratio, config.lora_rank, t_min=t_min)
     else:
-        guidance = GuidanceModule.from_frozen(base.unet.config, config.preset, config.ratio)
+        guidance = GuidanceModule.from_frozen(base.unet.config, config.preset, config.ratio, t_min=t_min,
+                                              head_kind=config.head)
     if config.grad_checkpointing:
         guidance.unet.enable_gradient_checkpointing()
     min_cfg = MinStepConfig(
@@ -286,6 +331,8 @@ def debias(
         lam_warmup=config.lam_warmup,
         lam_mode=config.lam_mode,
         seed=config.seed,
+        objective="groupdro" if config.objective == "groupdro" else "invariant",
+        ema_decay=config.ema_decay,
         grad_accum=config.grad_accum,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
@@ -294,6 +341,7 @@ def debias(
     )
     log = train_guidance(base, guidance, dataset, weights, min_cfg, progress=progress, bank=bank if config.use_bank else None)
     meta["diagnostics"] = diagnostics
+    meta["t_min"] = t_min
     meta["min_step_seconds"] = log[-1].get("seconds")
     meta["processes"] = world
     result = {"weights": weights, "scores": scores, "losses": losses, "log": log, "meta": meta}

@@ -123,7 +123,7 @@ def completed(out: str, items: List[Item]) -> Dict[int, Dict]:
 
 
 def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, seed: int = 0, steps: int = 25,
-                   guidance_scale: float = 2.0, scheduler: str = "ddim", strength: float = 1.0, batch_size: int = 64,
+                   guidance_scale: float = 1.0, scheduler: str = "ddim", strength: float = 1.0, batch_size: int = 64,
                    attention: str = "sdpa", resume: bool = False, overwrite: bool = False, progress: bool = True) -> Dict:
     """Run (or resume) the job on this rank's share of the items. Returns a summary."""
     from .distributed import barrier, init_from_env

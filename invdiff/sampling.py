@@ -22,7 +22,7 @@ from diffusers import (
 from tqdm.auto import tqdm
 
 from .models.base import FrozenBase
-from .models.guidance import GuidanceModule
+from .models.guidance import GuidanceModule, in_band
 from .ops import cfg_combine
 
 SCHEDULERS = {
@@ -56,7 +56,15 @@ class GuidedDenoiser(torch.nn.Module):
         eps = self.base.eps(sample, timestep, prompt_embeds)
         if self.guidance is None or self.strength == 0.0:
             return eps, None
-        return eps, self.guidance(sample, timestep, prompt_embeds, eps)
+        rows = in_band(timestep, self.guidance.t_min, eps.shape[0])
+        if bool(rows.all()):
+            return eps, self.guidance(sample, timestep, prompt_embeds, eps)
+        if not bool(rows.any()):
+            return eps, None  # outside G's band (guidance_band): the frozen model alone, G not run
+        t = timestep.reshape(-1).expand(eps.shape[0]) if timestep.numel() == 1 else timestep
+        g = torch.zeros_like(eps)
+        g[rows] = self.guidance(sample[rows], t[rows], prompt_embeds[rows], eps[rows]).to(g.dtype)
+        return eps, g
 
     @torch.no_grad()
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
@@ -80,7 +88,7 @@ def sample(
     prompt_ids: torch.Tensor,
     seeds: Sequence[int],
     steps: int = 50,
-    guidance_scale: float = 2.0,
+    guidance_scale: float = 1.0,
     scheduler: str = "ddim",
     batch_size: int = 256,
     progress: bool = True,
@@ -109,7 +117,7 @@ def sample_unfused(
     prompt_ids: torch.Tensor,
     seeds: Sequence[int],
     steps: int = 50,
-    guidance_scale: float = 2.0,
+    guidance_scale: float = 1.0,
     scheduler: str = "ddim",
     batch_size: int = 256,
     progress: bool = True,

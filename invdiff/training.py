@@ -54,6 +54,11 @@ class MinStepConfig:
     lam_mode: str = "absolute"
     cfg_dropout: float = 0.1
     seed: int = 0
+    # "invariant": L_e. "groupdro": GroupDRO (Sagawa et al. 2020) on the same groups, sum_k q_k R_k
+    # with q updated online by exponentiated gradient (step `groupdro_eta`) towards the worst group.
+    objective: str = "invariant"
+    groupdro_eta: float = 0.01
+    ema_decay: Optional[float] = None  # EMA of G's weights, copied into G at the end (None: off)
     # Gradient accumulation: the global batch is cut into this many micro-batches, each forms its
     # OWN group statistics (R_k, Var_k) and L_e, and their gradients are averaged before one
     # optimiser step. So the objective is the mean of per-micro-batch L_e, not L_e of the whole
@@ -145,10 +150,11 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
         order = order[batch_size:]
 
 
-def _noised(scheduler, images: torch.Tensor, generator: torch.Generator):
+def _noised(scheduler, images: torch.Tensor, generator: torch.Generator, t_min: int = 0):
+    """(x_t, t, target) with t uniform on [t_min, T)."""
     b = images.shape[0]
     noise = torch.randn(images.shape, generator=generator)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
+    t = torch.randint(t_min, scheduler.config.num_train_timesteps, (b,), generator=generator)
     return scheduler.add_noise(images, noise, t), t, training_target(scheduler, images, noise, t)
 
 
@@ -244,12 +250,17 @@ def train_guidance(
         raise ValueError(f"lambda must be >= 0, got {config.lam}")
     if config.lam_mode not in ("absolute", "relative"):
         raise ValueError(f"lam_mode must be 'absolute' or 'relative', got {config.lam_mode!r}")
+    if config.objective not in ("invariant", "groupdro"):
+        raise ValueError(f"objective must be 'invariant' or 'groupdro', got {config.objective!r}")
     if config.grad_accum < 1 or config.batch_size % config.grad_accum:
         raise ValueError(f"grad_accum must be >= 1 and divide batch_size {config.batch_size}, got {config.grad_accum}")
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     base = base.freeze()
-    opt = adamw([p for p in guidance.parameters() if p.requires_grad], config.lr)
+    trained = [p for p in guidance.parameters() if p.requires_grad]
+    opt = adamw(trained, config.lr)
+    ema = EMAModel(trained, decay=config.ema_decay) if config.ema_decay else None
+    group_q = torch.full((weights.shape[1],), 1.0 / weights.shape[1])  # GroupDRO's group weights
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, config.steps // 10), config.steps))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     guidance, opt = accelerator.prepare(guidance, opt)
@@ -270,7 +281,7 @@ def train_guidance(
         rank, so each rank takes its own rows of the same global batch)."""
         pid = _drop_prompts(dataset.prompt_ids[idx], base.conditioner.null_id, config.cfg_dropout, gen)
         if bank is None:
-            x_t, t, target = _noised(base.scheduler, dataset.images[idx], gen)
+            x_t, t, target = _noised(base.scheduler, dataset.images[idx], gen, getattr(guidance, "t_min", 0))
             return pid, x_t, t, target, None, None
         if bank.proposal is None:
             pick = torch.randint(0, bank.draws, (len(idx),), generator=gen)
@@ -313,6 +324,19 @@ def train_guidance(
                 # Self-normalised importance weights: R_k = sum w_ik iw_i l_i / sum w_ik iw_i.
                 w = w * importance[:, None]
             w = w.to(dev)
+            if config.objective == "groupdro":
+                # q moves towards the groups with the highest risk, measured relative to the batch
+                # mean: raw risks here are ~0.03, so the usual eta on them would leave q uniform.
+                with torch.no_grad():
+                    l_i = ops.per_sample_mse(ops.guidance_combine(eps, g, inner.ratio), target).float()
+                    sums = w.sum(0)
+                    risks = (w * l_i[:, None]).sum(0) / sums.clamp_min(1e-12)
+                    present = sums > 0
+                    rel = risks / risks[present].mean().clamp_min(1e-12)
+                    group_q = torch.where(present.cpu(), group_q * torch.exp(config.groupdro_eta * rel.cpu()), group_q)
+                    group_q = group_q / group_q.sum()
+                w = _groupdro_weights(w, group_q.to(dev))
+                lam_used = 0.0
             if world > 1:
                 # Exact global group statistics (see invdiff.distributed).
                 stats = global_invariant_loss_with_stats(eps, target, w, lam_used, g=g, ratio=inner.ratio)
@@ -324,6 +348,8 @@ def train_guidance(
         accelerator.clip_grad_norm_(guidance.parameters(), 1.0)
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.step(trained)
         stats, lam_used = stats_of_step[-1]
         r = stats.risks[stats.weight_sums > 0]
         var = float(r.var()) if r.numel() > 1 else 0.0
@@ -336,6 +362,17 @@ def train_guidance(
         if config.checkpoint_every and config.checkpoint_dir and state.step % config.checkpoint_every == 0:
             _save_checkpoint(accelerator, config.checkpoint_dir, state.step, config.keep_checkpoints)
     bar.close()
+    if ema is not None:
+        ema.copy_to(trained)
     log = list(state.log)
     log.append({"seconds": time.time() - t0, "resumed_from": resume_from, "processes": world})
     return log
+
+
+def _groupdro_weights(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(B, K) group weights -> (B, 1) per-sample weights v_i = sum_k q_k W_ik / S_k (S_k the
+    group's weight in the batch; empty groups dropped), so that the one-environment loss
+    sum_i v_i l_i / sum_i v_i is GroupDRO's sum_k q_k R_k over the present groups."""
+    sums = w.sum(0)
+    scale = torch.where(sums > 0, q / sums.clamp_min(1e-12), torch.zeros_like(q))
+    return (w * scale).sum(1, keepdim=True)

@@ -79,8 +79,8 @@ def test_draw_proposal_is_a_distribution_leaning_to_high_spread():
         draw_proposal(losses, torch.zeros(80, dtype=torch.long), draws=2, mix=0.0)
 
 
-@pytest.mark.parametrize("method", ["mixture", "official"])
-def test_both_max_steps_are_label_free(frozen_tiny_base, tiny_train, method):
+@pytest.mark.parametrize("method", ["gap", "mixture", "official"])
+def test_every_max_step_is_label_free(frozen_tiny_base, tiny_train, method):
     cfg = DebiasConfig(groups=2, loss_timesteps=2, loss_draws=1, max_step_steps=20, max_step=method)
     w, s, _, _ = environment_weights(frozen_tiny_base, tiny_train, cfg, progress=False)
     flipped = {"color": 1 - tiny_train.attributes["color"], "digit": tiny_train.attributes["digit"].flip(0)}
@@ -136,15 +136,15 @@ def test_min_step_moves_g_off_zero(frozen_tiny_base, tiny_train):
 
 
 def test_per_prompt_groups_stay_inside_their_prompt():
-    from invdiff.runs import max_step
+    from invdiff.environments import MaxStepPolicy, infer_groups
 
     gen = torch.Generator().manual_seed(0)
     prompt_ids = torch.arange(3).repeat_interleave(100)
     scores = torch.randn(300, generator=gen)
     hot = torch.cat([torch.randperm(100, generator=gen)[:10] + 100 * p for p in range(3)])
     scores[hot] += 5.0
-    cfg = DebiasConfig(groups=2)
-    w = max_step(scores, cfg, prompt_ids)
+    cfg = MaxStepPolicy(method="mixture", groups=2)  # Gaussian clusters: the mixture's own model
+    w = infer_groups(scores, cfg, prompt_ids)
     assert w.shape == (300, 6)
     for p in range(3):
         rows = prompt_ids == p
@@ -155,8 +155,8 @@ def test_per_prompt_groups_stay_inside_their_prompt():
         # each prompt's high group is its own planted cluster
         high = w[hot[10 * p : 10 * (p + 1)], 2 * p + 1]
         assert float(high.mean()) > 0.9
-    pooled = max_step(scores, dataclasses.replace(cfg, per_prompt_groups=False), prompt_ids)
+    pooled = infer_groups(scores, dataclasses.replace(cfg, per_prompt=False), prompt_ids)
     assert pooled.shape == (300, 2)
     # too few samples per prompt for K groups: falls back to pooled groups
-    few = max_step(scores[:30], cfg, torch.arange(3).repeat_interleave(10))
+    few = infer_groups(scores[:30], cfg, torch.arange(3).repeat_interleave(10))
     assert few.shape == (30, 2)

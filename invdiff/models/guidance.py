@@ -77,10 +77,26 @@ def guidance_unet_config(frozen_config: Dict, preset: str = "small") -> Dict:
 
 
 TIME_FEATURES = 64
+# The recalibration head: "affine" (A(t, c) @ eps + b(t, c)), "zero-sum" (A's rows sum to zero,
+# no b), or "none" (the UNet body alone).
+HEADS = ("affine", "zero-sum", "none")
 
 
 def prompt_embeds_dim(unet_config: Dict) -> int:
     return int(unet_config["cross_attention_dim"])
+
+
+def in_band(timestep: torch.Tensor, t_min: int, batch: int) -> torch.Tensor:
+    """(B,) bool: which rows' timesteps lie in G_psi's band [t_min, T). timestep: (B,) or scalar."""
+    t = timestep.reshape(-1)
+    return (t.expand(batch) if t.numel() == 1 else t) >= t_min
+
+
+def gate_to_band(out: torch.Tensor, timestep: torch.Tensor, t_min: int) -> torch.Tensor:
+    """G's output zeroed outside its band, so eps_tilde is the frozen eps there. out: (B, C, H, W)."""
+    if t_min <= 0:
+        return out
+    return out * in_band(timestep, t_min, out.shape[0]).to(out.dtype).view(-1, 1, 1, 1)
 
 
 def combine_with_strength(eps: torch.Tensor, g: torch.Tensor, ratio: float, strength: float = 1.0) -> torch.Tensor:
@@ -100,9 +116,14 @@ class GuidanceModule(ModelMixin, ConfigMixin):
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, unet_config: Dict, ratio: float = 2.0, preset: str = "small", sees_frozen_output: bool = True):
+    def __init__(self, unet_config: Dict, ratio: float = 2.0, preset: str = "small", sees_frozen_output: bool = True,
+                 t_min: int = 0, head_kind: str = "affine"):
         super().__init__()
         check_ratio(ratio)
+        if head_kind not in HEADS:
+            raise ValueError(f"unknown recalibration head {head_kind!r}; choose from {HEADS}")
+        if t_min < 0:
+            raise ValueError(f"t_min must be >= 0, got {t_min}")
         unet_config = dict(unet_config)
         if sees_frozen_output:
             # G reads the frozen model's prediction beside x_t. The correction InvDiff needs
@@ -113,7 +134,7 @@ class GuidanceModule(ModelMixin, ConfigMixin):
         torch.nn.init.zeros_(self.unet.conv_out.weight)
         torch.nn.init.zeros_(self.unet.conv_out.bias)
         channels = unet_config["out_channels"]
-        if sees_frozen_output:
+        if sees_frozen_output and head_kind != "none":
             # The recalibration head: a per-(t, prompt) affine map of the frozen prediction,
             # A(t, c) @ eps_frozen + b(t, c), over channels. A global attribute (a colour, a
             # latent-space style direction) is a channel-space shift, which this head expresses
@@ -131,17 +152,25 @@ class GuidanceModule(ModelMixin, ConfigMixin):
             self.head = None
 
     @classmethod
-    def from_frozen(cls, frozen_unet_config: Dict, preset: str = "small", ratio: float = 2.0, sees_frozen_output: bool = True):
+    def from_frozen(cls, frozen_unet_config: Dict, preset: str = "small", ratio: float = 2.0, sees_frozen_output: bool = True,
+                    t_min: int = 0, head_kind: str = "affine"):
         return cls(
             unet_config=guidance_unet_config(dict(frozen_unet_config), preset),
             ratio=ratio,
             preset=preset,
             sees_frozen_output=sees_frozen_output,
+            t_min=t_min,
+            head_kind=head_kind,
         )
 
     @property
     def ratio(self) -> float:
         return float(self.config.ratio)
+
+    @property
+    def t_min(self) -> int:
+        """G acts for t >= t_min only (environments.guidance_band); 0 = every t."""
+        return int(self.config.get("t_min", 0))
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor, frozen_output: torch.Tensor | None = None
@@ -158,14 +187,20 @@ class GuidanceModule(ModelMixin, ConfigMixin):
             kwargs["class_labels"] = prompt_embeds[:, 0]
         out = self.unet(sample, timestep, prompt_embeds, **kwargs).sample
         if self.head is None:
-            return out
+            return gate_to_band(out, timestep, self.t_min)
         b, c = out.shape[:2]
         t = timestep.reshape(-1).expand(b) if timestep.numel() == 1 else timestep
         feats = torch.cat([get_timestep_embedding(t, TIME_FEATURES).to(out.dtype), prompt_embeds.mean(1).to(out.dtype)], 1)
         params = self.head(feats)
         mix, shift = params[:, : c * c].view(b, c, c), params[:, c * c :]
+        if self.config.get("head_kind", "affine") == "zero-sum":
+            # Rows summing to zero and no shift: a pixel whose channels are equal (a grey or black
+            # background, in pixel space) is left alone; only the differences between channels
+            # (the chroma) are remapped.
+            mix, shift = mix - mix.mean(2, keepdim=True), torch.zeros_like(shift)
         frozen = frozen_output.to(out.dtype)
-        return out + torch.einsum("bij,bjhw->bihw", mix, frozen) + shift.view(b, c, 1, 1)
+        out = out + torch.einsum("bij,bjhw->bihw", mix, frozen) + shift.view(b, c, 1, 1)
+        return gate_to_band(out, timestep, self.t_min)
 
     def combine(self, eps: torch.Tensor, g: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         return combine_with_strength(eps, g, self.ratio, strength)

@@ -18,7 +18,7 @@ from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 
 from ..ops.reference import check_ratio
-from .guidance import combine_with_strength
+from .guidance import combine_with_strength, gate_to_band
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -30,8 +30,10 @@ class LoraGuidance(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, unet_config: Dict, ratio: float = 2.0, rank: int = 4, alpha: Optional[float] = None,
-                 target_modules: Sequence[str] = DEFAULT_TARGETS):
+                 target_modules: Sequence[str] = DEFAULT_TARGETS, t_min: int = 0):
         super().__init__()
+        if t_min < 0:
+            raise ValueError(f"t_min must be >= 0, got {t_min}")
         from peft import LoraConfig
 
         check_ratio(ratio)
@@ -48,9 +50,9 @@ class LoraGuidance(ModelMixin, ConfigMixin):
         self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True, target_modules=targets))
 
     @classmethod
-    def from_frozen(cls, frozen_unet, ratio: float = 2.0, rank: int = 4) -> "LoraGuidance":
+    def from_frozen(cls, frozen_unet, ratio: float = 2.0, rank: int = 4, t_min: int = 0) -> "LoraGuidance":
         """Adapters on a copy of `frozen_unet` (its weights copied, its dtype kept at fp32 for training)."""
-        g = cls(dict(frozen_unet.config), ratio=ratio, rank=rank)
+        g = cls(dict(frozen_unet.config), ratio=ratio, rank=rank, t_min=t_min)
         own = g.unet.state_dict()
         state = {}
         for key, value in getattr(frozen_unet, "_orig_mod", frozen_unet).state_dict().items():
@@ -65,6 +67,10 @@ class LoraGuidance(ModelMixin, ConfigMixin):
     def ratio(self) -> float:
         return float(self.config.ratio)
 
+    @property
+    def t_min(self) -> int:
+        return int(self.config.get("t_min", 0))
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
                 frozen_output: Optional[torch.Tensor] = None) -> torch.Tensor:
         """sample: (B, C, H, W); timestep: (B,); prompt_embeds: (B, L, D); frozen_output: (B, C, H, W)
@@ -72,7 +78,7 @@ class LoraGuidance(ModelMixin, ConfigMixin):
         if frozen_output is None:
             raise ValueError("the LoRA G_psi is a residual on the frozen prediction: pass frozen_output")
         out = self.unet(sample, timestep, prompt_embeds).sample
-        return out - frozen_output.to(out.dtype)
+        return gate_to_band(out - frozen_output.to(out.dtype), timestep, self.t_min)
 
     def combine(self, eps: torch.Tensor, g: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         return combine_with_strength(eps, g, self.ratio, strength)
