@@ -82,7 +82,7 @@ DEBIAS_FLAGS = {
 }
 DEBIAS_SWITCHES = {"pooled_groups": ("per_prompt_groups", False), "channels_last": ("channels_last", True),
                    "compile": ("compile_frozen", True), "grad_checkpointing": ("grad_checkpointing", True),
-                   "no_bank": ("use_bank", False)}
+                   "no_bank": ("use_bank", False), "gate_to_band": ("gate_to_band", True)}
 
 
 def debias_config_from_args(args):
@@ -127,6 +127,7 @@ def cmd_sample(args) -> None:
             args.model, args.prompts, args.out, num=args.num, seed=args.seed, steps=args.steps,
             guidance_scale=args.guidance_scale, scheduler=args.scheduler, strength=args.strength,
             batch_size=args.batch_size, attention=args.attention, resume=args.resume, overwrite=args.overwrite,
+            eta_below=args.eta_below_band,
         )
         if "manifest" in summary:
             print(f"{summary['items']} images in {args.out} ({summary['resumed']} kept from before); manifest {summary['manifest']}")
@@ -145,7 +146,8 @@ def cmd_sample(args) -> None:
     seeds = [args.seed + i for i in range(len(prompts))]
     manifest_path = os.path.join(args.out, "manifest.json")
     settings = {"model": os.path.abspath(args.model), "steps": args.steps, "guidance_scale": args.guidance_scale,
-                "scheduler": args.scheduler, "strength": args.strength, "seed": args.seed, "attention": args.attention}
+                "scheduler": args.scheduler, "strength": args.strength, "seed": args.seed, "attention": args.attention,
+                "eta_below_band": args.eta_below_band}
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         if not os.path.isfile(manifest_path):
             raise FileExistsError(f"{args.out!r} is not empty and holds no invdiff samples; choose another --out")
@@ -153,7 +155,7 @@ def cmd_sample(args) -> None:
             if json.load(f).get("settings") != settings:
                 raise FileExistsError(f"{args.out!r} holds samples made with other settings; choose another --out or pass --overwrite")
     images = sample(GuidedDenoiser(base, guidance, args.strength), ids, seeds, args.steps, args.guidance_scale, args.scheduler,
-                    batch_size=args.batch_size)
+                    batch_size=args.batch_size, eta_below=args.eta_below_band)
     pixels = to_uint8(images)
     entries = []
     counters: Dict[str, int] = {}
@@ -285,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--loss-timesteps", "max step: size of the t grid", type=int)
     opt("--loss-draws", "max step: noise draws per grid timestep", type=int)
     opt("--max-step-steps", "max step (official): Adam steps", type=int)
-    opt("--t-band", "where G acts: auto (the high-spread band of t), off (every t), or the band's first timestep")
+    opt("--t-band", "where the attribute is decided: auto (the high-spread band of t), off, or the band's first timestep; "
+        "sampling turns stochastic below it")
+    p.add_argument("--gate-to-band", action="store_true", help="G acts inside the --t-band only")
     opt("--ema-decay", "EMA of G's weights, in (0, 1); off when not given", type=float)
     opt("--jtt-upweight", "--recipe jtt: weight of the high-loss group", type=float)
     opt("--importance-mix", "share of uniform t draws in the min step, in (0, 1]; 1 = no importance sampling", type=float)
@@ -325,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale w (1 = off)")
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "euler", "dpm"])
     p.add_argument("--strength", type=float, default=1.0, help="G_psi strength s (0 = frozen model, 1 = as trained)")
+    p.add_argument("--eta-below-band", type=float, default=None,
+                   help="DDIM eta under the attribute band recorded in G (default 1: stochastic there; 0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_sample)

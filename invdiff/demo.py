@@ -126,13 +126,15 @@ class _Data:
         self.majority = torch.tensor([majority_color(d, setting.num_values) for d in range(10)])
 
 
-def _evaluate(base, guidance, strength, settings, seed, classifier, data: _Data):
-    """Sample `per_digit` images per digit and score them. Returns (metrics dict, images)."""
+def _evaluate(base, guidance, strength, settings, seed, classifier, data: _Data, band_start: int = 0):
+    """Sample `per_digit` images per digit and score them. Returns (metrics dict, images).
+    band_start: the setting's attribute band; every row is sampled with the same sampler
+    (deterministic DDIM in the band, stochastic below it: sampling.STOCHASTIC_BELOW_BAND)."""
     per = settings["per_digit"]
     ids = torch.arange(10).repeat_interleave(per)
     seeds = [seed * 1_000_000 + i for i in range(ids.numel())]
     images = sample(GuidedDenoiser(base, guidance, strength), ids, seeds, settings["sample_steps"],
-                    settings["guidance_scale"], progress=False)
+                    settings["guidance_scale"], progress=False, band_start=band_start)
     result = evaluate_samples(images, ids, 10, data.setting.num_values, classifier, data.eval.images, data.majority,
                               attributes=data.measure(images, ids))
     return {k: result[k] for k in ("bias", "bias_std", "digit_accuracy", "frechet_distance", "majority_share")}, images
@@ -178,11 +180,12 @@ def _cell_key(setting: Setting, seed: int, row: str, settings: Dict) -> str:
 def _run_cell(setting, data: _Data, seed, row, settings, classifier, frozen_of, workdir, show) -> Dict:
     """One (setting, seed, row): train if guided, sample over the strength sweep, evaluate."""
     cfg = replace(settings["invdiff"], seed=seed)
+    band_start = cfg.band_start(frozen_of(cfg)["losses"], data.train.prompt_ids, 1000)
     if row in ("base", "balanced"):
         folder = shipped_base(name=setting.base if row == "base" else setting.balanced_base)
         base = FrozenBase.from_pretrained(folder).freeze()
-        res, images = _evaluate(base, None, 1.0, settings, seed, classifier, data)
-        return {"result": res, "sweep": [], "images": images, "extra": {}}
+        res, images = _evaluate(base, None, 1.0, settings, seed, classifier, data, band_start)
+        return {"result": res, "sweep": [], "images": images, "extra": {"band_start": band_start}}
     base_dir = shipped_base(name=setting.base)
     base = FrozenBase.from_pretrained(base_dir).freeze()
     n = len(data.train)
@@ -192,7 +195,7 @@ def _run_cell(setting, data: _Data, seed, row, settings, classifier, frozen_of, 
     started = time.time()
     result = debias(base_dir, data.train, run_dir, vcfg, data.spec, weights=weights, progress=False,
                     frozen=frozen_of(cfg), overwrite=True)
-    extra = {"train_seconds": time.time() - started, "t_min": result["meta"]["t_min"]}
+    extra = {"train_seconds": time.time() - started, "t_min": result["meta"]["t_min"], "band_start": band_start}
     if weights is None and result["weights"].shape[1] > 1:
         a = group_alignment(result["weights"], result["scores"], data.minority, data.true_groups)
         extra["balanced_minority_share"] = a["balanced_minority_share"]
@@ -200,12 +203,12 @@ def _run_cell(setting, data: _Data, seed, row, settings, classifier, frozen_of, 
     _, guidance = load_model(run_dir)
     sweep, res, images = [], None, None
     for s in settings["sweep"]:
-        r_s, imgs = _evaluate(base, guidance, s, settings, seed, classifier, data)
+        r_s, imgs = _evaluate(base, guidance, s, settings, seed, classifier, data, band_start)
         sweep.append({"strength": s, **{k: r_s[k] for k in ("bias", "digit_accuracy", "frechet_distance")}})
         if s == 1.0:
             res, images = r_s, imgs
     if res is None:
-        res, images = _evaluate(base, guidance, 1.0, settings, seed, classifier, data)
+        res, images = _evaluate(base, guidance, 1.0, settings, seed, classifier, data, band_start)
     return {"result": res, "sweep": sweep, "images": images, "extra": extra}
 
 
@@ -337,7 +340,7 @@ def _summarise(setting: Setting, per_seed: Dict[str, List[Dict]], settings: Dict
                                                 for k in ("bias", "digit_accuracy", "frechet_distance")}}
                 for i, s in enumerate(cells[0]["sweep"])
             ]
-        for key in ("balanced_minority_share", "score_auroc_minority", "train_seconds", "t_min"):
+        for key in ("balanced_minority_share", "score_auroc_minority", "train_seconds", "t_min", "band_start"):
             if key in cells[0]["extra"]:
                 entry[key] = _mean_std([c["extra"][key] for c in cells])["mean"]
         models[row] = entry
@@ -377,7 +380,8 @@ def _write_report(out: str, report: Dict, grids: Dict, show: int) -> None:
         inv = models["invdiff"]
         if "balanced_minority_share" in inv:
             md.append(f"\nInferred groups (evaluation only): balanced minority share {inv['balanced_minority_share']:.3f} "
-                      f"(perfect groups 0.5), score AUROC {inv['score_auroc_minority']:.3f}; G acts for t >= {inv['t_min']:.0f}.")
+                      f"(perfect groups 0.5), score AUROC {inv['score_auroc_minority']:.3f}; attribute band t >= {inv['band_start']:.0f} "
+                      f"(deterministic DDIM there, stochastic below, for every row); G acts for t >= {inv['t_min']:.0f}.")
         sweeps = {row: m["sweep"] for row, m in models.items() if m.get("sweep")}
         if sweeps:
             md.append("\n| model | strength | Bias | digit accuracy | Frechet distance |\n|---|---|---|---|---|")

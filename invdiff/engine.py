@@ -57,7 +57,8 @@ class SamplingEngine:
     queue is empty.
     """
 
-    def __init__(self, denoiser, scheduler="ddim", max_batch: int = 64, device=None, eta: float = 0.0, dtype=None, postprocess=None):
+    def __init__(self, denoiser, scheduler="ddim", max_batch: int = 64, device=None, eta: float = 0.0, dtype=None, postprocess=None,
+                 eta_below: Optional[float] = None, t_switch: int = 0):
         from .sampling import make_scheduler
 
         if max_batch < 1:
@@ -66,7 +67,7 @@ class SamplingEngine:
         base = denoiser.base
         self.device = torch.device(device) if device is not None else next(base.unet.parameters()).device
         self.scheduler = make_scheduler(scheduler, base.scheduler.config) if isinstance(scheduler, str) else scheduler
-        self.eta = eta
+        self.eta, self.eta_below, self.t_switch = eta, eta_below, t_switch
         self.max_batch = max_batch
         cfg = base.unet.config
         self.shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
@@ -78,7 +79,7 @@ class SamplingEngine:
         self._ids = itertools.count()
         self.fused_reason = None
         try:
-            plan_steps(self.scheduler, 1, eta)
+            plan_steps(self.scheduler, 1, eta, eta_below, t_switch)
         except UnsupportedScheduler as err:
             self.fused_reason = str(err)  # why the per-slot scheduler path is used
         if postprocess is None:
@@ -111,7 +112,7 @@ class SamplingEngine:
 
     def _plan(self, steps: int) -> StepPlan:
         if steps not in self._plans:
-            self._plans[steps] = plan_steps(self.scheduler, steps, self.eta)
+            self._plans[steps] = plan_steps(self.scheduler, steps, self.eta, self.eta_below, self.t_switch)
         return self._plans[steps]
 
     def _admit(self) -> None:

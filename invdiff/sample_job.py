@@ -124,7 +124,8 @@ def completed(out: str, items: List[Item]) -> Dict[int, Dict]:
 
 def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, seed: int = 0, steps: int = 25,
                    guidance_scale: float = 1.0, scheduler: str = "ddim", strength: float = 1.0, batch_size: int = 64,
-                   attention: str = "sdpa", resume: bool = False, overwrite: bool = False, progress: bool = True) -> Dict:
+                   attention: str = "sdpa", resume: bool = False, overwrite: bool = False, progress: bool = True,
+                   eta_below: Optional[float] = None) -> Dict:
     """Run (or resume) the job on this rank's share of the items. Returns a summary."""
     from .distributed import barrier, init_from_env
     from .engine import Request, SamplingEngine
@@ -132,13 +133,13 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
     from .models.sd import set_attention
     from .report import save_png, to_uint8
     from .runs import load_model
-    from .sampling import GuidedDenoiser
+    from .sampling import GuidedDenoiser, below_band_eta
 
     rank, world = init_from_env()
     items = read_prompts(prompts_file, num, seed, guidance_scale)
     settings = {"model": os.path.abspath(model), "steps": steps, "scheduler": scheduler, "strength": strength,
                 "attention": attention, "prompts_file": os.path.abspath(prompts_file), "num": num, "seed": seed,
-                "guidance_scale": guidance_scale}
+                "guidance_scale": guidance_scale, "eta_below": eta_below}
     job_path = os.path.join(out, JOB_FILE)
     if os.path.isfile(job_path):
         with open(job_path) as f:
@@ -164,7 +165,9 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
     active_attention = set_attention(base.unet, attention)
     prompt_ids = base.conditioner.prompt_ids(sorted({it.prompt for it in mine})) if mine else None
     id_of = dict(zip(sorted({it.prompt for it in mine}), prompt_ids.tolist())) if mine else {}
-    engine = SamplingEngine(GuidedDenoiser(base, guidance, strength), scheduler, max_batch=batch_size)
+    denoiser = GuidedDenoiser(base, guidance, strength)
+    eta_below, t_switch = below_band_eta(denoiser, scheduler, eta_below, None)
+    engine = SamplingEngine(denoiser, scheduler, max_batch=batch_size, eta_below=eta_below, t_switch=t_switch)
     for it in mine:
         engine.submit(Request(id_of[it.prompt], it.seed, steps, it.guidance_scale, request_id=it.item_id))
     by_id = {it.item_id: it for it in items}

@@ -72,6 +72,38 @@ class GuidedDenoiser(torch.nn.Module):
         return eps if g is None else self.guidance.combine(eps, g, self.strength)
 
 
+# DDIM's eta under the attribute band. Why: a guided G shifts which attribute a trajectory takes
+# in the band, and a deterministic sampler then carries the in-between state of that decision
+# down to t = 0: on colored digits (p = 0.9) the samples that kept the majority colour came out
+# with dimmer strokes (95th-percentile intensity 0.79 against the base's 0.84) and the Frechet
+# distance rose by 45-60%. Stochastic steps below the band let the frozen model repair the strokes
+# (InvDiff's Frechet distance 389 -> 246 against the base's 239 under the same sampler), and
+# deterministic steps in the band keep the base's own attribute shares faithful (10% minority,
+# as in the data; fully stochastic DDIM drew 4.7%). Measured with 30 samples per digit, seed 0.
+STOCHASTIC_BELOW_BAND = 1.0
+
+
+def attribute_band_start(denoiser: "GuidedDenoiser") -> int:
+    """The first timestep of the band where the attribute is decided, as recorded in G's config
+    by the max step (environments.guidance_band); 0 when unknown (no G, or an older G)."""
+    guidance = getattr(denoiser, "guidance", None)
+    return int(guidance.config.get("band_start", 0)) if guidance is not None else 0
+
+
+def below_band_eta(denoiser, scheduler, eta_below: Optional[float], band_start: Optional[int]):
+    """(eta_below, t_switch) for the engine: see `sample`."""
+    band_start = attribute_band_start(denoiser) if band_start is None else int(band_start)
+    if band_start < 0:
+        raise ValueError(f"band_start must be >= 0, got {band_start}")
+    if eta_below is not None and eta_below < 0:
+        raise ValueError(f"eta below the band must be >= 0, got {eta_below}")
+    if band_start == 0:
+        return eta_below, 0
+    if eta_below is None and scheduler == "ddim":
+        eta_below = STOCHASTIC_BELOW_BAND
+    return eta_below, band_start
+
+
 def initial_noise(shape, seeds: Sequence[int]):
     """(N, C, H, W) starting noise and the N per-image generators it came from.
 
@@ -94,18 +126,25 @@ def sample(
     progress: bool = True,
     device: Optional[torch.device] = None,
     eta: float = 0.0,
+    eta_below: Optional[float] = None,
+    band_start: Optional[int] = None,
 ) -> torch.Tensor:
     """Sample one image per (prompt id, seed) with the continuous-batching engine and the fused
     guided step. prompt_ids: (N,) int64. Returns (N, C, H, W) in [-1, 1], in request order
     (decoded by the VAE for a latent-space base).
-    An image depends only on its prompt, seed and settings, not on batch_size."""
+    An image depends only on its prompt, seed and settings, not on batch_size.
+
+    band_start / eta_below: DDIM runs with `eta` at t >= band_start (where the attribute is
+    decided; default: the band recorded in G's config, 0 without G) and with `eta_below`
+    (default STOCHASTIC_BELOW_BAND when there is a band) under it. See `below_band_eta`."""
     from .engine import Request, SamplingEngine
 
     if len(seeds) != prompt_ids.numel():
         raise ValueError(f"{len(seeds)} seeds for {prompt_ids.numel()} prompts")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    engine = SamplingEngine(denoiser, scheduler, max_batch=batch_size, device=device, eta=eta)
+    eta_below, t_switch = below_band_eta(denoiser, scheduler, eta_below, band_start)
+    engine = SamplingEngine(denoiser, scheduler, max_batch=batch_size, device=device, eta=eta, eta_below=eta_below, t_switch=t_switch)
     requests = [Request(int(p), int(s), steps, guidance_scale, request_id=i) for i, (p, s) in enumerate(zip(prompt_ids.tolist(), seeds))]
     images = engine.run(requests, progress=progress)
     return torch.stack([images[i] for i in range(len(requests))])

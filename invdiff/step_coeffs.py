@@ -73,7 +73,7 @@ class StepPlan:
         return int(self.timesteps.numel())
 
 
-def unsupported_reason(scheduler, eta: float = 0.0) -> Optional[str]:
+def unsupported_reason(scheduler, eta: float = 0.0, eta_below: Optional[float] = None) -> Optional[str]:
     """Why the fused step cannot run `scheduler` (None if it can)."""
     cfg = scheduler.config
     if not isinstance(scheduler, (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler)):
@@ -84,7 +84,7 @@ def unsupported_reason(scheduler, eta: float = 0.0) -> Optional[str]:
         return f"prediction_type {cfg.prediction_type!r}"
     if isinstance(scheduler, DDPMScheduler) and cfg.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
         return f"DDPM variance_type {cfg.variance_type!r} (learned or log-large variances)"
-    if not isinstance(scheduler, DDIMScheduler) and eta != 0.0:
+    if not isinstance(scheduler, DDIMScheduler) and (eta != 0.0 or eta_below not in (None, 0.0)):
         return "eta applies to DDIM only"
     return None
 
@@ -111,12 +111,14 @@ def _clip_column(row, cfg):
         row[Col.CLIP] = float(cfg.clip_sample_range)
 
 
-def plan_steps(scheduler, steps: int, eta: float = 0.0) -> StepPlan:
+def plan_steps(scheduler, steps: int, eta: float = 0.0, eta_below: Optional[float] = None, t_switch: int = 0) -> StepPlan:
     """The StepPlan of `steps` sampling steps. `scheduler` is not modified (a copy is set up).
 
+    DDIM: `eta` at timesteps >= t_switch and `eta_below` (default: eta) under it, so a sampler
+    can stay deterministic where an attribute is decided and turn stochastic below.
     Raises UnsupportedScheduler (with the reason) for what the fused step cannot express.
     """
-    reason = unsupported_reason(scheduler, eta)
+    reason = unsupported_reason(scheduler, eta, eta_below)
     if reason:
         raise UnsupportedScheduler(reason)
     sched = copy.deepcopy(scheduler)
@@ -136,13 +138,14 @@ def plan_steps(scheduler, steps: int, eta: float = 0.0) -> StepPlan:
             a_t = float(alphas[t])
             a_prev = float(alphas[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
             variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-            std = eta * math.sqrt(variance)
+            eta_here = eta if eta_below is None or t >= t_switch else eta_below
+            std = eta_here * math.sqrt(variance)
             _x0_eps_columns(row, cfg.prediction_type, a_t, need_eps=True)
             _clip_column(row, cfg)
             row[Col.PREV_FROM_X0] = math.sqrt(a_prev)
             row[Col.PREV_FROM_EPS] = math.sqrt(max(0.0, 1 - a_prev - std**2))
             row[Col.NOISE_SCALE] = std
-            draws[k] = eta > 0
+            draws[k] = eta_here > 0
         elif isinstance(sched, DDPMScheduler):
             prev = int(timesteps[k + 1]) if k + 1 < count else -1
             a_t = float(alphas[t])

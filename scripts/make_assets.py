@@ -33,7 +33,14 @@ from invdiff.training import BaseTrainConfig, train_base  # noqa: E402
 ASSETS = os.path.join(ROOT, "invdiff", "assets")
 BASE_PS = (0.6, 0.8, 0.9)
 # Bases for the settings the defaults were not chosen on (README "Held-out settings"): name -> data.
-EXTRA_BASES = {"base_p0.9_c3": {"p": 0.9, "num_colors": 3}, "base_thick_p0.9": {"p": 0.9, "attribute": "thickness"}}
+EXTRA_BASES = {
+    "base_p0.9_c3": {"p": 0.9, "num_colors": 3},
+    "base_thick_p0.9": {"p": 0.9, "attribute": "thickness"},
+    # The same budget on balanced data: the quality a perfectly debiased model could have.
+    "base_balanced": {"p": 0.5, "num_colors": 2},
+    "base_balanced_c3": {"p": 1 / 3, "num_colors": 3},
+    "base_thick_balanced": {"p": 0.5, "attribute": "thickness"},
+}
 
 
 def training_data(name: str):

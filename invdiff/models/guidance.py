@@ -77,6 +77,19 @@ def guidance_unet_config(frozen_config: Dict, preset: str = "small") -> Dict:
 
 
 TIME_FEATURES = 64
+SAMPLE_STATS = 3  # per channel: mean of x_t, mean and std of the frozen prediction
+
+
+def sample_statistics(sample: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) x_t and frozen prediction -> (B, 3C) per-channel global statistics.
+
+    Why the head reads them: the correction a reweighting asks for is sample-specific. Under the
+    reweighted data, the posterior over the attribute given x_t moves by a factor that depends on
+    the evidence for each attribute value in x_t (for a colour: how much of each channel the noise
+    and the emerging strokes carry). A map that sees only (t, prompt) must apply one average
+    correction to every sample, which blends attribute values instead of choosing one.
+    """
+    return torch.cat([sample.mean((2, 3)), frozen.mean((2, 3)), frozen.std((2, 3))], 1)
 # The recalibration head: "affine" (A(t, c) @ eps + b(t, c)), "zero-sum" (A's rows sum to zero,
 # no b), or "none" (the UNet body alone).
 HEADS = ("affine", "zero-sum", "none")
@@ -117,11 +130,14 @@ class GuidanceModule(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, unet_config: Dict, ratio: float = 2.0, preset: str = "small", sees_frozen_output: bool = True,
-                 t_min: int = 0, head_kind: str = "affine"):
+                 t_min: int = 0, head_kind: str = "affine", body: bool = True, head_sees_sample: bool = False,
+                 band_start: int = 0):
         super().__init__()
         check_ratio(ratio)
         if head_kind not in HEADS:
             raise ValueError(f"unknown recalibration head {head_kind!r}; choose from {HEADS}")
+        if not body and (head_kind == "none" or not sees_frozen_output):
+            raise ValueError("a G_psi without its UNet body needs the recalibration head (and the frozen output)")
         if t_min < 0:
             raise ValueError(f"t_min must be >= 0, got {t_min}")
         unet_config = dict(unet_config)
@@ -130,9 +146,12 @@ class GuidanceModule(ModelMixin, ConfigMixin):
             # (e.g. "this digit's predicted colour, partly swapped") is then a simple function
             # of its input; without it a zero-initialised G barely moved in 400 steps (measured).
             unet_config["in_channels"] = 2 * unet_config["in_channels"]
-        self.unet = UNet2DConditionModel(**unet_config)
-        torch.nn.init.zeros_(self.unet.conv_out.weight)
-        torch.nn.init.zeros_(self.unet.conv_out.bias)
+        # The UNet body: spatial, sample-specific corrections. body=False leaves the head alone
+        # (no UNet at all: sampling then costs G almost nothing).
+        self.unet = UNet2DConditionModel(**unet_config) if body else None
+        if body:
+            torch.nn.init.zeros_(self.unet.conv_out.weight)
+            torch.nn.init.zeros_(self.unet.conv_out.bias)
         channels = unet_config["out_channels"]
         if sees_frozen_output and head_kind != "none":
             # The recalibration head: a per-(t, prompt) affine map of the frozen prediction,
@@ -142,7 +161,7 @@ class GuidanceModule(ModelMixin, ConfigMixin):
             # spatial corrections. Zero-initialised like the UNet's output.
             emb_dim = prompt_embeds_dim(unet_config)
             self.head = torch.nn.Sequential(
-                torch.nn.Linear(emb_dim + TIME_FEATURES, 128),
+                torch.nn.Linear(emb_dim + TIME_FEATURES + (SAMPLE_STATS * channels if head_sees_sample else 0), 128),
                 torch.nn.SiLU(),
                 torch.nn.Linear(128, channels * channels + channels),
             )
@@ -153,7 +172,8 @@ class GuidanceModule(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_frozen(cls, frozen_unet_config: Dict, preset: str = "small", ratio: float = 2.0, sees_frozen_output: bool = True,
-                    t_min: int = 0, head_kind: str = "affine"):
+                    t_min: int = 0, head_kind: str = "affine", body: bool = True, head_sees_sample: bool = False,
+                    band_start: int = 0):
         return cls(
             unet_config=guidance_unet_config(dict(frozen_unet_config), preset),
             ratio=ratio,
@@ -161,6 +181,9 @@ class GuidanceModule(ModelMixin, ConfigMixin):
             sees_frozen_output=sees_frozen_output,
             t_min=t_min,
             head_kind=head_kind,
+            body=body,
+            head_sees_sample=head_sees_sample,
+            band_start=band_start,
         )
 
     @property
@@ -181,16 +204,22 @@ class GuidanceModule(ModelMixin, ConfigMixin):
         if self.config.sees_frozen_output:
             if frozen_output is None:
                 raise ValueError("this G_psi reads the frozen model's prediction: pass frozen_output")
-            sample = torch.cat([sample, frozen_output.to(sample.dtype)], dim=1)
-        kwargs = {}
-        if self.unet.config.class_embed_type == "identity":
-            kwargs["class_labels"] = prompt_embeds[:, 0]
-        out = self.unet(sample, timestep, prompt_embeds, **kwargs).sample
+        if self.unet is None:
+            out = torch.zeros_like(frozen_output, dtype=sample.dtype)
+        else:
+            unet_in = torch.cat([sample, frozen_output.to(sample.dtype)], dim=1) if self.config.sees_frozen_output else sample
+            kwargs = {}
+            if self.unet.config.class_embed_type == "identity":
+                kwargs["class_labels"] = prompt_embeds[:, 0]
+            out = self.unet(unet_in, timestep, prompt_embeds, **kwargs).sample
         if self.head is None:
             return gate_to_band(out, timestep, self.t_min)
         b, c = out.shape[:2]
         t = timestep.reshape(-1).expand(b) if timestep.numel() == 1 else timestep
-        feats = torch.cat([get_timestep_embedding(t, TIME_FEATURES).to(out.dtype), prompt_embeds.mean(1).to(out.dtype)], 1)
+        feats = [get_timestep_embedding(t, TIME_FEATURES).to(out.dtype), prompt_embeds.mean(1).to(out.dtype)]
+        if self.config.get("head_sees_sample", False):
+            feats.append(sample_statistics(sample.to(out.dtype), frozen_output.to(out.dtype)))
+        feats = torch.cat(feats, 1)
         params = self.head(feats)
         mix, shift = params[:, : c * c].view(b, c, c), params[:, c * c :]
         if self.config.get("head_kind", "affine") == "zero-sum":

@@ -30,7 +30,7 @@ class LoraGuidance(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, unet_config: Dict, ratio: float = 2.0, rank: int = 4, alpha: Optional[float] = None,
-                 target_modules: Sequence[str] = DEFAULT_TARGETS, t_min: int = 0):
+                 target_modules: Sequence[str] = DEFAULT_TARGETS, t_min: int = 0, band_start: int = 0):
         super().__init__()
         if t_min < 0:
             raise ValueError(f"t_min must be >= 0, got {t_min}")
@@ -50,9 +50,9 @@ class LoraGuidance(ModelMixin, ConfigMixin):
         self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=True, target_modules=targets))
 
     @classmethod
-    def from_frozen(cls, frozen_unet, ratio: float = 2.0, rank: int = 4, t_min: int = 0) -> "LoraGuidance":
+    def from_frozen(cls, frozen_unet, ratio: float = 2.0, rank: int = 4, t_min: int = 0, band_start: int = 0) -> "LoraGuidance":
         """Adapters on a copy of `frozen_unet` (its weights copied, its dtype kept at fp32 for training)."""
-        g = cls(dict(frozen_unet.config), ratio=ratio, rank=rank, t_min=t_min)
+        g = cls(dict(frozen_unet.config), ratio=ratio, rank=rank, t_min=t_min, band_start=band_start)
         own = g.unet.state_dict()
         state = {}
         for key, value in getattr(frozen_unet, "_orig_mod", frozen_unet).state_dict().items():
