@@ -231,7 +231,8 @@ def cmd_demo(args) -> None:
     from .demo import run_demo
 
     seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if args.full else [0])
-    run_demo(args.out, seeds=seeds, quick=args.quick, full=args.full, settings_keys=args.settings, rows=args.rows)
+    run_demo(args.out, seeds=seeds, quick=args.quick, full=args.full, settings_keys=args.settings, rows=args.rows,
+             cached_only=args.cached_only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the whole matrix: every setting (design and held out), every row, strengths 0.5/1/1.5, 3 seeds")
     p.add_argument("--settings", nargs="+", default=None, help="settings to run (default: the design setting; all with --full)")
     p.add_argument("--rows", nargs="+", default=None, help="rows to run (default: base erm oracle invdiff official; all with --full)")
+    p.add_argument("--cached-only", action="store_true", help="report the cells already in OUT/cells, run nothing")
     p.set_defaults(func=cmd_demo)
     return parser
 

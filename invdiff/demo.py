@@ -250,8 +250,10 @@ def check_request(settings_keys: Sequence[str], rows: Sequence[str], seeds: Sequ
 
 def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = False, full: bool = False,
              settings_keys: Optional[Sequence[str]] = None, rows: Optional[Sequence[str]] = None,
-             progress: bool = True) -> Dict:
-    """Run the demo; returns the report (also written to OUT/report.json and OUT/report.md)."""
+             progress: bool = True, cached_only: bool = False) -> Dict:
+    """Run the demo; returns the report (also written to OUT/report.json and OUT/report.md).
+    cached_only: report the cells already in OUT/cells and run nothing; a row is reported for a
+    setting only where every requested seed has it, and the report lists what was not run."""
     t_start = time.time()
     settings_keys = list(settings_keys or (SETTINGS if full else [DESIGN]))
     rows = list(rows or (ROWS if full else MAIN_ROWS))
@@ -261,6 +263,7 @@ def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = F
     os.makedirs(os.path.join(out, "cells"), exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="invdiff-demo-")
     report_settings = []
+    not_run: List[str] = []
     grids = {}
     show = min(settings["per_digit"], 8)
     try:
@@ -288,6 +291,9 @@ def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = F
                     if os.path.isfile(cell_path + ".json"):
                         cell = json.load(open(cell_path + ".json"))
                         images = load_file(cell_path + ".safetensors")["images"]
+                    elif cached_only:
+                        not_run.append(f"{key} seed {seed} {row}")
+                        continue
                     else:
                         if progress:
                             print(f"== {key} seed {seed}: {row}", flush=True)
@@ -310,13 +316,16 @@ def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = F
                     alignment_table = max_step_alignment(frozen_of(replace(settings["invdiff"], seed=seed))["losses"],
                                                          data.train, replace(settings["invdiff"], seed=seed),
                                                          data.minority, data.true_groups)
-            report_settings.append(_summarise(setting, per_seed, settings, alignment_table))
+            per_seed = {row: cells for row, cells in per_seed.items() if len(cells) == len(seeds)}
+            if {"base", "invdiff"} <= set(per_seed):
+                report_settings.append(_summarise(setting, per_seed, settings, alignment_table))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report = {
         "seeds": list(seeds),
         "rows": rows,
         "settings": report_settings,
+        "not_run": not_run,
         "config": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in settings.items()},
         "seconds": time.time() - t_start,
     }
@@ -412,6 +421,9 @@ def _write_report(out: str, report: Dict, grids: Dict, show: int) -> None:
                     title=f"{design['title']}: base vs InvDiff (seed {seeds[0]})")
         bias_bar_chart(design["models"], os.path.join(out, "bias.png"), title=f"Bias, {design['title']} (lower is better)")
         md.append("![samples](samples_base_vs_invdiff.png)\n\n![bias](bias.png)\n")
+    if report.get("not_run"):
+        md.append("## Not run\n\nCells of the requested matrix that this report does not hold: "
+                  + "; ".join(report["not_run"]) + ".\n")
     write_markdown(os.path.join(out, "report.md"), "\n".join(md) + "\n")
     for entry in report["settings"]:
         print(f"\n{entry['title']} ({'design' if entry['design'] else 'held out'})")

@@ -55,6 +55,19 @@ def test_cached_cells_are_reused(quick_report, capsys):
     assert again["settings"] == report["settings"]
 
 
+def test_cached_only_reports_what_is_there_and_runs_nothing(quick_report, capsys):
+    out, report, rows = quick_report
+    assert main(["demo", "--quick", "--out", str(out), "--seeds", "0", "1", "--settings", "colors2_p0.9",
+                 "--rows", "base", "invdiff", "balanced", "--cached-only"]) == 0
+    assert "== " not in capsys.readouterr().out
+    partial = json.load(open(out / "report.json"))
+    assert [s["name"] for s in partial["settings"]] == ["colors2_p0.9"]
+    assert set(partial["settings"][0]["models"]) == {"base", "invdiff"}
+    assert partial["not_run"] == ["colors2_p0.9 seed 0 balanced", "colors2_p0.9 seed 1 balanced"]
+    assert partial["settings"][0]["models"]["invdiff"] == report["settings"][0]["models"]["invdiff"]
+    assert "## Not run" in open(out / "report.md").read()
+
+
 def _models(**bias):
     base = {"bias": 0.8, "digit_accuracy": 0.96, "frechet_distance": 200.0}
     models = {"base": base}
