@@ -21,7 +21,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import ops
-from .distributed import global_invariant_loss_with_stats, global_mean, shard
+from .distributed import all_reduce_sum_, global_invariant_loss_with_stats, global_mean, shard
 from .data.base import DiffusionDataset
 from .models.base import FrozenBase, base_unet_config, default_scheduler, training_target
 from .models.conditioner import PromptEmbedding
@@ -281,7 +281,7 @@ def train_guidance(
         rank, so each rank takes its own rows of the same global batch)."""
         pid = _drop_prompts(dataset.prompt_ids[idx], base.conditioner.null_id, config.cfg_dropout, gen)
         if bank is None:
-            x_t, t, target = _noised(base.scheduler, dataset.images[idx], gen, getattr(guidance, "t_min", 0))
+            x_t, t, target = _noised(base.scheduler, dataset.images[idx], gen, getattr(inner, "t_min", 0))
             return pid, x_t, t, target, None, None
         if bank.proposal is None:
             pick = torch.randint(0, bank.draws, (len(idx),), generator=gen)
@@ -327,10 +327,14 @@ def train_guidance(
             if config.objective == "groupdro":
                 # q moves towards the groups with the highest risk, measured relative to the batch
                 # mean: raw risks here are ~0.03, so the usual eta on them would leave q uniform.
+                # Under DDP the group sums are all-reduced, so every rank moves q identically.
                 with torch.no_grad():
                     l_i = ops.per_sample_mse(ops.guidance_combine(eps, g, inner.ratio), target).float()
-                    sums = w.sum(0)
-                    risks = (w * l_i[:, None]).sum(0) / sums.clamp_min(1e-12)
+                    sums, weighted = w.sum(0), (w * l_i[:, None]).sum(0)
+                    if world > 1:
+                        all_reduce_sum_(sums)
+                        all_reduce_sum_(weighted)
+                    risks = weighted / sums.clamp_min(1e-12)
                     present = sums > 0
                     rel = risks / risks[present].mean().clamp_min(1e-12)
                     group_q = torch.where(present.cpu(), group_q * torch.exp(config.groupdro_eta * rel.cpu()), group_q)

@@ -174,3 +174,36 @@ def test_band_outside_the_schedule_is_rejected():
     with pytest.raises(ValueError, match=r"outside \[0, 1000\)"):
         DebiasConfig(t_band="1000").validate_for_base(1000)
     DebiasConfig(t_band="999").validate_for_base(1000)
+
+
+def test_groupdro_weights_give_the_q_weighted_group_risks():
+    from invdiff.training import _groupdro_weights
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 1, 1, 2]), 4).float()  # group 3 empty in the batch
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    losses = torch.rand(6, generator=gen)
+    v = _groupdro_weights(w, q)
+    risks = (w * losses[:, None]).sum(0) / w.sum(0).clamp_min(1e-12)
+    present = w.sum(0) > 0
+    expected = (q[present] * risks[present]).sum() / q[present].sum()
+    torch.testing.assert_close((v[:, 0] * losses).sum() / v.sum(), expected)
+
+
+@pytest.mark.parametrize("objective,ema", [("groupdro", None), ("invariant", 0.9)])
+def test_min_step_objectives_and_ema_train(frozen_tiny_base, tiny_train, objective, ema):
+    from invdiff.environments import collect_losses
+    from invdiff.training import MinStepConfig, train_guidance
+
+    _, _, bank = collect_losses(frozen_tiny_base, tiny_train, num_timesteps=2, draws=1, progress=False, return_bank=True)
+    weights = torch.nn.functional.one_hot(tiny_train.prompt_ids % 2, 2).float()
+    torch.manual_seed(0)
+    g = GuidanceModule.from_frozen(frozen_tiny_base.unet.config, "tiny")
+    start = [p.detach().clone() for p in g.parameters()]
+    cfg = MinStepConfig(steps=4, batch_size=8, lr=1e-2, objective=objective, ema_decay=ema)
+    log = train_guidance(frozen_tiny_base, g, tiny_train, weights, cfg, progress=False, bank=bank)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log[:-1])
+    moved = sum(float((p - s).abs().sum()) for p, s in zip(g.parameters(), start))
+    assert moved > 0
+    with pytest.raises(ValueError, match="objective"):
+        train_guidance(frozen_tiny_base, g, tiny_train, weights, MinStepConfig(steps=1, objective="irm"), progress=False)
