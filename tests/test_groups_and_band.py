@@ -203,7 +203,7 @@ def test_min_step_objectives_and_ema_train(frozen_tiny_base, tiny_train, objecti
     cfg = MinStepConfig(steps=4, batch_size=8, lr=1e-2, objective=objective, ema_decay=ema)
     log = train_guidance(frozen_tiny_base, g, tiny_train, weights, cfg, progress=False, bank=bank)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log[:-1])
-    moved = sum(float((p - s).abs().sum()) for p, s in zip(g.parameters(), start))
+    moved = sum(float((p.detach() - s).abs().sum()) for p, s in zip(g.parameters(), start))
     assert moved > 0
     with pytest.raises(ValueError, match="objective"):
         train_guidance(frozen_tiny_base, g, tiny_train, weights, MinStepConfig(steps=1, objective="irm"), progress=False)
