@@ -207,3 +207,30 @@ def test_min_step_objectives_and_ema_train(frozen_tiny_base, tiny_train, objecti
     assert moved > 0
     with pytest.raises(ValueError, match="objective"):
         train_guidance(frozen_tiny_base, g, tiny_train, weights, MinStepConfig(steps=1, objective="irm"), progress=False)
+
+
+def test_head_kinds_and_a_g_without_its_body(frozen_tiny_base, tmp_path):
+    cfg = frozen_tiny_base.unet.config
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([900, 100])
+    e = frozen_tiny_base.prompt_embeds(torch.zeros(2, dtype=torch.long))
+    grey = torch.ones(2, 3, 16, 16) * torch.randn(2, 1, 16, 16)  # every channel equal
+    torch.manual_seed(0)
+    zs = GuidanceModule.from_frozen(cfg, "tiny", body=False, head_kind="zero-sum")
+    torch.nn.init.normal_(zs.head[-1].weight)
+    torch.nn.init.normal_(zs.head[-1].bias)
+    with torch.no_grad():
+        assert float(zs(x, t, e, grey).abs().max()) < 1e-5  # grey pixels are left alone
+        assert float(zs(x, t, e, torch.randn_like(x)).abs().max()) > 0
+    assert zs.unet is None
+    zs.save_pretrained(tmp_path / "g")
+    again = GuidanceModule.from_pretrained(tmp_path / "g")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t, e, x), zs(x, t, e, x))
+    stats = GuidanceModule.from_frozen(cfg, "tiny", head_sees_sample=True)
+    with torch.no_grad():
+        assert stats(x, t, e, x).shape == x.shape
+    with pytest.raises(ValueError, match="recalibration head"):
+        GuidanceModule.from_frozen(cfg, "tiny", head_kind="mlp")
+    with pytest.raises(ValueError, match="without its UNet body"):
+        GuidanceModule.from_frozen(cfg, "tiny", body=False, head_kind="none")

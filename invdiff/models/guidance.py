@@ -88,6 +88,8 @@ def sample_statistics(sample: torch.Tensor, frozen: torch.Tensor) -> torch.Tenso
     the evidence for each attribute value in x_t (for a colour: how much of each channel the noise
     and the emerging strokes carry). A map that sees only (t, prompt) must apply one average
     correction to every sample, which blends attribute values instead of choosing one.
+    Measured on colored digits, it did not lower the Frechet distance (418 against 428 with the
+    head alone, docs/dev_runs), so it is off by default.
     """
     return torch.cat([sample.mean((2, 3)), frozen.mean((2, 3)), frozen.std((2, 3))], 1)
 # The recalibration head: "affine" (A(t, c) @ eps + b(t, c)), "zero-sum" (A's rows sum to zero,
