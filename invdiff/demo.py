@@ -67,9 +67,6 @@ SETTINGS = {
 DESIGN = "colors2_p0.9"
 ROWS = ("base", "erm", "oracle", "invdiff", "official", "jtt", "groupdro", "balanced")
 MAIN_ROWS = ("base", "erm", "oracle", "invdiff", "official")
-GUIDED = ("erm", "oracle", "invdiff", "official", "jtt", "groupdro")
-# Backwards-compatible names.
-MODELS = MAIN_ROWS
 
 
 def shipped_base(p: float = DEMO_P, name: Optional[str] = None) -> str:
@@ -177,7 +174,7 @@ def _cell_key(setting: Setting, seed: int, row: str, settings: Dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _run_cell(setting, data: _Data, seed, row, settings, classifier, frozen_of, workdir, show) -> Dict:
+def _run_cell(setting, data: _Data, seed, row, settings, classifier, frozen_of, workdir) -> Dict:
     """One (setting, seed, row): train if guided, sample over the strength sweep, evaluate."""
     cfg = replace(settings["invdiff"], seed=seed)
     band_start = cfg.band_start(frozen_of(cfg)["losses"], data.train.prompt_ids, 1000)
@@ -297,7 +294,7 @@ def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = F
                     else:
                         if progress:
                             print(f"== {key} seed {seed}: {row}", flush=True)
-                        ran = _run_cell(setting, data, seed, row, settings, classifier, frozen_of, workdir, show)
+                        ran = _run_cell(setting, data, seed, row, settings, classifier, frozen_of, workdir)
                         per = settings["per_digit"]
                         pick = torch.cat([torch.arange(d * per, d * per + show) for d in range(10)])
                         images = ran["images"][pick].contiguous()

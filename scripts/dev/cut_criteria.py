@@ -1,3 +1,5 @@
+"""Development script behind docs/dev_runs/README.md (design setting only); kept as it was run.
+It writes its run folders under /tmp/exp and uses the demo's private helpers."""
 import sys, torch, numpy as np
 sys.path.insert(0, "/work/main"); torch.set_num_threads(1)
 from invdiff.environments import aggregate_losses, infer_environments_gap, infer_environments_mixture
