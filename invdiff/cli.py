@@ -1,26 +1,106 @@
 """`invdiff` command line: train-base, debias, sample, evaluate, demo.
 
-Every command answers bad input with one line on stderr and exit code 2, and writes its outputs
-atomically, so a failed or interrupted command leaves what was there before untouched.
+Every command answers bad input with one line on stderr and exit code 2, checked before any
+compute, and writes its outputs atomically, so a failed or interrupted command leaves what was
+there before untouched. Ctrl-C exits with one line and code 130.
+
+Nothing heavy is imported at module level: `invdiff --help` and argument errors must answer in
+well under a second, and torch plus diffusers take ~10 s to import on a small CPU.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
 from typing import Dict, List, Optional
 
-import torch
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with every flag's default in --help, and usage errors as one line (exit 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite (NaN would train all-NaN weights)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of steps, images or samples per batch)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def check_output_path(path: str, flag: str = "--out", folder: bool = True) -> None:
+    """Refuse an output path that cannot be written, before any compute is spent.
+
+    Outputs are built beside their final place and renamed onto it (io.staged_directory,
+    io.atomic_path), so the nearest existing parent folder must be writable. A folder output may
+    not be an existing file, and a file output may not be an existing folder.
+    """
+    target = os.path.abspath(path)
+    if os.path.exists(target):
+        if folder and not os.path.isdir(target):
+            raise FileExistsError(f"{flag} {path!r} is an existing file, not a folder")
+        if not folder and os.path.isdir(target):
+            raise FileExistsError(f"{flag} {path!r} is an existing folder, not a file")
+    parent = os.path.dirname(target)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise FileExistsError(f"{flag} {path!r} lies under {parent!r}, which is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path!r}: cannot write in {parent!r} (permission denied)")
+
+
+def check_model_path(path: str, flag: str) -> None:
+    """A model folder that does not exist is named as such (not 'not a model folder')."""
+    if not os.path.exists(path) and not _looks_like_hub_id(path):
+        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    # Same rule as models.sd.looks_like_hub_id, without importing diffusers to apply it.
+    return path.count("/") == 1 and not path.startswith((".", "/"))
 
 
 def _add_data_args(p: argparse.ArgumentParser, default_bias: float = 0.9) -> None:
     p.add_argument("--data", default="colored-digits", help="'colored-digits' (embedded) or an imagefolder path")
-    p.add_argument("--bias", type=float, default=default_bias, help="colored-digits: majority-colour share p in [1/A, 1]")
-    p.add_argument("--num-colors", type=int, default=2, help="colored-digits: number of stroke colours A")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="colored-digits: image size (default 16); imagefolder: resize the shorter side to it and crop a square")
+    p.add_argument("--bias", type=finite_float, default=default_bias, help="colored-digits: majority-colour share p in [1/A, 1]")
+    p.add_argument("--num-colors", type=positive_int, default=2, help="colored-digits: number of stroke colours A")
+    p.add_argument("--resolution", type=positive_int, default=None,
+                   help="colored-digits: image size (None: 16); imagefolder: resize the shorter side to it and crop a square "
+                        "(None: the images' own size)")
     p.add_argument("--no-center-crop", action="store_true", help="imagefolder: crop at a fixed per-image position instead of the center")
     p.add_argument("--random-flip", action="store_true", help="imagefolder: flip training images horizontally at random")
     p.add_argument("--data-seed", type=int, default=0, help="colored-digits: split and colouring seed")
@@ -51,12 +131,13 @@ def prompt_dirname(prompt: str) -> str:
 
 
 def cmd_train_base(args) -> None:
+    check_output_path(args.out)
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise FileExistsError(f"{args.out!r} is not empty; choose another --out or pass --overwrite")
     from .io import staged_directory
     from .training import BaseTrainConfig, train_base
 
     dataset = _load_data(args)
-    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise FileExistsError(f"{args.out!r} is not empty; choose another --out or pass --overwrite")
     from .distributed import barrier, init_from_env
 
     rank, _ = init_from_env()
@@ -95,6 +176,10 @@ def debias_config_from_args(args):
 
 
 def cmd_debias(args) -> None:
+    check_model_path(args.base, "--base")
+    check_output_path(args.out)
+    if args.checkpoint_dir:
+        check_output_path(args.checkpoint_dir, "--checkpoint-dir")
     from .runs import debias
 
     cfg = debias_config_from_args(args)
@@ -105,19 +190,33 @@ def cmd_debias(args) -> None:
                     keep_checkpoints=args.keep_checkpoints, resume=args.resume)
     if result["meta"].get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
         return
-    d = result["meta"]["diagnostics"]
-    print(f"saved run to {args.out}; inferred group sizes {[round(s, 1) for s in d.get('group_sizes', [])]}; "
-          f"G acts for t >= {result['meta']['t_min']}")
+    sizes = result["meta"]["diagnostics"].get("group_sizes", [])
+    print(f"saved run to {args.out}; G acts for t >= {result['meta']['t_min']}")
+    if sizes:
+        print(describe_group_sizes(sizes, cfg.groups, [dataset.prompts[p] for p in sorted(set(dataset.prompt_ids.tolist()))]))
+
+
+def describe_group_sizes(sizes: List[float], groups: int, prompts: List[str]) -> str:
+    """The inferred (soft) group sizes, labelled: K per prompt ("digit 0: 161 | 19"), or K pooled."""
+    def row(part):
+        return " | ".join(f"{s:.0f}" for s in part)
+
+    if len(sizes) == groups * len(prompts) and len(prompts) > 1:
+        per_prompt = [f"{prompt}: {row(sizes[i * groups:(i + 1) * groups])}" for i, prompt in enumerate(prompts)]
+        return f"inferred group sizes per prompt (K={groups}): " + "; ".join(per_prompt)
+    return f"inferred group sizes (K={groups}, pooled over prompts): {row(sizes)}"
+
+
+SCHEDULERS = ("ddim", "ddpm", "euler", "dpm")
 
 
 def cmd_sample(args) -> None:
-    from .io import staged_directory, atomic_write_json
-    from .report import save_png, to_uint8
-    from .runs import load_model
-    from .sampling import GuidedDenoiser, prompts_to_ids, sample
-
-    if args.num < 1:
-        raise ValueError("--num must be >= 1")
+    check_model_path(args.model, "--model")
+    check_output_path(args.out)
+    if args.eta_below_band is not None and not 0.0 <= args.eta_below_band <= 1.0:
+        raise ValueError(f"--eta-below-band must be in [0, 1], got {args.eta_below_band}")
+    if args.guidance_scale < 0:
+        raise ValueError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
     if args.prompts:
         if args.prompt:
             raise ValueError("give --prompt or --prompts FILE, not both")
@@ -136,24 +235,35 @@ def cmd_sample(args) -> None:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
     if args.resume:
         raise ValueError("--resume applies to --prompts jobs")
-    from .models.sd import set_attention
-
-    base, guidance = load_model(args.model)
-    attention = set_attention(base.unet, args.attention)
-    print(f"attention: {attention}")
-    prompts = [p for p in args.prompt for _ in range(args.num)]
-    ids = prompts_to_ids(base, prompts)
-    seeds = [args.seed + i for i in range(len(prompts))]
     manifest_path = os.path.join(args.out, "manifest.json")
     settings = {"model": os.path.abspath(args.model), "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "scheduler": args.scheduler, "strength": args.strength, "seed": args.seed, "attention": args.attention,
                 "eta_below_band": args.eta_below_band}
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        from .config import describe_changes
+        from .io import read_json
+
         if not os.path.isfile(manifest_path):
             raise FileExistsError(f"{args.out!r} is not empty and holds no invdiff samples; choose another --out")
-        with open(manifest_path) as f:
-            if json.load(f).get("settings") != settings:
-                raise FileExistsError(f"{args.out!r} holds samples made with other settings; choose another --out or pass --overwrite")
+        old = read_json(manifest_path, "sample manifest")
+        old_settings = old.get("settings") if isinstance(old, dict) else None
+        if old_settings != settings:
+            raise FileExistsError(f"{args.out!r} holds samples made with other settings "
+                                  f"({describe_changes(old_settings or {}, settings)}); "
+                                  "choose another --out or pass --overwrite")
+    from .io import atomic_write_json, staged_directory
+    from .models.sd import set_attention
+    from .report import save_png, to_uint8
+    from .runs import load_model
+    from .sampling import GuidedDenoiser, prompts_to_ids, sample
+
+    base, guidance = load_model(args.model)
+    prompts = [p for p in args.prompt for _ in range(args.num)]
+    ids = prompts_to_ids(base, prompts)  # an unknown prompt fails here, before any sampling
+    # What is really active: "none" for a UNet without attention layers, whatever was asked.
+    attention = set_attention(base.unet, args.attention)
+    print(f"attention: {attention}")
+    seeds = [args.seed + i for i in range(len(prompts))]
     images = sample(GuidedDenoiser(base, guidance, args.strength), ids, seeds, args.steps, args.guidance_scale, args.scheduler,
                     batch_size=args.batch_size, eta_below=args.eta_below_band)
     pixels = to_uint8(images)
@@ -166,13 +276,15 @@ def cmd_sample(args) -> None:
             rel = os.path.join(prompt_dirname(prompt), f"{k:04d}.png")
             save_png(pixels[i], os.path.join(stage, rel))
             entries.append({"prompt": prompt, "seed": seed, "path": rel})
-        atomic_write_json(os.path.join(stage, "manifest.json"), {"settings": settings, "images": entries})
+        atomic_write_json(os.path.join(stage, "manifest.json"),
+                          {"settings": settings, "attention_used": attention, "images": entries})
     print(f"wrote {len(entries)} images to {args.out}")
 
 
 def load_samples(directory: str):
     """Images and prompts from a `sample` output folder (its manifest.json)."""
     import numpy as np
+    import torch
     from PIL import Image
 
     from .io import read_json
@@ -192,6 +304,10 @@ def cmd_evaluate(args) -> None:
     space and precision/recall on those features. Any other samples: the quality metrics that
     the given weights allow (Bias needs an attribute classifier for their prompts, which only the
     colored-digits benchmark ships). FID and CLIP-T run only with local weights."""
+    if args.out:
+        check_output_path(args.out, folder=False)
+    import torch
+
     from .data import colored_digits, load_dataset
     from .io import atomic_write_json
     from .metrics import evaluate_samples, load_digit_classifier
@@ -236,27 +352,25 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="invdiff", description="InvDiff: debias a diffusion model without bias labels.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from .config import AGGREGATIONS, MAX_STEP_METHODS, RECIPES, DebiasConfig
+
+    parser = _Parser(prog="invdiff", description="InvDiff: debias a diffusion model without bias labels.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train-base", help="train a small (biased) base diffusion model")
     _add_data_args(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=2500)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", required=True, help="folder for the base model (diffusers layout)")
+    p.add_argument("--steps", type=positive_int, default=2500, help="optimisation steps")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per step")
+    p.add_argument("--lr", type=finite_float, default=2e-3, help="AdamW learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and noise")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_train_base)
 
     p = sub.add_parser("debias", help="max step (environment inference) then min step (train G_psi)")
-    p.add_argument("--base", required=True, help="base model folder")
+    p.add_argument("--base", required=True, help="base model folder (invdiff base or Stable Diffusion folder)")
     _add_data_args(p)
-    p.add_argument("--out", required=True)
-    from .runs import DebiasConfig
-
-    from .environments import AGGREGATIONS, MAX_STEP_METHODS
-    from .runs import RECIPES
+    p.add_argument("--out", required=True, help="run folder to write")
 
     d = DebiasConfig()
     given = argparse.SUPPRESS  # a config flag left out keeps the recipe's value
@@ -266,34 +380,34 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, default=given, help=f"{help} (default: {getattr(d, field)})", **kw)
 
     p.add_argument("--recipe", default="invdiff", choices=sorted(RECIPES),
-                   help="preset: invdiff (default), official (the paper's recipe as published), jtt, groupdro; "
+                   help="preset: invdiff, official (the paper's recipe as published), jtt, groupdro; "
                         "flags given on top override it")
-    opt("--groups", "number of environments K", type=int)
-    opt("--lam", "variance-penalty weight lambda", type=float)
-    opt("--ratio", "combine ratio r (<=1 interpolate, >1 residual)", type=float)
-    opt("--steps", "min-step optimisation steps", type=int)
-    opt("--batch-size", "min-step batch size", type=int)
-    opt("--lr", "min-step learning rate", type=float)
-    opt("--lam-warmup", "steps over which lambda ramps up from 0", type=int)
+    opt("--groups", "number of environments K", type=positive_int)
+    opt("--lam", "variance-penalty weight lambda", type=finite_float)
+    opt("--ratio", "combine ratio r (<=1 interpolate, >1 residual)", type=finite_float)
+    opt("--steps", "min-step optimisation steps", type=positive_int)
+    opt("--batch-size", "min-step batch size", type=positive_int)
+    opt("--lr", "min-step learning rate", type=finite_float)
+    opt("--lam-warmup", "steps over which lambda ramps up from 0", type=nonnegative_int)
     opt("--lam-mode", "relative: lambda is divided by the batch's mean loss (scale-free)", choices=["absolute", "relative"])
-    opt("--preset", "G_psi size preset: tiny, small, medium")
+    opt("--preset", "G_psi size preset", choices=["tiny", "small", "medium"])
     opt("--guidance", "kind of G_psi: a narrow UNet from --preset, or LoRA adapters (peft) on the frozen UNet",
         choices=["unet", "lora"])
-    opt("--lora-rank", "LoRA rank for --guidance lora", type=int)
+    opt("--lora-rank", "LoRA rank for --guidance lora", type=positive_int)
     opt("--aggregation", "per-sample loss aggregation", choices=list(AGGREGATIONS))
     opt("--max-step", "environment inference: gap (widest gap above the median), mixture, official (projected Adam)",
         choices=list(MAX_STEP_METHODS))
     p.add_argument("--pooled-groups", action="store_true", help="infer K groups over all prompts instead of K per prompt")
-    opt("--alpha", "weight of the official min-loss term in the max step", type=float)
-    opt("--loss-timesteps", "max step: size of the t grid", type=int)
-    opt("--loss-draws", "max step: noise draws per grid timestep", type=int)
-    opt("--max-step-steps", "max step (official): Adam steps", type=int)
+    opt("--alpha", "weight of the official min-loss term in the max step", type=finite_float)
+    opt("--loss-timesteps", "max step: size of the t grid", type=positive_int)
+    opt("--loss-draws", "max step: noise draws per grid timestep", type=positive_int)
+    opt("--max-step-steps", "max step (official): Adam steps", type=positive_int)
     opt("--t-band", "where the attribute is decided: auto (the high-spread band of t), off, or the band's first timestep; "
         "sampling turns stochastic below it")
     p.add_argument("--gate-to-band", action="store_true", help="G acts inside the --t-band only")
-    opt("--ema-decay", "EMA of G's weights, in (0, 1); off when not given", type=float)
-    opt("--jtt-upweight", "--recipe jtt: weight of the high-loss group", type=float)
-    opt("--importance-mix", "share of uniform t draws in the min step, in (0, 1]; 1 = no importance sampling", type=float)
+    opt("--ema-decay", "EMA of G's weights, in (0, 1); off when not given", type=finite_float)
+    opt("--jtt-upweight", "--recipe jtt: weight of the high-loss group", type=finite_float)
+    opt("--importance-mix", "share of uniform t draws in the min step, in (0, 1]; 1 = no importance sampling", type=finite_float)
     opt("--head", "G_psi's recalibration head: affine, zero-sum (leaves grey pixels alone), none (UNet body only)",
         choices=["affine", "zero-sum", "none"])
     p.add_argument("--no-bank", action="store_true", help="min step: fresh (t, noise) every step instead of the frozen bank")
@@ -305,12 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the frozen UNet")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in G_psi's UNet")
     opt("--latent-cache", "Stable Diffusion bases: keep the VAE latents here (memory-mapped)")
-    opt("--grad-accum", "min-step micro-batches per optimiser step (group statistics are per micro-batch)", type=int)
-    p.add_argument("--checkpoint-every", type=int, default=0, help="min step: save an accelerate checkpoint every N steps")
-    p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT.checkpoints)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
+    opt("--grad-accum", "min-step micro-batches per optimiser step (group statistics are per micro-batch)", type=positive_int)
+    p.add_argument("--checkpoint-every", type=nonnegative_int, default=0,
+                   help="min step: save an accelerate checkpoint every N steps (0: never)")
+    p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (None: OUT.checkpoints)")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=2, help="how many of the newest checkpoints to keep")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder: continue an interrupted min step")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a run folder that holds another run")
     p.set_defaults(func=cmd_debias)
 
     p = sub.add_parser("sample", help="sample PNGs from a base model or a run folder")
@@ -320,25 +435,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None,
                    help="a .txt or .jsonl prompts file: a sharded, resumable job with manifest.jsonl (see sample_job.py)")
     p.add_argument("--resume", action="store_true", help="--prompts jobs: keep the finished images, sample the rest")
-    p.add_argument("--batch-size", type=int, default=64, help="engine slots (images sampled together)")
-    p.add_argument("--num", type=int, default=8)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="engine slots (images sampled together)")
+    p.add_argument("--num", type=positive_int, default=8, help="images per prompt")
+    p.add_argument("--out", required=True, help="folder for the PNGs and their manifest")
+    p.add_argument("--steps", type=positive_int, default=25, help="sampling steps")
     # w = 1 (no CFG on top of G): on the shipped p=0.9 base, w = 2 already pushes the base past
     # its data's bias and lowers quality, and CFG amplifies the conditional branch's attribute
     # back (README "Guidance scale").
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance scale w (1 = off)")
-    p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "euler", "dpm"])
-    p.add_argument("--strength", type=float, default=1.0, help="G_psi strength s (0 = frozen model, 1 = as trained)")
-    p.add_argument("--eta-below-band", type=float, default=None,
-                   help="DDIM eta under the attribute band recorded in G (default 1: stochastic there; 0 = deterministic)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--guidance-scale", type=finite_float, default=1.0, help="classifier-free guidance scale w (1 = off)")
+    p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS, help="sampling scheduler")
+    p.add_argument("--strength", type=finite_float, default=1.0, help="G_psi strength s (0 = frozen model, 1 = as trained)")
+    p.add_argument("--eta-below-band", type=finite_float, default=None,
+                   help="DDIM eta under the attribute band recorded in G (None: 1, stochastic there; 0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that holds samples made with other settings")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="Bias and quality of samples")
-    p.add_argument("--images", required=True, help="a folder written by `invdiff sample`")
-    p.add_argument("--num-colors", type=int, default=2)
+    p.add_argument("--images", required=True, help="a folder written by `invdiff sample` (plain or --prompts job)")
+    p.add_argument("--num-colors", type=positive_int, default=2, help="colored digits: number of stroke colours A")
     p.add_argument("--reference", default=None, help="an imagefolder of real images (FID, precision/recall) for non-digit samples")
     p.add_argument("--inception-weights", default=None, help="local FID Inception weights (torch-fidelity's .pth); else FID is skipped")
     p.add_argument("--clip-model", default=None, help="local CLIP folder (CLIPModel + CLIPProcessor) for CLIP-T; else skipped")
@@ -346,31 +461,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="debias the shipped p=0.9 base model and report")
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0; 0 1 2 with --full)")
+    p.add_argument("--out", default="demo_out", help="folder for the report, plots and cached cells")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (None: 0; 0 1 2 with --full)")
     p.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests only")
     p.add_argument("--full", action="store_true",
                    help="the whole matrix: every setting (design and held out), every row, strengths 0.5/1/1.5, 3 seeds")
-    p.add_argument("--settings", nargs="+", default=None, help="settings to run (default: the design setting; all with --full)")
-    p.add_argument("--rows", nargs="+", default=None, help="rows to run (default: base erm oracle invdiff official; all with --full)")
+    p.add_argument("--settings", nargs="+", default=None, help="settings to run (None: the design setting; all with --full)")
+    p.add_argument("--rows", nargs="+", default=None, help="rows to run (None: base erm oracle invdiff official; all with --full)")
     p.add_argument("--cached-only", action="store_true", help="report the cells already in OUT/cells, run nothing")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error, already printed as one line (2)
+        return exc.code if isinstance(exc.code, int) else 0
     from .data.base import DataError
     from .io import CheckpointError
     from .models.conditioner import UnknownPromptError
     from .models.sd import AttentionBackendError
 
-    args = build_parser().parse_args(argv)
+    expected = (DataError, CheckpointError, UnknownPromptError, FileExistsError, FileNotFoundError, PermissionError,
+                ValueError, AttentionBackendError)
     try:
         args.func(args)
-    except (DataError, CheckpointError, UnknownPromptError, FileExistsError, ValueError, AttentionBackendError) as exc:
+    except expected as exc:
+        _close_progress_bars()
         print(f"invdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Outputs are staged beside their place and swapped in only when complete, so nothing
+        # partial is left; a --prompts job keeps its finished images for --resume.
+        _close_progress_bars()
+        print(f"invdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _close_progress_bars() -> None:
+    """End the bars an exception left open, so that the error starts on a line of its own."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
 
 
 if __name__ == "__main__":

@@ -30,12 +30,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.base import DiffusionDataset
+from .config import AGGREGATIONS, MAX_STEP_METHODS  # noqa: F401 (re-exported)
 from .io import CheckpointError, atomic_save_file, load_safetensors
 from .models.base import FrozenBase, training_target
 from .distributed import all_reduce_sum_, rank_and_world
 from .ops import per_sample_mse
-
-AGGREGATIONS = ("spread", "zscore", "mean", "high-noise")
 
 
 class LossError(ValueError):
@@ -262,9 +261,6 @@ def infer_environments(
         with torch.no_grad():
             w.copy_(project_simplex_rows(w))
     return w.detach().float()
-
-
-MAX_STEP_METHODS = ("gap", "mixture", "official")
 
 
 def infer_environments_mixture(scores: torch.Tensor, num_groups: int, seed: int = 0) -> torch.Tensor:

@@ -22,10 +22,14 @@ def collect() -> dict:
     has_xformers = importlib.util.find_spec("xformers") is not None
     info["attention"] = "sdpa (PyTorch scaled_dot_product_attention, default); xformers " + (
         "installed: --attention xformers selects it" if has_xformers else "not installed (--attention xformers would fail)")
+    # Installed versions from package metadata: importing diffusers and friends only to read
+    # __version__ would add seconds to this command.
+    from importlib.metadata import PackageNotFoundError, version
+
     for mod in ("diffusers", "accelerate", "triton", "xformers", "torchmetrics"):
         try:
-            info[mod] = __import__(mod).__version__
-        except Exception:
+            info[mod] = version(mod)
+        except PackageNotFoundError:
             info[mod] = "not installed"
     from ._ext import build_metadata
 

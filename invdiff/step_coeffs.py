@@ -23,7 +23,6 @@ from enum import IntEnum
 from typing import Optional
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
 
 class Col(IntEnum):
@@ -75,6 +74,10 @@ class StepPlan:
 
 def unsupported_reason(scheduler, eta: float = 0.0, eta_below: Optional[float] = None) -> Optional[str]:
     """Why the fused step cannot run `scheduler` (None if it can)."""
+    # Imported here: the coefficient layout above is read at import by invdiff._ext and
+    # `python -m invdiff.info`, which should not pay for importing diffusers.
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+
     cfg = scheduler.config
     if not isinstance(scheduler, (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler)):
         return f"{type(scheduler).__name__} is not a DDIM, DDPM or Euler scheduler"
@@ -121,6 +124,8 @@ def plan_steps(scheduler, steps: int, eta: float = 0.0, eta_below: Optional[floa
     reason = unsupported_reason(scheduler, eta, eta_below)
     if reason:
         raise UnsupportedScheduler(reason)
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+
     sched = copy.deepcopy(scheduler)
     sched.set_timesteps(steps)
     cfg = sched.config

@@ -163,6 +163,19 @@ def _drop_prompts(prompt_ids: torch.Tensor, null_id: int, p: float, generator: t
     return torch.where(drop, torch.full_like(prompt_ids, null_id), prompt_ids)
 
 
+class NonFiniteLossError(ValueError):
+    """Training produced a NaN or infinite loss; the run stops and nothing is saved."""
+
+
+def check_finite_loss(value: float, step: int, what: str) -> float:
+    """Stop at the first non-finite loss: the weights after it are garbage, and saving them would
+    hand the user a model that samples black images."""
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"{what}: the loss became {value} at step {step}; nothing was saved "
+                                 "(try a lower learning rate, or check the data for NaNs)")
+    return value
+
+
 def train_base(dataset: DiffusionDataset, config: BaseTrainConfig = BaseTrainConfig(), progress: bool = True) -> FrozenBase:
     """Train the (biased) base UNet and its prompt conditioner with CFG dropout; returns it, EMA weights."""
     dataset = dataset.training_view()
@@ -206,9 +219,10 @@ def train_base(dataset: DiffusionDataset, config: BaseTrainConfig = BaseTrainCon
         opt.step()
         sched.step()
         ema.step(params)
-        log.append(float(loss.detach()))
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{sum(log[-50:]) / len(log[-50:]):.4f}")
+        log.append(check_finite_loss(float(loss.detach()), step, "train-base"))
+        # Every step (refresh=False: tqdm redraws at its own rate), so the bar never shows a
+        # stale loss; the float above is already on the host.
+        bar.set_postfix(loss=f"{sum(log[-50:]) / len(log[-50:]):.4f}", refresh=False)
         bar.update(1)
     bar.close()
     inner = accelerator.unwrap_model(model)
@@ -357,11 +371,11 @@ def train_guidance(
         stats, lam_used = stats_of_step[-1]
         r = stats.risks[stats.weight_sums > 0]
         var = float(r.var()) if r.numel() > 1 else 0.0
-        loss_value = sum(float(s.loss.detach()) for s, _ in stats_of_step) / len(stats_of_step)
+        loss_value = check_finite_loss(sum(float(s.loss.detach()) for s, _ in stats_of_step) / len(stats_of_step),
+                                       step, "min step")
         state.log.append({"step": step, "loss": loss_value, "mean_risk": float(r.mean()), "var_risk": var, "lam": lam_used})
         state.step = step + 1
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss_value:.4f}", var=f"{var:.2e}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", var=f"{var:.2e}", refresh=False)
         bar.update(1)
         if config.checkpoint_every and config.checkpoint_dir and state.step % config.checkpoint_every == 0:
             _save_checkpoint(accelerator, config.checkpoint_dir, state.step, config.keep_checkpoints)
