@@ -6,13 +6,58 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
 
 class CheckpointError(RuntimeError):
     """A missing, corrupt or mismatched checkpoint or run folder."""
+
+
+def path_inside(folder: str, name: str) -> Optional[str]:
+    """The real path of `name` taken relative to `folder`, or None when it leads outside the folder:
+    through `..`, as an absolute path, or through a symbolic link that points out of it."""
+    root = os.path.realpath(folder)
+    try:
+        path = os.path.realpath(os.path.join(root, name))
+    except ValueError:  # an embedded NUL byte names no file at all
+        return None
+    return path if os.path.commonpath([root, path]) == root else None
+
+
+def _umask() -> int:
+    """The process umask, read from /proc where Linux shows it: elsewhere it can only be read by
+    setting it, which for that instant also applies to files other threads create."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # strict while held, so a file created meanwhile is private, not open
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str) -> None:
+    """Give `path`, and everything below it when it is a folder, the mode a plain open() or mkdir()
+    would have given: 0666 (0777 for folders and executables) less the umask. safetensors writes
+    each file as a private 0600 temporary renamed into place, and without this that mode would
+    reach what invdiff saves. Symbolic links are left alone."""
+    mask = _umask()
+
+    def reset(p: str) -> None:
+        if not os.path.islink(p):
+            full = 0o777 if os.path.isdir(p) or os.stat(p).st_mode & 0o111 else 0o666
+            os.chmod(p, full & ~mask)
+
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                reset(os.path.join(root, name))
+    reset(path)
 
 
 def _unique_sibling(directory: str, prefix: str) -> str:
@@ -24,12 +69,14 @@ def atomic_path(path: str):
     """Yield a temporary path in the same folder; rename it onto `path` only on success."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    # Not tempfile.mkstemp: it creates the file 0600, and that mode would survive the rename.
-    # An exclusive create of a unique name gets the same permissions a plain open() would.
+    # Not tempfile.mkstemp, which creates the file 0600; an exclusive create of a unique name gets
+    # the mode a plain open() would. A writer may still replace it with a 0600 file of its own
+    # (safetensors does), so the mode is set again before the rename.
     tmp = _unique_sibling(directory, "." + os.path.basename(path) + ".")
     open(tmp, "x").close()
     try:
         yield tmp
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -67,6 +114,28 @@ def load_safetensors(path: str, what: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"{what} at {path} is corrupt: {exc}") from exc
 
 
+SAFE_WEIGHTS = (".safetensors", ".safetensors.index.json")  # one file, or the index of a sharded one
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def require_safetensors(folder: str, what: str) -> None:
+    """Refuse a model folder whose weights are not safetensors, before any loader opens it.
+
+    Given only a pickled .bin, diffusers and transformers fall back to torch.load ("Defaulting to
+    unsafe serialization"), and unpickling a downloaded file can run code. Call this before each
+    from_pretrained of a local folder, and pass use_safetensors=True as well (hub ids included)."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    if any(n.endswith(SAFE_WEIGHTS) for n in names):
+        return
+    pickled = sorted(n for n in names if n.endswith(PICKLED_WEIGHTS))
+    if pickled:
+        raise CheckpointError(
+            f"{what} weights {os.path.join(folder, pickled[0])} are not safetensors: invdiff does not unpickle weights "
+            "(loading a pickle can run code); convert them with save_pretrained(..., safe_serialization=True)"
+        )
+    raise CheckpointError(f"{what} weights not found: {folder} holds no .safetensors file")
+
+
 def read_json(path: str, what: str) -> Dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{what} not found: {path}")
@@ -91,6 +160,7 @@ def staged_directory(final: str):
     os.mkdir(stage)
     try:
         yield stage
+        apply_umask(stage)  # what save_pretrained wrote through safetensors is 0600
         if os.path.isdir(final):
             old = stage + ".old"
             os.replace(final, old)

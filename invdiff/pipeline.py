@@ -142,14 +142,26 @@ class InvDiffPipeline(DiffusionPipeline):
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """diffusers layout with safetensors, plus a model card (README.md)."""
+        from .io import apply_umask
+
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, **kwargs)
+        for name in self.components:  # safetensors writes its files 0600
+            if os.path.isdir(os.path.join(save_directory, name)):
+                apply_umask(os.path.join(save_directory, name))
         write_model_card(save_directory, self.guidance)
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs):
         """Loads G_psi from `guidance/` itself (diffusers does not know invdiff's classes), then
-        the frozen components through DiffusionPipeline.from_pretrained."""
+        the frozen components through DiffusionPipeline.from_pretrained, safetensors only."""
+        from .io import require_safetensors
+        from .models.sd import SD_WEIGHTED_COMPONENTS
+
+        for component in SD_WEIGHTED_COMPONENTS:
+            if os.path.isdir(os.path.join(path, component)):  # else a hub id, or diffusers names what is missing
+                require_safetensors(os.path.join(path, component), f"the pipeline's {component}")
+        kwargs.setdefault("use_safetensors", True)
         if "guidance" not in kwargs:
             gdir = os.path.join(path, "guidance")
             from .models.lora import load_guidance

@@ -10,6 +10,7 @@ import torch
 
 from invdiff import io as iio
 from invdiff.io import CheckpointError
+from tests.utils import file_modes, umask_modes, using_umask
 
 
 def _umask():
@@ -117,3 +118,32 @@ def test_staged_directory_swaps_in_the_new_folder(tmp_path):
     with iio.staged_directory(str(tmp_path / "fresh")) as stage:
         open(os.path.join(stage, "a"), "w").close()
     assert os.listdir(tmp_path / "fresh") == ["a"]
+
+
+@pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
+def umask(request):
+    """Run the test under this umask (a common default and a stricter one), then restore it."""
+    with using_umask(request.param):
+        yield request.param
+
+
+def test_atomic_writers_give_files_the_umask_mode(tmp_path, umask):
+    """safetensors writes a private 0600 file and renames it into place; what invdiff saves gets
+    0666 less the umask, like the JSON beside it."""
+    iio.atomic_save_file({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    iio.atomic_write_json(str(tmp_path / "a.json"), {"x": 1})
+    iio.atomic_write_text(str(tmp_path / "t.txt"), "x")
+    assert file_modes(tmp_path) == {name: 0o666 & ~umask for name in ("w.safetensors", "a.json", "t.txt")}
+
+
+def test_a_model_saved_in_a_staged_directory_gets_umask_modes(tmp_path, umask):
+    from invdiff.models.conditioner import PromptEmbedding
+
+    final = str(tmp_path / "model")
+    with iio.staged_directory(final) as stage:
+        PromptEmbedding(["a", "b"], embedding_dim=4).save_pretrained(os.path.join(stage, "conditioner"))
+        iio.atomic_write_json(os.path.join(stage, "meta.json"), {})
+    modes = file_modes(final)
+    assert "conditioner/diffusion_pytorch_model.safetensors" in modes
+    assert modes == umask_modes(final, umask)
+    assert stat.S_IMODE(os.stat(final).st_mode) == 0o777 & ~umask

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from invdiff.models.guidance import GuidanceModule
 from invdiff.models.sd import LatentDiffusionBase
 from invdiff.pipeline import InvDiffPipeline
-from tests.utils import make_tiny_sd_folder
+from tests.utils import assert_pickled_weights_refused, file_modes, make_tiny_sd_folder, umask_modes, using_umask
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,22 @@ def test_save_and_load_round_trip_gives_the_same_images(pipe, tmp_path):
     loaded = InvDiffPipeline.from_pretrained(str(tmp_path / "saved"))
     assert loaded.guidance.ratio == 0.5
     torch.testing.assert_close(_images(loaded), _images(pipe))
+
+
+@pytest.mark.parametrize("component", ["unet", "guidance"])
+def test_pickled_weights_are_refused_before_torch_load(pipe, tmp_path, monkeypatch, component):
+    folder = str(tmp_path / "saved")
+    pipe.save_pretrained(folder)
+    assert_pickled_weights_refused(lambda: InvDiffPipeline.from_pretrained(folder), os.path.join(folder, component),
+                                   "diffusion_pytorch_model.bin", monkeypatch)
+
+
+def test_saved_pipeline_files_get_the_umask_mode(pipe, tmp_path):
+    with using_umask(0o027):
+        pipe.save_pretrained(str(tmp_path / "saved"))
+    modes = file_modes(str(tmp_path / "saved"))
+    assert modes["unet/diffusion_pytorch_model.safetensors"] == modes["text_encoder/model.safetensors"] == 0o640
+    assert modes == umask_modes(str(tmp_path / "saved"), 0o027)
 
 
 def test_scheduler_swap(pipe):

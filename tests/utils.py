@@ -1,6 +1,7 @@
 """Shared test helpers (imported as `tests.utils`)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -224,3 +225,65 @@ def write_tiny_imagefolder(directory: str, size: int = 16, per_prompt: int = 8, 
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return directory
+
+
+# ----------------------------------------------------------------------------- pickled weights
+
+
+def pickle_weights(folder: str, bin_name: str) -> str:
+    """Replace the safetensors weights in `folder` by the same tensors saved with torch.save as
+    `bin_name` (diffusers reads "diffusion_pytorch_model.bin", transformers "pytorch_model.bin"),
+    the unsafe layout older checkpoints ship. Returns the .bin's path."""
+    from safetensors.torch import load_file
+
+    (name,) = [n for n in os.listdir(folder) if n.endswith(".safetensors")]
+    state = load_file(os.path.join(folder, name))
+    os.remove(os.path.join(folder, name))
+    path = os.path.join(folder, bin_name)
+    torch.save(state, path)
+    return path
+
+
+def assert_pickled_weights_refused(load, folder: str, bin_name: str, monkeypatch) -> None:
+    """Pickle the weights in `folder` (see pickle_weights), then check that `load()` raises one
+    CheckpointError line naming the .bin, and that torch.load was never called: a loader that
+    tried it and had its error wrapped into a CheckpointError would not pass."""
+    import pytest
+
+    from invdiff.io import CheckpointError
+
+    unsafe = pickle_weights(folder, bin_name)
+    calls = []
+
+    def refusing_load(f, *args, **kwargs):
+        calls.append(str(f))
+        raise RuntimeError(f"torch.load({f!r}) was called")
+
+    monkeypatch.setattr(torch, "load", refusing_load)
+    with pytest.raises(CheckpointError, match=r"not safetensors") as info:
+        load()
+    assert unsafe in str(info.value) and "\n" not in str(info.value)
+    assert calls == [], f"torch.load was called on {calls}"
+
+
+@contextlib.contextmanager
+def using_umask(mask: int):
+    """Run the block under the process umask `mask`, then restore the previous one."""
+    old = os.umask(mask)
+    try:
+        yield mask
+    finally:
+        os.umask(old)
+
+
+def file_modes(folder: str) -> dict:
+    """{path relative to folder: permission bits} of everything below `folder`."""
+    import stat
+
+    return {os.path.relpath(os.path.join(root, n), folder): stat.S_IMODE(os.stat(os.path.join(root, n)).st_mode)
+            for root, dirs, files in os.walk(folder) for n in dirs + files}
+
+
+def umask_modes(folder: str, umask: int) -> dict:
+    """What `file_modes(folder)` should be when everything was written under `umask`."""
+    return {path: (0o777 if os.path.isdir(os.path.join(folder, path)) else 0o666) & ~umask for path in file_modes(folder)}

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..io import path_inside
 from .base import DataError, DiffusionDataset
 
 METADATA = "metadata.jsonl"
@@ -26,27 +27,42 @@ CROP_SEED = 0  # the fixed seed of the per-sample crop offsets when center_crop=
 MIN_RESOLUTION = 8
 
 
-def _read_metadata(root: str) -> List[Dict]:
+def _read_metadata(root: str) -> Tuple[List[Dict], List[str]]:
+    """The rows of metadata.jsonl and the real path of each row's image, which must lie inside `root`."""
     path = os.path.join(root, METADATA)
     if not os.path.isfile(path):
         raise DataError(f"{root!r} has no {METADATA}: expected lines like " '{"file_name": "a.png", "text": "a prompt"}')
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    rows, files = [], []
+    with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 can be named
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {exc.start}); save {METADATA} as UTF-8"
+                ) from exc
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+            except RecursionError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON (nested too deeply)") from exc
             if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
                 raise DataError(f"{path}:{lineno}: every line needs 'file_name' and 'text'")
             if not isinstance(row["file_name"], str) or not isinstance(row["text"], str):
                 raise DataError(f"{path}:{lineno}: 'file_name' and 'text' must be strings")
+            # Not os.path.join alone: "../x", an absolute path or a link out of the folder would
+            # read (and train on) any file the user can read.
+            image = path_inside(root, row["file_name"])
+            if image is None:
+                raise DataError(f"{path}:{lineno}: file_name {row['file_name']!r} leads outside the dataset folder {root!r}")
             rows.append(row)
+            files.append(image)
     if not rows:
         raise DataError(f"{path} lists no images")
-    return rows
+    return rows, files
 
 
 def _check_options(resolution, center_crop, random_flip) -> None:
@@ -81,12 +97,13 @@ def crop_box(width: int, height: int, resolution: int, center_crop: bool, index:
     return left, top
 
 
-def _load_rgb(root: str, name: str, index: int, resolution: Optional[int], center_crop: bool) -> np.ndarray:
-    """One image as (H, W, 3) uint8, resized and cropped when `resolution` is set."""
+def _load_rgb(path: str, name: str, root: str, index: int, resolution: Optional[int], center_crop: bool) -> np.ndarray:
+    """The image at `path` (listed as `name` in `root`'s metadata) as (H, W, 3) uint8, resized and
+    cropped when `resolution` is set."""
     from PIL import Image
 
     try:
-        with Image.open(os.path.join(root, name)) as im:
+        with Image.open(path) as im:
             im = im.convert("RGB")
             if resolution is not None:
                 w, h = resized_size(im.width, im.height, resolution)
@@ -107,8 +124,8 @@ def imagefolder(
 ) -> DiffusionDataset:
     """Load every listed image as RGB in [-1, 1].
 
-    resolution: None keeps the images as they are, so they must all be square and of one size;
-    an int (>= 8) resizes each image's shorter side to it (bicubic) and crops a square.
+    resolution: None keeps the images as they are, so they must all be square, of one size and at
+    least 8x8; an int (>= 8) resizes each image's shorter side to it (bicubic) and crops a square.
     center_crop: crop at the centre; False crops at a per-sample offset that is random-looking
     but fixed (seeded by CROP_SEED and the sample index), so loading is deterministic.
     random_flip: not applied here; recorded as `dataset.random_flip` for the training loop.
@@ -119,13 +136,13 @@ def imagefolder(
     center_crop, random_flip = bool(center_crop), bool(random_flip)
     if not os.path.isdir(root):
         raise DataError(f"dataset folder {root!r} does not exist")
-    rows = _read_metadata(root)
-    missing = [r["file_name"] for r in rows if not os.path.isfile(os.path.join(root, r["file_name"]))]
+    rows, files = _read_metadata(root)
+    missing = [r["file_name"] for r, path in zip(rows, files) if not os.path.isfile(path)]
     if missing:
         raise DataError(f"{len(missing)} file(s) listed in {METADATA} are missing, e.g. {missing[:3]}")
     images, sizes = [], {}
-    for i, r in enumerate(rows):
-        arr = _load_rgb(root, r["file_name"], i, resolution, center_crop)
+    for i, (r, path) in enumerate(zip(rows, files)):
+        arr = _load_rgb(path, r["file_name"], root, i, resolution, center_crop)
         sizes.setdefault(arr.shape[:2], r["file_name"])
         images.append(arr)
     hint = "pass --resolution N (resolution=N in Python) to resize and crop every image to N x N"
@@ -135,6 +152,9 @@ def imagefolder(
     ((h, w), name), = sizes.items()
     if h != w:
         raise DataError(f"images must be square, got {h}x{w} (e.g. {name}); {hint}")
+    if h < MIN_RESOLUTION:  # their own size becomes the model's resolution: the same floor as resolution=N
+        raise DataError(f"images are {h}x{w} (e.g. {name}), smaller than {MIN_RESOLUTION}x{MIN_RESOLUTION}, "
+                        f"the smallest resolution invdiff trains at; {hint} (N >= {MIN_RESOLUTION})")
     # uint8 while reading, float32 only once: peak memory ~1.25x the final tensor
     x = torch.empty((len(images), 3, h, w), dtype=torch.float32)
     for i, arr in enumerate(images):

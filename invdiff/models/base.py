@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from ..io import CheckpointError, atomic_write_json, read_json
+from ..io import CheckpointError, apply_umask, atomic_write_json, read_json, require_safetensors
 from .conditioner import PromptEmbedding
 
 BASE_META = "invdiff_base.json"
@@ -107,9 +107,9 @@ class FrozenBase(torch.nn.Module):
 
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        self.unet.save_pretrained(os.path.join(directory, "unet"))
-        self.conditioner.save_pretrained(os.path.join(directory, "conditioner"))
-        self.scheduler.save_pretrained(os.path.join(directory, "scheduler"))
+        for part in ("unet", "conditioner", "scheduler"):
+            getattr(self, part).save_pretrained(os.path.join(directory, part))
+            apply_umask(os.path.join(directory, part))  # safetensors writes its files 0600
         atomic_write_json(os.path.join(directory, BASE_META), self.meta)
 
     @classmethod
@@ -120,9 +120,11 @@ class FrozenBase(torch.nn.Module):
             if not os.path.isdir(os.path.join(directory, part)):
                 raise CheckpointError(f"{directory!r} is not an invdiff base model: missing {part}/")
         meta = read_json(os.path.join(directory, BASE_META), what="base model metadata")
+        require_safetensors(os.path.join(directory, "unet"), "the base model's UNet")
+        require_safetensors(os.path.join(directory, "conditioner"), "the base model's conditioner")
         try:
-            unet = UNet2DConditionModel.from_pretrained(os.path.join(directory, "unet"))
-            conditioner = PromptEmbedding.from_pretrained(os.path.join(directory, "conditioner"))
+            unet = UNet2DConditionModel.from_pretrained(os.path.join(directory, "unet"), use_safetensors=True)
+            conditioner = PromptEmbedding.from_pretrained(os.path.join(directory, "conditioner"), use_safetensors=True)
             scheduler = DDPMScheduler.from_pretrained(os.path.join(directory, "scheduler"))
         except Exception as exc:  # corrupt safetensors, truncated json, ...
             raise CheckpointError(f"could not load the base model in {directory!r}: {exc}") from exc

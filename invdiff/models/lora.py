@@ -89,6 +89,7 @@ def load_guidance(folder: str):
     import json
     import os
 
+    from ..io import require_safetensors
     from .guidance import GuidanceModule
 
     with open(os.path.join(folder, "config.json")) as f:
@@ -96,4 +97,5 @@ def load_guidance(folder: str):
     cls = {"GuidanceModule": GuidanceModule, "LoraGuidance": LoraGuidance}.get(kind)
     if cls is None:
         raise ValueError(f"{folder!r} holds a {kind}, not an invdiff G_psi")
-    return cls.from_pretrained(folder)
+    require_safetensors(folder, "G_psi")
+    return cls.from_pretrained(folder, use_safetensors=True)

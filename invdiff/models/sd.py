@@ -18,10 +18,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..io import CheckpointError, atomic_write_json
+from ..io import CheckpointError, apply_umask, atomic_write_json, require_safetensors
 from .base import FrozenBase
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")  # the tokenizer and scheduler are config files only
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -192,11 +193,9 @@ class LatentDiffusionBase(FrozenBase):
         from .base import BASE_META
 
         os.makedirs(directory, exist_ok=True)
-        self.unet.save_pretrained(os.path.join(directory, "unet"))
-        self.vae.save_pretrained(os.path.join(directory, "vae"))
-        self.text_encoder.save_pretrained(os.path.join(directory, "text_encoder"))
-        self.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
-        self.scheduler.save_pretrained(os.path.join(directory, "scheduler"))
+        for part in SD_COMPONENTS:
+            getattr(self, part).save_pretrained(os.path.join(directory, part))
+            apply_umask(os.path.join(directory, part))  # safetensors writes its files 0600
         index = {
             "_class_name": "StableDiffusionPipeline",
             "_diffusers_version": __import__("diffusers").__version__,
@@ -231,13 +230,17 @@ class LatentDiffusionBase(FrozenBase):
                     f"{path!r} is not a complete Stable Diffusion folder: missing {', '.join(missing)} "
                     f"(expected {', '.join(SD_COMPONENTS)} and model_index.json)"
                 )
+            for component in SD_WEIGHTED_COMPONENTS:
+                require_safetensors(os.path.join(path, component), f"the Stable Diffusion {component}")
         elif not looks_like_hub_id(path):
             raise CheckpointError(f"base model {path!r} does not exist (a local folder or a hub id like org/name)")
         torch_dtype = DTYPES[dtype]
         try:
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype)
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype)
-            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch_dtype)
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype, use_safetensors=True)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype, use_safetensors=True)
+            text_encoder = CLIPTextModel.from_pretrained(
+                path, subfolder="text_encoder", torch_dtype=torch_dtype, use_safetensors=True
+            )
             tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
             # The training noise schedule, whatever sampler the folder ships (often PNDM).
             scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(path, subfolder="scheduler"))

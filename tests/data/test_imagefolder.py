@@ -13,7 +13,7 @@ from invdiff.data import DataError, load_dataset
 from invdiff.data.imagefolder import imagefolder
 
 
-def _png(path, color, size=(4, 4), mode="RGB"):
+def _png(path, color, size=(8, 8), mode="RGB"):
     Image.new(mode, size, color).save(path)
 
 
@@ -45,12 +45,12 @@ def folder(tmp_path):
 def test_loads_images_prompts_and_attributes(folder):
     ds = imagefolder(str(folder))
     assert len(ds) == 4
-    assert ds.images.shape == (4, 3, 4, 4) and ds.images.dtype == torch.float32
+    assert ds.images.shape == (4, 3, 8, 8) and ds.images.dtype == torch.float32
     # pixel values map 0 -> -1 and 255 -> 1
     assert torch.equal(ds.images[0, :, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
     assert torch.equal(ds.images[1, :, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
     assert torch.equal(ds.images[2, :, 0, 0], torch.tensor([-1.0, -1.0, 1.0]))
-    torch.testing.assert_close(ds.images[3], torch.full((3, 4, 4), 128 / 127.5 - 1.0))
+    torch.testing.assert_close(ds.images[3], torch.full((3, 8, 8), 128 / 127.5 - 1.0))
     # prompts are the sorted unique texts; ids point into them
     assert ds.prompts == ["a photo of a doctor", "a photo of a nurse"]
     assert ds.prompt_ids.tolist() == [1, 0, 1, 0]
@@ -69,11 +69,11 @@ def test_loads_images_prompts_and_attributes(folder):
 
 
 def test_no_extra_columns_means_no_attributes(tmp_path):
-    _png(tmp_path / "x.png", (10, 20, 30), size=(6, 6))
+    _png(tmp_path / "x.png", (10, 20, 30), size=(10, 10))
     _write_metadata(tmp_path, [{"file_name": "x.png", "text": "only"}])
     ds = imagefolder(str(tmp_path))
     assert ds.attributes is None
-    assert ds.prompts == ["only"] and ds.resolution == 6
+    assert ds.prompts == ["only"] and ds.resolution == 10
 
 
 def test_load_dataset_dispatches_to_imagefolder(folder):
@@ -109,10 +109,10 @@ def test_metadata_listing_a_missing_file(folder):
 
 
 def test_mixed_image_sizes(tmp_path):
-    _png(tmp_path / "small.png", (0, 0, 0), size=(4, 4))
-    _png(tmp_path / "big.png", (0, 0, 0), size=(8, 8))
+    _png(tmp_path / "small.png", (0, 0, 0), size=(8, 8))
+    _png(tmp_path / "big.png", (0, 0, 0), size=(12, 12))
     _write_metadata(tmp_path, [{"file_name": "small.png", "text": "t"}, {"file_name": "big.png", "text": "t"}])
-    with pytest.raises(DataError, match=r"mixed sizes: 4x4 \(e\.g\. small\.png\), 8x8 \(e\.g\. big\.png\)"):
+    with pytest.raises(DataError, match=r"mixed sizes: 8x8 \(e\.g\. small\.png\), 12x12 \(e\.g\. big\.png\)"):
         imagefolder(str(tmp_path))
 
 
@@ -147,6 +147,69 @@ def test_malformed_rows(tmp_path, line, msg):
         imagefolder(str(tmp_path))
 
 
+def test_metadata_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    _png(tmp_path / "a.png", (0, 0, 0))
+    with open(tmp_path / "metadata.jsonl", "wb") as f:
+        f.write(b'{"file_name": "a.png", "text": "t"}\n')
+        f.write('{"file_name": "a.png", "text": "caf\u00e9"}\n'.encode("latin-1"))  # saved by a Latin-1 editor
+    with pytest.raises(DataError, match=r"metadata\.jsonl:2: not UTF-8 text") as info:
+        imagefolder(str(tmp_path))
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_json_nested_too_deeply_names_the_line(tmp_path):
+    _png(tmp_path / "a.png", (0, 0, 0))
+    _write_metadata(tmp_path, [{"file_name": "a.png", "text": "t"}, "[" * 100_000])
+    with pytest.raises(DataError, match=r"metadata\.jsonl:2: not valid JSON"):
+        imagefolder(str(tmp_path))
+
+
+def _folder_next_to_a_secret(tmp_path):
+    """tmp_path/outside_secret.png, and an imagefolder two levels below it holding a.png."""
+    _png(tmp_path / "outside_secret.png", (1, 2, 3))
+    root = tmp_path / "datasets" / "data"
+    root.mkdir(parents=True)
+    _png(root / "a.png", (0, 0, 0))
+    return root
+
+
+@pytest.mark.parametrize("name", ["../../outside_secret.png", "sub/../../../outside_secret.png", "absolute"])
+def test_file_names_leading_outside_the_folder_are_refused(tmp_path, name):
+    root = _folder_next_to_a_secret(tmp_path)
+    if name == "absolute":
+        name = str(tmp_path / "outside_secret.png")
+    _write_metadata(root, [{"file_name": "a.png", "text": "t"}, {"file_name": name, "text": "t"}])
+    with pytest.raises(DataError, match=r"metadata\.jsonl:2: file_name .* outside the dataset folder") as info:
+        imagefolder(str(root))
+    assert repr(name) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_symbolic_links_out_of_the_folder_are_refused(tmp_path):
+    root = _folder_next_to_a_secret(tmp_path)
+    os.symlink(tmp_path / "outside_secret.png", root / "link.png")
+    os.symlink(tmp_path, root / "escape")
+    for lineno, name in ((2, "link.png"), (2, "escape/outside_secret.png")):
+        _write_metadata(root, [{"file_name": "a.png", "text": "t"}, {"file_name": name, "text": "t"}])
+        with pytest.raises(DataError, match=rf"metadata\.jsonl:{lineno}: file_name '{name}' .*outside"):
+            imagefolder(str(root))
+    # a link that stays inside the folder is an ordinary file
+    os.symlink(root / "a.png", root / "inner.png")
+    _write_metadata(root, [{"file_name": "a.png", "text": "t"}, {"file_name": "inner.png", "text": "t"}])
+    ds = imagefolder(str(root))
+    assert torch.equal(ds.images[0], ds.images[1])
+
+
+def test_images_smaller_than_the_minimum_resolution_are_refused(tmp_path):
+    """Without resolution the images' own size is the model's resolution, so the floor that
+    resolution=N has applies to it too; resolution=8 upscales them, as diffusers does."""
+    _png(tmp_path / "a.png", (0, 0, 0), size=(4, 4))
+    _png(tmp_path / "b.png", (0, 0, 0), size=(4, 4))
+    _write_metadata(tmp_path, [{"file_name": "a.png", "text": "t"}, {"file_name": "b.png", "text": "t"}])
+    with pytest.raises(DataError, match=r"images are 4x4 \(e\.g\. a\.png\), smaller than 8x8.*--resolution"):
+        imagefolder(str(tmp_path))
+    assert imagefolder(str(tmp_path), resolution=8).images.shape == (2, 3, 8, 8)
+
+
 def test_unreadable_image_is_a_data_error(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"this is not a png")
     _write_metadata(tmp_path, [{"file_name": "broken.png", "text": "t"}])
@@ -155,7 +218,7 @@ def test_unreadable_image_is_a_data_error(tmp_path):
 
 
 def test_roundtrip_of_pixel_values(tmp_path):
-    arr = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3) * 5
+    arr = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
     Image.fromarray(arr).save(tmp_path / "grad.png")
     _write_metadata(tmp_path, [{"file_name": "grad.png", "text": "t"}])
     ds = imagefolder(str(tmp_path))
@@ -339,7 +402,7 @@ def test_without_resolution_non_square_suggests_resolution(tmp_path):
 def test_without_resolution_info_records_the_defaults(folder):
     ds = imagefolder(str(folder))
     assert ds.info["resolution"] is None and ds.info["center_crop"] is True and ds.info["random_flip"] is False
-    assert ds.random_flip is False and ds.resolution == 4
+    assert ds.random_flip is False and ds.resolution == 8
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,17 @@ def test_frozen_base_save_layout(frozen_tiny_base, tiny_base_dir):
     assert not any(p.requires_grad for p in frozen_tiny_base.parameters())
 
 
+def test_frozen_base_saves_its_files_with_the_umask_mode(frozen_tiny_base, tmp_path):
+    """Not 0600, the mode safetensors gives the files it writes."""
+    from tests.utils import file_modes, umask_modes, using_umask
+
+    with using_umask(0o022):
+        frozen_tiny_base.save_pretrained(str(tmp_path / "base"))
+    modes = file_modes(str(tmp_path / "base"))
+    assert modes["unet/diffusion_pytorch_model.safetensors"] == 0o644
+    assert modes == umask_modes(str(tmp_path / "base"), 0o022)
+
+
 def test_frozen_base_round_trip_gives_identical_eps(frozen_tiny_base, tiny_base_dir, tmp_path):
     loaded = FrozenBase.from_pretrained(tiny_base_dir)
     again_dir = str(tmp_path / "again")
@@ -209,6 +220,25 @@ def test_frozen_base_missing_folder_or_part(tiny_base_dir, tmp_path):
     os.remove(os.path.join(no_meta, "invdiff_base.json"))
     with pytest.raises(CheckpointError, match="base model metadata not found"):
         FrozenBase.from_pretrained(no_meta)
+
+
+@pytest.mark.parametrize("component", ["unet", "conditioner"])
+def test_frozen_base_with_pickled_weights_is_refused_before_torch_load(tiny_base_dir, tmp_path, monkeypatch, component):
+    from tests.utils import assert_pickled_weights_refused
+
+    folder = str(tmp_path / "base")
+    shutil.copytree(tiny_base_dir, folder)
+    assert_pickled_weights_refused(lambda: FrozenBase.from_pretrained(folder), os.path.join(folder, component),
+                                   "diffusion_pytorch_model.bin", monkeypatch)
+
+
+def test_guidance_with_pickled_weights_is_refused_before_torch_load(frozen_cfg, tmp_path, monkeypatch):
+    from invdiff.models.lora import load_guidance
+    from tests.utils import assert_pickled_weights_refused
+
+    folder = str(tmp_path / "g")
+    GuidanceModule.from_frozen(frozen_cfg, preset="small").save_pretrained(folder)
+    assert_pickled_weights_refused(lambda: load_guidance(folder), folder, "diffusion_pytorch_model.bin", monkeypatch)
 
 
 def test_frozen_base_corrupt_safetensors(tiny_base_dir, tmp_path):

@@ -11,7 +11,9 @@ import torch
 from invdiff.io import CheckpointError
 from invdiff.models.guidance import GuidanceModule
 from invdiff.models.sd import AttentionBackendError, LatentDiffusionBase, latent_dataset, set_attention
-from tests.utils import make_tiny_sd_folder, write_tiny_imagefolder
+from tests.utils import (
+    assert_pickled_weights_refused, file_modes, make_tiny_sd_folder, umask_modes, using_umask, write_tiny_imagefolder,
+)
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +66,25 @@ def test_missing_component_is_a_clear_error(tiny_sd, tmp_path):
     shutil.rmtree(broken / "vae")
     with pytest.raises(CheckpointError, match="missing vae"):
         LatentDiffusionBase.from_pretrained(str(broken))
+
+
+@pytest.mark.parametrize("component, bin_name", [
+    ("unet", "diffusion_pytorch_model.bin"), ("vae", "diffusion_pytorch_model.bin"), ("text_encoder", "pytorch_model.bin"),
+])
+def test_pickled_weights_are_refused_before_torch_load(tiny_sd, tmp_path, monkeypatch, component, bin_name):
+    folder = str(tmp_path / "sd")
+    shutil.copytree(tiny_sd, folder)
+    assert_pickled_weights_refused(lambda: LatentDiffusionBase.from_pretrained(folder), os.path.join(folder, component),
+                                   bin_name, monkeypatch)
+
+
+def test_saved_base_files_get_the_umask_mode(tiny_sd, tmp_path):
+    base = LatentDiffusionBase.from_pretrained(tiny_sd)
+    with using_umask(0o022):
+        base.save_pretrained(str(tmp_path / "saved"))
+    modes = file_modes(str(tmp_path / "saved"))
+    assert modes["vae/diffusion_pytorch_model.safetensors"] == modes["text_encoder/model.safetensors"] == 0o644
+    assert modes == umask_modes(str(tmp_path / "saved"), 0o022)
 
 
 def test_cross_attention_width_mismatch_is_a_clear_error(tmp_path):
