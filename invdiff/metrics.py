@@ -16,6 +16,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .data.colored_digits import PALETTE
+from .quality import FID_MIN_IMAGES, too_few_images
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 CLASSIFIER_DIR = os.path.join(ASSETS, "digit_classifier")
@@ -144,11 +145,12 @@ def train_digit_classifier(train, eval_split, steps: int = 1500, seed: int = 0, 
 
 
 def load_digit_classifier(path: Optional[str] = None) -> DigitClassifier:
-    from .io import CheckpointError
+    from .io import CheckpointError, require_safetensors
 
     path = path or CLASSIFIER_DIR
+    require_safetensors(path, "the digit classifier's")
     try:
-        model = DigitClassifier.from_pretrained(path)
+        model = DigitClassifier.from_pretrained(path, use_safetensors=True)
     except Exception as exc:
         raise CheckpointError(f"could not load the digit classifier from {path!r}: {exc}") from exc
     return model.eval().requires_grad_(False)
@@ -182,6 +184,7 @@ def evaluate_samples(
     eval images for the Frechet distance; majority: optional (P,) majority colour per prompt, to
     report each prompt's majority-colour share. attributes: optional (N,) attribute index per
     image, measured by the caller (a non-colour attribute); num_colors is then its number of values.
+    "skipped" lists, one line each, what could not run: the Frechet distance needs 2 images per set.
     """
     colors = predict_color(images, num_colors) if attributes is None else attributes
     counts = attribute_counts(prompt_ids, colors, num_prompts, num_colors)
@@ -189,8 +192,13 @@ def evaluate_samples(
     out["counts"] = counts.tolist()
     pred = classifier(images).argmax(1)
     out["digit_accuracy"] = float((pred == prompt_ids).float().mean())
+    out["skipped"] = []
     if reference is not None:
-        out["frechet_distance"] = frechet_distance(classifier, reference, images)
+        too_few = too_few_images("Frechet distance", FID_MIN_IMAGES, reference.shape[0], images.shape[0], "a covariance")
+        if too_few is None:
+            out["frechet_distance"] = frechet_distance(classifier, reference, images)
+        else:
+            out["skipped"].append(too_few)
     if majority is not None:
         share = counts[torch.arange(num_prompts), majority].double() / counts.sum(1).clamp_min(1)
         out["majority_share"] = share.tolist()

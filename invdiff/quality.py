@@ -2,8 +2,11 @@
 
 Nothing here downloads. FID and CLIP-T need pretrained networks, so they run only when the caller
 points at files on disk (`--inception-weights FILE`, `--clip-model DIR`); without them each metric is
-skipped and says why in one line. Improved precision/recall works on any feature space, e.g. a
-classifier's penultimate features, so it needs no pretrained weights at all.
+skipped and says why in one line; a path given but not there is a CheckpointError
+(`check_weight_paths`, before anything is computed). Improved precision/recall works on any feature
+space, e.g. a classifier's penultimate features, so it needs no pretrained weights at all. A metric
+that the number of images does not allow (too few for its k-NN balls or its covariance) is skipped
+with its line too, and the others are reported.
 
 Images everywhere are (N, 3, H, W) float tensors in [-1, 1], the range the samplers produce.
 """
@@ -15,6 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .io import CheckpointError
+
 INCEPTION_FLAG = "--inception-weights"
 CLIP_FLAG = "--clip-model"
 
@@ -23,6 +28,8 @@ CLIP_FLAG = "--clip-model"
 DISTANCE_CHUNK = 1024
 # Images per forward pass of the Inception / CLIP networks.
 IMAGE_BATCH = 64
+# A covariance needs 2 samples (it divides by N - 1).
+FID_MIN_IMAGES = 2
 
 
 def _check_images(images: torch.Tensor, name: str) -> None:
@@ -35,6 +42,39 @@ def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def too_few_images(metric: str, need: int, num_real: int, num_fake: int, why: str) -> Optional[str]:
+    """The one-line reason to skip `metric` when a set has fewer than `need` images, else None.
+    why: what needs them, e.g. "a covariance"."""
+    if min(num_real, num_fake) >= need:
+        return None
+    return f"{metric} skipped: it needs at least {need} images per set ({why}), got {num_real} real and {num_fake} fake"
+
+
+def _check_inception_weights(weights_path: str) -> None:
+    if not os.path.isfile(weights_path):
+        raise CheckpointError(f"{INCEPTION_FLAG}: Inception weights file not found: {weights_path}")
+
+
+def _check_clip_folder(model_path: str) -> None:
+    if not os.path.isdir(model_path):
+        raise CheckpointError(f"{CLIP_FLAG}: CLIP model folder not found: {model_path}")
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise CheckpointError(
+            f"{CLIP_FLAG}: {model_path} has no config.json; expected a folder written by "
+            "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained"
+        )
+
+
+def check_weight_paths(inception_weights: Optional[str], clip_model: Optional[str]) -> None:
+    """A CheckpointError naming the path when a given Inception weights file or CLIP model folder
+    is not there; None (the metric is skipped) passes. It only looks at the file system, so call
+    it before any image is loaded or metric computed: a typo must not cost a whole evaluation."""
+    if inception_weights is not None:
+        _check_inception_weights(inception_weights)
+    if clip_model is not None:
+        _check_clip_folder(clip_model)
+
+
 # ----------------------------------------------------------------------------- FID (Inception)
 
 
@@ -43,46 +83,80 @@ def _torch_fidelity_installed() -> bool:
     return importlib.util.find_spec("torch_fidelity") is not None
 
 
+def inception_network(weights_path: str) -> torch.nn.Module:
+    """torch-fidelity's Inception v3 (2048-d pool features) from a local weights file, built the way
+    torchmetrics builds it for FrechetInceptionDistance(feature=2048). Needs torch-fidelity.
+    forward: (B, 3, H, W) uint8 in [0, 255], any size (resized to 299x299) -> (B, 2048)."""
+    from torchmetrics.image import fid as torchmetrics_fid
+
+    try:
+        network = torchmetrics_fid.NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
+        )
+    except ImportError:
+        raise  # no torch-fidelity: not the weights' fault
+    except Exception as exc:  # a file that is not torch-fidelity's state dict
+        raise CheckpointError(f"{INCEPTION_FLAG}: could not load the Inception weights {weights_path}: {exc}") from exc
+    return network
+
+
+@torch.no_grad()
+def fid_with_network(real: torch.Tensor, fake: torch.Tensor, feature_network: torch.nn.Module) -> float:
+    """FID between two image sets in the feature space of `feature_network`, by torchmetrics'
+    FrechetInceptionDistance (features accumulated in float64, IMAGE_BATCH images per pass).
+
+    real: (N_real, 3, H, W), fake: (N_fake, 3, H', W'), floats in [-1, 1], at least 2 images each.
+    feature_network: (B, 3, H, W) uint8 in [0, 255] -> (B, D) features, the contract of
+    torch-fidelity's Inception (`inception_network`); any module honouring it can stand in, e.g. a
+    small random one in tests. A `num_features` attribute saves torchmetrics a dummy forward pass.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    _check_images(real, "real")
+    _check_images(fake, "fake")
+    if min(real.shape[0], fake.shape[0]) < FID_MIN_IMAGES:
+        raise ValueError(f"FID needs at least {FID_MIN_IMAGES} real and {FID_MIN_IMAGES} fake images (a covariance), "
+                         f"got {real.shape[0]} and {fake.shape[0]}")
+    # normalize=False: we hand over uint8 ourselves, rounded, whereas torchmetrics' normalize=True
+    # truncates (x * 255).byte() and also expects [0, 1] rather than our [-1, 1].
+    metric = FrechetInceptionDistance(feature=feature_network, normalize=False).to(real.device)
+    for is_real, images in ((True, real), (False, fake)):
+        for start in range(0, images.shape[0], IMAGE_BATCH):
+            metric.update(images_to_uint8(images[start : start + IMAGE_BATCH]).to(metric.device), real=is_real)
+    return float(metric.compute())
+
+
 def inception_fid(
     real: torch.Tensor, fake: torch.Tensor, weights_path: Optional[str]
 ) -> Tuple[Optional[float], str]:
     """FID between two image sets with the 2048-d Inception pool features, from local weights only.
 
     real: (N_real, 3, H, W), fake: (N_fake, 3, H', W'), floats in [-1, 1]; any size (the network
-    resizes to 299x299 itself). Both sets need at least 2 images.
+    resizes to 299x299 itself).
     weights_path: torch-fidelity's Inception state dict (weights-inception-2015-12-05-6726825d.pth)
     saved on disk. None skips the metric.
 
-    Returns (fid, line): fid is None when skipped, and `line` then says why in one line; otherwise
-    `line` describes what was computed. Raises FileNotFoundError when `weights_path` does not exist.
+    Returns (fid, line): fid is None when skipped (no weights, fewer than 2 images in a set, no
+    torch-fidelity), and `line` then says why in one line; otherwise `line` describes what was
+    computed. Raises CheckpointError when `weights_path` does not exist or does not load.
     """
     if weights_path is None:
         return None, (
             f"FID (Inception) skipped: no local Inception weights given ({INCEPTION_FLAG} FILE); "
             "nothing is downloaded"
         )
-    if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"{INCEPTION_FLAG}: Inception weights file not found: {weights_path}")
+    _check_inception_weights(weights_path)
+    _check_images(real, "real")
+    _check_images(fake, "fake")
+    too_few = too_few_images("FID (Inception)", FID_MIN_IMAGES, real.shape[0], fake.shape[0], "a covariance")
+    if too_few is not None:
+        return None, too_few
     if not _torch_fidelity_installed():
         return None, (
             "FID (Inception) skipped: torch-fidelity is not installed "
             "(pip install torch-fidelity; torchmetrics builds its Inception network from it)"
         )
-    _check_images(real, "real")
-    _check_images(fake, "fake")
-    if real.shape[0] < 2 or fake.shape[0] < 2:
-        raise ValueError(f"FID needs at least 2 real and 2 fake images, got {real.shape[0]} and {fake.shape[0]}")
-
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    # normalize=False: we hand over uint8 ourselves, rounded, whereas torchmetrics' normalize=True
-    # truncates (x * 255).byte() and also expects [0, 1] rather than our [-1, 1].
-    metric = FrechetInceptionDistance(feature=2048, normalize=False, feature_extractor_weights_path=weights_path)
-    metric = metric.to(real.device)
-    for is_real, images in ((True, real), (False, fake)):
-        for start in range(0, images.shape[0], IMAGE_BATCH):
-            metric.update(images_to_uint8(images[start : start + IMAGE_BATCH]), real=is_real)
-    fid = float(metric.compute())
+    fid = fid_with_network(real, fake, inception_network(weights_path))
     return fid, f"FID (Inception, 2048-d, {real.shape[0]} real vs {fake.shape[0]} fake images) from {weights_path}"
 
 
@@ -91,22 +165,22 @@ def inception_fid(
 
 def _load_local_clip(model_path: str):
     """A CLIPModel + CLIPProcessor from a save_pretrained folder, never touching the network."""
-    if not os.path.isdir(model_path):
-        raise FileNotFoundError(f"{CLIP_FLAG}: CLIP model folder not found: {model_path}")
-    if not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise FileNotFoundError(
-            f"{CLIP_FLAG}: {model_path} has no config.json; expected a folder written by "
-            "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained"
-        )
+    _check_clip_folder(model_path)
     from transformers import CLIPModel, CLIPProcessor
+
+    from .io import require_safetensors
+
+    require_safetensors(model_path, f"{CLIP_FLAG} {model_path}: the CLIP model's")  # never unpickle a user's folder
     from transformers.utils import logging as hf_logging
 
     # transformers draws a "Loading weights" progress bar; a report should not write to the terminal.
     bars_were_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = CLIPModel.from_pretrained(model_path, local_files_only=True)
+        model = CLIPModel.from_pretrained(model_path, local_files_only=True, use_safetensors=True)
         processor = CLIPProcessor.from_pretrained(model_path, local_files_only=True)
+    except Exception as exc:  # a damaged or foreign folder: transformers raises many kinds
+        raise CheckpointError(f"{CLIP_FLAG}: could not load a CLIP model from {model_path}: {exc}") from exc
     finally:
         if bars_were_enabled:
             hf_logging.enable_progress_bar()
@@ -131,7 +205,7 @@ def clip_score(
     None skips the metric.
 
     Returns (score, line): score in [0, 100], None when skipped (`line` says why in one line).
-    Raises FileNotFoundError when `model_path` is not a saved model folder.
+    Raises CheckpointError when `model_path` is not a saved model folder or does not load.
 
     Why not torchmetrics' CLIPScore: (1) given a string it only accepts hub names containing
     "openai", "jinaai" or "zer0int" and raises ValueError for any other local folder, and
@@ -261,18 +335,27 @@ def quality_report(
     prompts: N_fake strings, prompts[i] produced fake[i] (needed for CLIP-T only).
     features_fn: (B, 3, H, W) images -> (B, D) features (or (B, ...), flattened), e.g. a
         classifier's penultimate layer; enables precision/recall with `k` nearest neighbours.
-    inception_weights / clip_model: local weights for FID / CLIP-T (see inception_fid, clip_score).
+    inception_weights / clip_model: local weights for FID / CLIP-T (see inception_fid, clip_score);
+        a path that is not there is a CheckpointError before anything is computed.
 
     Returns a dict with "num_real", "num_fake", the computed metrics among "precision", "recall",
-    "fid", "clip_t", and "skipped": one line per metric that did not run, saying why.
+    "fid", "clip_t", and "skipped": one line per metric that did not run, saying why (no weights,
+    or too few images: precision/recall needs k + 1 per set, FID 2).
     """
+    check_weight_paths(inception_weights, clip_model)
     _check_images(real, "real")
     _check_images(fake, "fake")
     report: Dict = {"num_real": int(real.shape[0]), "num_fake": int(fake.shape[0])}
     skipped: List[str] = []
 
+    # The threshold of precision_recall: each point's ball reaches its k-th neighbour in its own set.
+    too_few = too_few_images(
+        "precision/recall", k + 1, real.shape[0], fake.shape[0], f"k={k} nearest neighbours besides the point itself"
+    )
     if features_fn is None:
         skipped.append("precision/recall skipped: no features_fn given (e.g. a classifier's penultimate features)")
+    elif too_few is not None:
+        skipped.append(too_few)
     else:
         report.update(
             precision_recall(_features_in_batches(features_fn, real), _features_in_batches(features_fn, fake), k=k)

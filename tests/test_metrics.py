@@ -168,6 +168,18 @@ def test_frechet_distance_self_is_zero_and_grows_with_shift(fresh_classifier, ev
     assert dims[0] < dims[1] < dims[2], dims
 
 
+@pytest.mark.parametrize("num_samples, num_reference", [(1, 64), (5, 1)])
+def test_evaluate_samples_skips_the_frechet_distance_below_two_images(fresh_classifier, eval_images, num_samples, num_reference):
+    # A covariance needs 2 samples per set: the rest is still reported, with one line saying why.
+    ds = colored_digits("train", p=0.9, resolution=16)
+    out = evaluate_samples(ds.images[:num_samples], ds.prompt_ids[:num_samples], 10, 2, fresh_classifier,
+                           eval_images[:num_reference])
+    assert "frechet_distance" not in out
+    line, = out["skipped"]
+    assert line.startswith("Frechet distance skipped") and "at least 2" in line and "\n" not in line
+    assert 0.0 <= out["bias"] <= 1.0 and 0.0 <= out["digit_accuracy"] <= 1.0
+
+
 def test_digit_classifier_is_colour_invariant(fresh_classifier):
     intensity, _ = _digit_intensity(16)
     red = render(intensity[:8], torch.zeros(8, dtype=torch.long))
@@ -211,3 +223,14 @@ def test_evaluate_samples_takes_measured_attributes(fresh_classifier):
     given = torch.randint(0, 2, (idx.numel(),), generator=torch.Generator().manual_seed(0))
     out = evaluate_samples(ds.images[idx], ds.prompt_ids[idx], 10, 2, fresh_classifier, attributes=given)
     assert out["counts"] == attribute_counts(ds.prompt_ids[idx], given, 10, 2).tolist()
+
+
+def test_digit_classifier_with_pickled_weights_is_refused_before_torch_load(tmp_path, monkeypatch):
+    import shutil
+
+    from invdiff.metrics import CLASSIFIER_DIR, load_digit_classifier
+    from tests.utils import assert_pickled_weights_refused
+
+    folder = str(tmp_path / "classifier")
+    shutil.copytree(CLASSIFIER_DIR, folder)
+    assert_pickled_weights_refused(lambda: load_digit_classifier(folder), folder, "diffusion_pytorch_model.bin", monkeypatch)

@@ -1,17 +1,28 @@
 """invdiff.quality: improved precision/recall, FID and CLIP-T from local weights only.
 
 CLIP-T runs for real on a tiny random CLIP model that the tests build and save themselves, so
-nothing is downloaded; FID is checked for its skip line and its errors (no Inception weights and
-no torch-fidelity on the test machine).
+nothing is downloaded. FID runs for real through torchmetrics with a tiny random stand-in for
+torch-fidelity's Inception (neither that package nor the weights are on the test machine), and is
+checked against a plain Frechet formula; the real network's skip lines and errors are checked too.
 """
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 
 from invdiff import quality
-from invdiff.quality import clip_score, images_to_uint8, inception_fid, precision_recall, quality_report
+from invdiff.io import CheckpointError
+from invdiff.quality import (
+    check_weight_paths,
+    clip_score,
+    fid_with_network,
+    images_to_uint8,
+    inception_fid,
+    precision_recall,
+    quality_report,
+)
 from tests.utils import write_tiny_clip_tokenizer
 
 
@@ -116,8 +127,10 @@ def test_fid_without_weights_is_skipped_with_one_line():
 
 
 def test_fid_with_a_missing_weights_file_raises(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--inception-weights"):
-        inception_fid(_images(4, 0), _images(4, 1), str(tmp_path / "no_such_inception.pth"))
+    missing = str(tmp_path / "no_such_inception.pth")
+    with pytest.raises(CheckpointError, match="--inception-weights") as info:
+        inception_fid(_images(4, 0), _images(4, 1), missing)
+    assert missing in str(info.value)
 
 
 def test_fid_without_torch_fidelity_says_so(tmp_path, monkeypatch):
@@ -129,6 +142,108 @@ def test_fid_without_torch_fidelity_says_so(tmp_path, monkeypatch):
     fid, line = inception_fid(_images(4, 0), _images(4, 1), str(weights))
     assert fid is None
     assert "torch-fidelity is not installed" in line and "\n" not in line
+
+
+@pytest.mark.parametrize("num_real, num_fake", [(1, 4), (4, 1)])
+def test_fid_on_fewer_than_two_images_is_skipped_with_one_line(tmp_path, monkeypatch, num_real, num_fake):
+    # A covariance needs 2 samples; the skip comes before the network is built.
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"not read")
+    monkeypatch.setattr(quality, "_torch_fidelity_installed", lambda: True)
+    fid, line = inception_fid(_images(num_real, 0), _images(num_fake, 1), str(weights))
+    assert fid is None
+    assert line.startswith("FID (Inception) skipped") and "at least 2" in line and "\n" not in line
+
+
+class InceptionStandIn(torch.nn.Module):
+    """A tiny random network with the FID contract of torch-fidelity's Inception:
+    (B, 3, H, W) uint8 in [0, 255] -> (B, 64) pooled features."""
+
+    num_features = 64
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, self.num_features, 3, padding=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        assert images.dtype == torch.uint8
+        x = images.float() / 127.5 - 1
+        return torch.tanh(self.conv(x)).mean((2, 3))
+
+
+def _reference_fid(real_features: np.ndarray, fake_features: np.ndarray) -> float:
+    """The Frechet distance of two Gaussians fitted to (N, D) features, in float64 with scipy:
+    |mu_r - mu_f|^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2))."""
+    from scipy.linalg import sqrtm
+
+    mu_r, mu_f = real_features.mean(0), fake_features.mean(0)
+    cov_r, cov_f = np.cov(real_features, rowvar=False), np.cov(fake_features, rowvar=False)
+    cross = sqrtm(cov_r @ cov_f).real
+    return float(((mu_r - mu_f) ** 2).sum() + np.trace(cov_r + cov_f - 2 * cross))
+
+
+# 150 images per set: more than the 64 feature dimensions, so both covariances have full rank.
+FID_SET = 150
+
+
+def test_fid_with_a_stand_in_network_matches_the_frechet_formula():
+    network = InceptionStandIn()
+    real, same_distribution = _images(FID_SET, 0, size=8), _images(FID_SET, 1, size=8)
+    shifted = (real + 0.5).clamp(-1, 1)
+    with torch.no_grad():
+        real_features = network(images_to_uint8(real)).double().numpy()
+    scores = {}
+    for name, fake in (("identical", real.clone()), ("same distribution", same_distribution), ("shifted", shifted)):
+        scores[name] = fid_with_network(real, fake, network)
+        with torch.no_grad():
+            fake_features = network(images_to_uint8(fake)).double().numpy()
+        assert scores[name] == pytest.approx(_reference_fid(real_features, fake_features), rel=1e-3, abs=1e-5), name
+    assert abs(scores["identical"]) < 1e-5
+    assert 0 < scores["same distribution"] < scores["shifted"]
+
+
+def test_fid_with_network_is_batched_consistently(monkeypatch):
+    real, fake = _images(40, 2, size=8), _images(30, 3, size=8)
+    whole = fid_with_network(real, fake, InceptionStandIn())
+    monkeypatch.setattr(quality, "IMAGE_BATCH", 7)
+    assert fid_with_network(real, fake, InceptionStandIn()) == pytest.approx(whole, rel=1e-5)
+
+
+def test_fid_with_network_needs_two_images_per_set():
+    with pytest.raises(ValueError, match="at least 2"):
+        fid_with_network(_images(1, 0, size=8), _images(5, 1, size=8), InceptionStandIn())
+
+
+def test_inception_fid_builds_torch_fidelitys_network_from_the_weights(tmp_path, monkeypatch):
+    # The real path, with torch-fidelity's network replaced by the stand-in where torchmetrics
+    # would build it: same construction arguments as FrechetInceptionDistance(feature=2048).
+    import torchmetrics.image.fid
+
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    weights.write_bytes(b"not read")
+    built = {}
+
+    def stand_in(**kwargs):
+        built.update(kwargs)
+        return InceptionStandIn()
+
+    monkeypatch.setattr(quality, "_torch_fidelity_installed", lambda: True)
+    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", stand_in)
+    real, fake = _images(6, 0, size=8), _images(6, 1, size=8)
+    fid, line = inception_fid(real, fake, str(weights))
+    assert built == {"name": "inception-v3-compat", "features_list": ["2048"],
+                     "feature_extractor_weights_path": str(weights)}
+    assert fid == fid_with_network(real, fake, InceptionStandIn())
+    assert str(weights) in line
+
+    def broken(**kwargs):
+        raise RuntimeError("invalid load key, 'n'")
+
+    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", broken)
+    with pytest.raises(CheckpointError, match="could not load") as info:
+        inception_fid(real, fake, str(weights))
+    assert str(weights) in str(info.value)
 
 
 def test_images_to_uint8_rounds_the_full_range():
@@ -234,10 +349,18 @@ def test_clip_score_without_a_model_is_skipped_with_one_line():
 
 
 def test_clip_score_with_a_missing_or_incomplete_folder_raises(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--clip-model"):
+    with pytest.raises(CheckpointError, match="--clip-model"):
         clip_score(_images(2, 0), ["a", "b"], str(tmp_path / "no_such_clip"))
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(CheckpointError, match="config.json"):
         clip_score(_images(2, 0), ["a", "b"], str(tmp_path))  # exists, but nothing saved in it
+
+
+def test_clip_score_with_a_corrupt_folder_raises(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")  # past the safetensors check
+    with pytest.raises(CheckpointError, match="could not load") as info:
+        clip_score(_images(2, 0), ["a", "b"], str(tmp_path))
+    assert str(tmp_path) in str(info.value)
 
 
 def test_clip_score_needs_one_prompt_per_image(tiny_clip_dir):
@@ -275,6 +398,54 @@ def test_report_runs_what_it_can(tiny_clip_dir, capsys):
     assert any("no prompts" in line for line in report["skipped"])
 
 
-def test_report_raises_for_a_missing_weights_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--inception-weights"):
-        quality_report(_images(4, 0), _images(4, 1), inception_weights=str(tmp_path / "missing.pth"))
+@pytest.mark.parametrize("which", ["inception_weights", "clip_model"])
+def test_report_raises_for_a_missing_weights_path_before_any_compute(tmp_path, which):
+    missing = str(tmp_path / "missing")
+    features_computed = []
+
+    def features_fn(x):
+        features_computed.append(x.shape[0])
+        return x.flatten(1)
+
+    with pytest.raises(CheckpointError, match="--inception-weights" if which == "inception_weights" else "--clip-model") as info:
+        quality_report(_images(6, 0), _images(6, 1), PROMPTS[:2] * 3, features_fn=features_fn, **{which: missing})
+    assert missing in str(info.value)
+    assert features_computed == []
+
+
+def test_check_weight_paths(tmp_path, tiny_clip_dir):
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"not read")
+    check_weight_paths(None, None)
+    check_weight_paths(str(weights), tiny_clip_dir)
+    for bad, flag in ((dict(inception_weights=str(tmp_path / "nope.pth")), "--inception-weights"),
+                      (dict(inception_weights=str(tmp_path)), "--inception-weights"),  # a folder, not the file
+                      (dict(clip_model=str(tmp_path / "nope")), "--clip-model"),
+                      (dict(clip_model=str(weights)), "--clip-model"),  # a file, not a folder
+                      (dict(clip_model=str(tmp_path)), "config.json")):  # a folder with nothing saved in it
+        with pytest.raises(CheckpointError, match=flag):
+            check_weight_paths(**{"inception_weights": None, "clip_model": None, **bad})
+
+
+@pytest.mark.parametrize("num_real, num_fake", [(3, 10), (10, 3), (1, 1)])
+def test_report_on_too_few_images_skips_precision_recall_and_reports_the_rest(tiny_clip_dir, num_real, num_fake):
+    # k = 3 nearest neighbours need k + 1 = 4 samples per set.
+    prompts = (PROMPTS * 3)[:num_fake]
+    report = quality_report(_images(num_real, 0), _images(num_fake, 1), prompts,
+                            features_fn=lambda x: x.flatten(1), clip_model=tiny_clip_dir, k=3)
+    assert not {"precision", "recall"} & report.keys()
+    line, = [line for line in report["skipped"] if line.startswith("precision/recall skipped")]
+    assert "at least 4" in line and f"{num_real} real and {num_fake} fake" in line and "\n" not in line
+    assert report["clip_t"] == clip_score(_images(num_fake, 1), prompts, tiny_clip_dir)[0]
+
+
+def test_clip_folder_with_pickled_weights_is_refused_before_torch_load(tiny_clip_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from invdiff.quality import clip_score
+    from tests.utils import assert_pickled_weights_refused
+
+    folder = str(tmp_path / "clip")
+    shutil.copytree(tiny_clip_dir, folder)
+    assert_pickled_weights_refused(lambda: clip_score(_images(len(PROMPTS), seed=1), PROMPTS, folder),
+                                   folder, "pytorch_model.bin", monkeypatch)
