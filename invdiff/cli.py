@@ -281,24 +281,6 @@ def cmd_sample(args) -> None:
     print(f"wrote {len(entries)} images to {args.out}")
 
 
-def load_samples(directory: str):
-    """Images and prompts from a `sample` output folder (its manifest.json)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from .io import read_json
-
-    manifest = read_json(os.path.join(directory, "manifest.json"), "sample manifest")
-    imgs, prompts = [], []
-    for e in manifest["images"]:
-        with Image.open(os.path.join(directory, e["path"])) as im:
-            imgs.append(np.asarray(im.convert("RGB"), dtype=np.float32))
-        prompts.append(e["prompt"])
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2) / 127.5 - 1.0
-    return x, prompts
-
-
 def cmd_evaluate(args) -> None:
     """Colored-digits samples: Bias, digit accuracy, Frechet distance in the classifier's feature
     space and precision/recall on those features. Any other samples: the quality metrics that
@@ -306,12 +288,16 @@ def cmd_evaluate(args) -> None:
     colored-digits benchmark ships). FID and CLIP-T run only with local weights."""
     if args.out:
         check_output_path(args.out, folder=False)
+    from .quality import check_weight_paths
+
+    check_weight_paths(args.inception_weights, args.clip_model)
     import torch
 
     from .data import colored_digits, load_dataset
     from .io import atomic_write_json
     from .metrics import evaluate_samples, load_digit_classifier
     from .quality import quality_report
+    from .sample_job import load_samples  # a plain sample folder (manifest.json) or a job (manifest.jsonl)
 
     images, prompts = load_samples(args.images)
     digit_prompts = [re.fullmatch(r"digit (\d)", p) for p in prompts]

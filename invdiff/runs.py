@@ -178,6 +178,11 @@ def debias(
         dataset = latent_dataset(base, dataset, config.latent_cache, progress=progress)
     elif list(dataset.prompts) != base.prompts:
         raise ValueError("the dataset's prompts differ from those the base model was trained on")
+    elif tuple(dataset.images.shape[-2:]) != (base.unet.config.sample_size,) * 2:
+        # G_psi would train at one size and sample at the base's: refuse before any loss is computed.
+        raise ValueError(f"the data is {dataset.images.shape[-1]}x{dataset.images.shape[-2]} but the base model was "
+                         f"trained at {base.unet.config.sample_size}x{base.unet.config.sample_size}; "
+                         f"pass --resolution {base.unet.config.sample_size}")
     meta["attention"] = base.meta.get("attention")
     diagnostics: Dict = {}
     if frozen is None:

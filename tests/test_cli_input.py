@@ -313,3 +313,66 @@ def test_help_does_not_import_torch():
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_evaluate_reads_a_prompts_job_folder(tiny_base, tmp_path, capsys):
+    """`evaluate --images JOB_DIR` reads a job's manifest.jsonl as it reads a plain manifest.json."""
+    _, base = tiny_base
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("digit 1\ndigit 2\n")
+    job = tmp_path / "job"
+    assert main(["sample", "--model", base, "--prompts", str(prompts), "--num", "2", "--steps", "1",
+                 "--out", str(job)]) == 0
+    assert os.path.isfile(job / "manifest.jsonl")
+    capsys.readouterr()
+    assert main(["evaluate", "--images", str(job), "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert sum(map(sum, result["counts"])) == 4
+
+
+def test_evaluate_on_one_image_skips_what_needs_more(tiny_base, tmp_path, capsys):
+    _, base = tiny_base
+    one = tmp_path / "one"
+    assert main(["sample", "--model", base, "--prompt", "digit 5", "--num", "1", "--steps", "1", "--out", str(one)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--images", str(one)]) == 0
+    captured = capsys.readouterr()
+    assert "precision/recall skipped" in captured.err
+    assert "Frechet" in captured.err or "frechet" in captured.err.lower()
+    assert json.loads(captured.out)["bias"] is not None  # the rest is still reported
+
+
+@pytest.mark.parametrize("flag", ["--inception-weights", "--clip-model"])
+def test_evaluate_missing_weights_path_is_one_line_before_scoring(tiny_base, tmp_path, monkeypatch, capsys, flag):
+    import invdiff.metrics
+
+    _, base = tiny_base
+    imgs = tmp_path / "imgs"
+    assert main(["sample", "--model", base, "--prompt", "digit 1", "--num", "1", "--steps", "1", "--out", str(imgs)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(invdiff.metrics, "evaluate_samples", lambda *a, **k: pytest.fail("scored before checking"))
+    assert main(["evaluate", "--images", str(imgs), flag, str(tmp_path / "no_such_weights")]) == 2
+    _one_line_error(capsys, "no_such_weights")
+
+
+def test_debias_data_at_another_resolution_than_the_base_is_refused(tiny_base, tmp_path, monkeypatch, capsys):
+    import invdiff.runs
+
+    _, base = tiny_base  # trained at 8x8
+    monkeypatch.setattr(invdiff.runs, "collect_losses", lambda *a, **k: pytest.fail("max step ran"))
+    assert main(["debias", "--base", base, "--resolution", "16", "--out", str(tmp_path / "run")]) == 2
+    _one_line_error(capsys, "the data is 16x16 but the base model was trained at 8x8; pass --resolution 8")
+    assert os.listdir(tmp_path) == []
+
+
+def test_sample_reports_the_attention_it_really_used(tiny_base, tmp_path, capsys):
+    """The printed backend and the manifest's agree (the tiny base has no attention layers, so
+    "sdpa" was asked for but nothing runs through it)."""
+    _, base = tiny_base
+    out = tmp_path / "s"
+    assert main(["sample", "--model", base, "--prompt", "digit 1", "--num", "1", "--steps", "1", "--out", str(out)]) == 0
+    printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("attention: "))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert printed == f"attention: {manifest['attention_used']}"
+    assert manifest["attention_used"].startswith("none")
+    assert manifest["settings"]["attention"] == "sdpa"  # what was asked, kept apart from what ran
