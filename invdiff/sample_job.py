@@ -216,6 +216,16 @@ def _read_job_settings(job_path: str) -> Dict:
     return job["settings"]
 
 
+def _job_settings_or_none(job_path: str) -> Optional[Dict]:
+    """The settings of an earlier job, or None when there is none or its file is damaged."""
+    if not os.path.isfile(job_path):
+        return None
+    try:
+        return _read_job_settings(job_path)
+    except CheckpointError:
+        return None
+
+
 def completed(out: str, items: List[Item]) -> Dict[int, Dict]:
     """Items whose record is logged and whose PNG reads back whole."""
     records = _read_logs(out)
@@ -254,7 +264,10 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
                 raise FileExistsError(f"{out!r} already holds this job; pass --resume to finish it")
     elif os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise FileExistsError(f"{out!r} is not empty and holds no sampling job; choose another --out")
-    done = completed(out, items) if resume else {}
+    # --resume keeps finished images only of this very job: with --overwrite and other settings
+    # (or a damaged job file) the old images were made differently and are sampled again.
+    resumable = resume and (not overwrite or _job_settings_or_none(job_path) == settings)
+    done = completed(out, items) if resumable else {}
     mine = [it for it in items if it.item_id % world == rank and it.item_id not in done]
 
     # The model, every prompt of the job and the sampler settings are checked here, before the
@@ -272,7 +285,7 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
     barrier()  # every rank has checked its input before the main process writes to the folder
     if rank == 0:
         os.makedirs(os.path.join(out, LOG_DIR), exist_ok=True)
-        if overwrite and not resume:
+        if overwrite and not resumable:
             for name in os.listdir(os.path.join(out, LOG_DIR)):
                 os.remove(os.path.join(out, LOG_DIR, name))
         atomic_write_json(job_path, {"settings": settings, "items": len(items)})

@@ -353,3 +353,16 @@ def test_load_samples_refuses_mixed_sizes(tmp_path):
                                                                    {"prompt": "x", "path": "b.png"}]}))
     with pytest.raises(DataError, match="sizes differ"):
         load_samples(str(tmp_path))
+
+
+def test_resume_with_overwrite_and_other_settings_samples_everything_again(finished_job, tiny_base_dir):
+    """--resume keeps the finished images of this very job only: once --overwrite replaces a job
+    made with other settings (here 2 steps instead of 1), none of its images may be kept."""
+    prompts, out, _ = finished_job
+    summary = run_sample_job(tiny_base_dir, prompts, out, steps=2, progress=False, resume=True, overwrite=True)
+    assert summary["resumed"] == 0 and summary["sampled_here"] == 3
+    with open(_log(out)) as f:
+        assert len(f.read().splitlines()) == 3  # the old job's records are gone
+    # The same settings again: --resume keeps all three.
+    again = run_sample_job(tiny_base_dir, prompts, out, steps=2, progress=False, resume=True, overwrite=True)
+    assert again["resumed"] == 3
