@@ -226,7 +226,7 @@ def cmd_sample(args) -> None:
             args.model, args.prompts, args.out, num=args.num, seed=args.seed, steps=args.steps,
             guidance_scale=args.guidance_scale, scheduler=args.scheduler, strength=args.strength,
             batch_size=args.batch_size, attention=args.attention, resume=args.resume, overwrite=args.overwrite,
-            eta_below=args.eta_below_band,
+            eta_below=args.eta_below_band, height=args.height, width=args.width,
         )
         if "manifest" in summary:
             print(f"{summary['items']} images in {args.out} ({summary['resumed']} kept from before); manifest {summary['manifest']}")
@@ -235,10 +235,14 @@ def cmd_sample(args) -> None:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
     if args.resume:
         raise ValueError("--resume applies to --prompts jobs")
+    from .runs import sampling_size
+
+    # From the model's config files alone: a size the VAE cannot decode is refused before any load.
+    height, width = sampling_size(args.model, args.height, args.width)
     manifest_path = os.path.join(args.out, "manifest.json")
     settings = {"model": os.path.abspath(args.model), "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "scheduler": args.scheduler, "strength": args.strength, "seed": args.seed, "attention": args.attention,
-                "eta_below_band": args.eta_below_band}
+                "eta_below_band": args.eta_below_band, "height": height, "width": width}
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         from .config import describe_changes
         from .io import read_json
@@ -265,7 +269,7 @@ def cmd_sample(args) -> None:
     print(f"attention: {attention}")
     seeds = [args.seed + i for i in range(len(prompts))]
     images = sample(GuidedDenoiser(base, guidance, args.strength), ids, seeds, args.steps, args.guidance_scale, args.scheduler,
-                    batch_size=args.batch_size, eta_below=args.eta_below_band)
+                    batch_size=args.batch_size, eta_below=args.eta_below_band, height=height, width=width)
     pixels = to_uint8(images)
     entries = []
     counters: Dict[str, int] = {}
@@ -433,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=finite_float, default=1.0, help="G_psi strength s (0 = frozen model, 1 = as trained)")
     p.add_argument("--eta-below-band", type=finite_float, default=None,
                    help="DDIM eta under the attribute band recorded in G (None: 1, stochastic there; 0 = deterministic)")
+    p.add_argument("--height", type=positive_int, default=None,
+                   help="image height in pixels, a multiple of the VAE's downsampling factor (None: the size the run "
+                        "trained at, else the model's native size, the UNet's sample_size x that factor)")
+    p.add_argument("--width", type=positive_int, default=None, help="image width in pixels (None: as --height's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that holds samples made with other settings")
     p.set_defaults(func=cmd_sample)

@@ -35,6 +35,15 @@ def shard(tensors: Sequence[Optional[torch.Tensor]], rank: int, world: int):
     return [t[rank::world] if t is not None else None for t in tensors]
 
 
+def broadcast_from_main(obj):
+    """Rank 0's `obj` (any picklable value) on every rank; `obj` itself on one process."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (no-op on one process). Not differentiable: for results, not losses."""
     if rank_and_world()[1] > 1:

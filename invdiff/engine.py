@@ -52,14 +52,15 @@ class SamplingEngine:
     denoiser: the frozen base (and optional G_psi with its strength); scheduler: a name from
     `sampling.SCHEDULERS` or a diffusers scheduler instance; max_batch: slots on the device;
     eta: DDIM's eta; postprocess: final samples (n, C, H, W) -> images, by default the VAE decode
-    of a latent base and a clamp to [-1, 1] otherwise. `submit` queues requests, `step` advances
+    of a latent base and a clamp to [-1, 1] otherwise; height, width: the images' size in pixels
+    (None: the UNet's native size; `sampling.latent_shape`). `submit` queues requests, `step` advances
     every occupied slot by one step and returns the finished images, `run` does both until the
     queue is empty.
     """
 
     def __init__(self, denoiser, scheduler="ddim", max_batch: int = 64, device=None, eta: float = 0.0, dtype=None, postprocess=None,
-                 eta_below: Optional[float] = None, t_switch: int = 0):
-        from .sampling import make_scheduler
+                 eta_below: Optional[float] = None, t_switch: int = 0, height: Optional[int] = None, width: Optional[int] = None):
+        from .sampling import latent_shape, make_scheduler
 
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -69,8 +70,7 @@ class SamplingEngine:
         self.scheduler = make_scheduler(scheduler, base.scheduler.config) if isinstance(scheduler, str) else scheduler
         self.eta, self.eta_below, self.t_switch = eta, eta_below, t_switch
         self.max_batch = max_batch
-        cfg = base.unet.config
-        self.shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.shape = latent_shape(base, height, width)
         self.dtype = dtype or next(base.unet.parameters()).dtype
         self._plans: Dict[int, StepPlan] = {}
         self._queue: List[Request] = []

@@ -23,6 +23,9 @@ This module holds the max step's whole policy; runs.py only orchestrates it.
 from __future__ import annotations
 
 import json
+import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
@@ -33,7 +36,7 @@ from .data.base import DiffusionDataset
 from .config import AGGREGATIONS, MAX_STEP_METHODS  # noqa: F401 (re-exported)
 from .io import CheckpointError, atomic_save_file, load_safetensors
 from .models.base import FrozenBase, training_target
-from .distributed import all_reduce_sum_, rank_and_world
+from .distributed import all_reduce_sum_, barrier, broadcast_from_main, rank_and_world
 from .ops import per_sample_mse
 
 
@@ -49,6 +52,13 @@ def timestep_grid(num_timesteps: int, num_train_timesteps: int = 1000) -> torch.
     return (edges * num_train_timesteps / num_timesteps).long()
 
 
+# The on-disk bank's dtype. Its values are noise ~ N(0, 1) and predictions of noise or v of the
+# same size, far inside fp16's range (6e-5 to 65504), where fp16 keeps 11 significant bits and
+# bf16 only 8: 8x less rounding error for the same 2 bytes. A bf16 or fp16 UNet's output is held
+# exactly (bf16 -> fp16 is exact for magnitudes from 6e-5 to 65504).
+BANK_DTYPE = torch.float16
+
+
 @dataclass
 class FrozenBank:
     """The frozen model's predictions on the max step's fixed draws, kept for the min step.
@@ -57,6 +67,11 @@ class FrozenBank:
     The frozen model never changes, so its output on these draws is computed once; the min step
     then trains G on batches of (sample, draw) pairs from this bank with no frozen-UNet forward
     (on 2 CPU cores that forward was ~60% of a min-step step; measured).
+
+    In RAM the bank is fp32. On disk (`collect_losses(bank_dir=...)`, what latent bases use) it is
+    BANK_DTYPE, memory-mapped from two files in `directory`: at Stable Diffusion size (4 x 64 x 64
+    latents, T = 20) fp32 in RAM was 2.6 MB per image; on disk the page cache holds what is read.
+    Readers upcast what they draw (`.float()`).
     """
 
     timesteps: torch.Tensor
@@ -65,10 +80,38 @@ class FrozenBank:
     # Optional (J,) sampling distribution over draws for the min step (importance sampling; the
     # trainer reweights by (1/J)/proposal so the objective's expectation over t is unchanged).
     proposal: Optional[torch.Tensor] = None
+    # The on-disk bank's folder (None: in RAM), and on the rank that made it the
+    # TemporaryDirectory that removes it once no bank refers to it (dataclasses.replace shares it).
+    directory: Optional[str] = None
+    owner: Optional[tempfile.TemporaryDirectory] = field(default=None, repr=False)
 
     @property
     def draws(self) -> int:
         return self.timesteps.numel()
+
+
+BANK_FILES = ("noise.fp16", "pred.fp16")  # raw C-order BANK_DTYPE arrays, (N, J, C, H, W) each
+
+
+def _bank_on_disk(parent: str, shape: Tuple[int, ...]):
+    """(noise, pred, folder, owner): two zero BANK_DTYPE tensors of `shape`, each memory-mapped
+    (MAP_SHARED) from a file in a new folder inside `parent`. Rank 0 makes the folder and files,
+    every rank maps the same files, so what one rank writes the others read."""
+    rank, _ = rank_and_world()
+    owner, numel = None, math.prod(shape)
+    if rank == 0:
+        os.makedirs(parent, exist_ok=True)
+        owner = tempfile.TemporaryDirectory(prefix=".invdiff-frozen-bank-", dir=parent, ignore_cleanup_errors=True)
+        for name in BANK_FILES:  # created, zero-filled (sparse) at full size
+            torch.from_file(os.path.join(owner.name, name), shared=True, size=numel, dtype=BANK_DTYPE)
+    folder = broadcast_from_main(owner.name if owner else None)
+    if not all(os.path.isfile(os.path.join(folder, name)) for name in BANK_FILES):
+        raise RuntimeError(f"rank {rank} cannot see the frozen-prediction bank {folder!r} that rank 0 made: every "
+                           "rank maps the same files, so the folder (--latent-cache, or else the output's parent) "
+                           "must be on a file system all ranks share")
+    noise, pred = (torch.from_file(os.path.join(folder, name), shared=True, size=numel, dtype=BANK_DTYPE).view(shape)
+                   for name in BANK_FILES)
+    return noise, pred, folder, owner
 
 
 @torch.no_grad()
@@ -81,15 +124,21 @@ def collect_losses(
     batch_size: int = 512,
     progress: bool = True,
     return_bank: bool = False,
+    bank_dir: Optional[str] = None,
 ):
     """The frozen model's per-sample losses on a fixed t grid.
 
     Returns (losses, timesteps): losses is (N, T) fp32, the mean over `draws` noise draws at each
-    grid timestep; timesteps is (T,). With return_bank=True also a `FrozenBank` of every draw.
+    grid timestep; timesteps is (T,). With return_bank=True also a `FrozenBank` of every draw:
+    fp32 in RAM, or with `bank_dir` fp16 (BANK_DTYPE) in memory-mapped files in a new folder
+    inside bank_dir, removed once the bank is no longer referenced. The losses are the same
+    either way (they are computed before the predictions are stored).
 
     Under accelerate/torchrun the batches of (sample, t, draw) jobs are dealt round-robin to the
     ranks and the results summed across them (each cell is written by exactly one rank, so the
-    sum is exact): every rank returns the single-process result.
+    sum is exact): every rank returns the single-process result. An on-disk bank is not summed:
+    every rank writes its cells into the one shared file, and waits for the others. (Each rank
+    needs all of it: the min step deals every global batch, of any samples, across the ranks.)
     """
     dataset = dataset.training_view()
     base = base.freeze()
@@ -100,8 +149,12 @@ def collect_losses(
     jobs = n * num_timesteps * draws
     out = torch.zeros(jobs)  # zeros: ranks fill disjoint cells that are then summed
     noise_per_sample = num_timesteps * draws
-    bank_noise = torch.zeros((n, noise_per_sample, *shape)) if return_bank else None
-    bank_pred = torch.zeros((n, noise_per_sample, *shape)) if return_bank else None
+    bank_noise = bank_pred = bank_folder = bank_owner = None
+    if return_bank and bank_dir is not None:
+        bank_noise, bank_pred, bank_folder, bank_owner = _bank_on_disk(bank_dir, (n, noise_per_sample, *shape))
+    elif return_bank:
+        bank_noise = torch.zeros((n, noise_per_sample, *shape))
+        bank_pred = torch.zeros((n, noise_per_sample, *shape))
     rank, world = rank_and_world()
     bar = tqdm(total=jobs, desc="max-step losses", disable=not progress or rank != 0, unit="eval")
     for number, start in enumerate(range(0, jobs, batch_size)):
@@ -128,20 +181,28 @@ def collect_losses(
         pred = base.eps(x_t.to(device), t.to(device), embeds)
         out[job] = per_sample_mse(pred, target.to(device)).float().cpu()
         if return_bank:
-            bank_noise[sample, within] = noise
-            bank_pred[sample, within] = pred.float().cpu()
+            stored = pred.float().cpu().to(bank_pred.dtype)
+            if bank_folder is not None and not bool(torch.isfinite(stored).all()):
+                bad = sample[~torch.isfinite(stored).flatten(1).all(1)].unique()[:5].tolist()
+                raise LossError(f"frozen predictions for samples {bad} are not finite in {BANK_DTYPE} (at most 65504): "
+                                "the base model or data is broken")
+            bank_noise[sample, within] = noise.to(bank_noise.dtype)
+            bank_pred[sample, within] = stored
         bar.update(job.numel() * world)
     bar.close()
     all_reduce_sum_(out)
-    if return_bank:
+    if return_bank and bank_folder is None:
         all_reduce_sum_(bank_noise)
         all_reduce_sum_(bank_pred)
+    elif return_bank:
+        barrier()  # every rank's cells are in the shared files before any rank reads them
     losses = out.view(n, num_timesteps, draws).mean(2)
     if not torch.isfinite(losses).all():
         bad = (~torch.isfinite(losses)).any(1).nonzero().flatten()[:5].tolist()
         raise LossError(f"non-finite losses for samples {bad}: the base model or data is broken")
     if return_bank:
-        return losses, grid, FrozenBank(grid.repeat_interleave(draws), bank_noise, bank_pred)
+        return losses, grid, FrozenBank(grid.repeat_interleave(draws), bank_noise, bank_pred,
+                                        directory=bank_folder, owner=bank_owner)
     return losses, grid
 
 

@@ -13,6 +13,7 @@ classifier-free guidance and the scheduler's own `step` follow, so any scheduler
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import List, Optional, Union
 
@@ -121,6 +122,8 @@ class InvDiffPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # Only schedulers that draw noise take a generator (PNDM, Stable Diffusion 1.5's own, does not).
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = self.scheduler.scale_model_input(torch.cat([latents] * 2) if use_cfg else latents, t)
             t_batch = t.expand(model_in.shape[0]).to(device)
@@ -131,7 +134,7 @@ class InvDiffPipeline(DiffusionPipeline):
             if use_cfg:
                 uncond_eps, cond_eps = eps.chunk(2)
                 eps = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
-            latents = self.scheduler.step(eps, t, latents, generator=generator).prev_sample
+            latents = self.scheduler.step(eps, t, latents, **step_kwargs).prev_sample
         if output_type == "latent":
             images = latents
         else:
@@ -141,11 +144,20 @@ class InvDiffPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """diffusers layout with safetensors, plus a model card (README.md)."""
+        """diffusers layout with safetensors, plus a model card (README.md). The UNet is saved
+        without the adapters of a LoRA G_psi (they are in guidance/)."""
+        import shutil
+
         from .io import apply_umask
+        from .models.lora import LoraGuidance, save_frozen_unet
 
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, **kwargs)
+        if isinstance(self.guidance, LoraGuidance):
+            # diffusers saved the UNet as it is in memory, G's adapters inside it (peft's names):
+            # not a plain UNet. Written again as the frozen weights alone.
+            shutil.rmtree(os.path.join(save_directory, "unet"))
+            save_frozen_unet(self.unet, os.path.join(save_directory, "unet"))
         for name in self.components:  # safetensors writes its files 0600
             if os.path.isdir(os.path.join(save_directory, name)):
                 apply_umask(os.path.join(save_directory, name))
@@ -153,38 +165,44 @@ class InvDiffPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs):
-        """Loads G_psi from `guidance/` itself (diffusers does not know invdiff's classes), then
-        the frozen components through DiffusionPipeline.from_pretrained, safetensors only."""
+        """The frozen components through DiffusionPipeline.from_pretrained, safetensors only, then
+        G_psi from `guidance/` (diffusers does not know invdiff's classes; a LoRA G attaches its
+        adapters to the loaded UNet, so it comes second). Every weights folder is checked first."""
         from .io import require_safetensors
         from .models.sd import SD_WEIGHTED_COMPONENTS
 
+        gdir = os.path.join(path, "guidance")
+        load_own_guidance = "guidance" not in kwargs and os.path.isdir(gdir)
         for component in SD_WEIGHTED_COMPONENTS:
             if os.path.isdir(os.path.join(path, component)):  # else a hub id, or diffusers names what is missing
                 require_safetensors(os.path.join(path, component), f"the pipeline's {component}")
+        if load_own_guidance:
+            require_safetensors(gdir, "G_psi")
         kwargs.setdefault("use_safetensors", True)
-        if "guidance" not in kwargs:
-            gdir = os.path.join(path, "guidance")
+        kwargs.setdefault("guidance", None)
+        pipe = super().from_pretrained(path, **kwargs)
+        if load_own_guidance:
             from .models.lora import load_guidance
 
-            kwargs["guidance"] = load_guidance(gdir) if os.path.isdir(gdir) else None
-        return super().from_pretrained(path, **kwargs)
+            pipe.register_modules(guidance=load_guidance(gdir, pipe.unet).to(pipe.unet.device))
+        return pipe
 
 
 def save_pipeline_folder(directory: str, base, guidance: Optional[GuidanceModule]) -> None:
     """Write an InvDiffPipeline folder for a LatentDiffusionBase and G_psi. The frozen components
     are copied byte for byte from the base's own folder when it has one (so a bf16-loaded base
-    is not saved in bf16), else saved; the scheduler folder holds DDIM for sampling."""
+    is not saved in bf16), else saved. The scheduler is the base's own, as it shipped (its class
+    and config): the pipeline samples with it unless the caller swaps it, and `invdiff sample`
+    builds its --scheduler from the noise schedule in that config."""
     import json
     import shutil
-
-    from diffusers import DDIMScheduler
 
     from .io import atomic_write_json
 
     source = base.meta.get("source", "")
     os.makedirs(directory, exist_ok=True)
     if os.path.isdir(source):
-        for part in ("unet", "vae", "text_encoder", "tokenizer"):
+        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             shutil.copytree(os.path.join(source, part), os.path.join(directory, part), dirs_exist_ok=True)
         with open(os.path.join(source, "model_index.json")) as f:
             index = json.load(f)
@@ -192,8 +210,7 @@ def save_pipeline_folder(directory: str, base, guidance: Optional[GuidanceModule
         base.save_pretrained(directory)
         with open(os.path.join(directory, "model_index.json")) as f:
             index = json.load(f)
-    DDIMScheduler.from_config(base.scheduler.config).save_pretrained(os.path.join(directory, "scheduler"))
-    index.update(_class_name="InvDiffPipeline", scheduler=["diffusers", "DDIMScheduler"])
+    index.update(_class_name="InvDiffPipeline")
     if guidance is not None:
         guidance.save_pretrained(os.path.join(directory, "guidance"))
         index["guidance"] = ["invdiff", type(guidance).__name__]

@@ -113,6 +113,13 @@ def environment_weights(
     return weights, scores, losses, grid
 
 
+def bank_parent(config: DebiasConfig, out: str) -> str:
+    """Where a latent base's frozen-prediction bank goes on disk (in a temporary folder, removed
+    after the run): beside the latent cache when there is one, else beside the output folder,
+    both on disks the user chose. Not the system temp dir, which is often a RAM-backed tmpfs."""
+    return config.latent_cache or os.path.dirname(os.path.abspath(out))
+
+
 def debias(
     base_dir: str,
     dataset: DiffusionDataset,
@@ -175,6 +182,8 @@ def debias(
         base.conditioner.add_prompts(dataset.prompts)
         if base.prompts[: len(dataset.prompts)] != list(dataset.prompts):
             raise ValueError("the base already holds other prompts; load it fresh for this dataset")
+        # The pixel size G trains at, which `invdiff sample` draws at by default (sampling_size).
+        meta["resolution"] = int(dataset.resolution)
         dataset = latent_dataset(base, dataset, config.latent_cache, progress=progress)
     elif list(dataset.prompts) != base.prompts:
         raise ValueError("the dataset's prompts differ from those the base model was trained on")
@@ -188,7 +197,8 @@ def debias(
     if frozen is None:
         frozen = dict(zip(
             ("losses", "timesteps", "bank"),
-            collect_losses(base, dataset, config.loss_timesteps, config.loss_draws, config.seed, progress=progress, return_bank=True),
+            collect_losses(base, dataset, config.loss_timesteps, config.loss_draws, config.seed, progress=progress, return_bank=True,
+                           bank_dir=bank_parent(config, out) if latent else None),
         ))
     losses, grid, bank = frozen["losses"], frozen["timesteps"], frozen["bank"]
     band_start = config.band_start(losses, dataset.prompt_ids, num_train_timesteps)
@@ -262,26 +272,62 @@ def debias(
     return result
 
 
+def sampling_size(path: str, height: Optional[int] = None, width: Optional[int] = None) -> Tuple[int, int]:
+    """(height, width) in pixels to sample the model folder at `path` at, read from its config
+    files alone (nothing is loaded, so a bad size costs nothing): each as given, else the size a
+    debias run trained at (its invdiff_run.json), else the model's native size (the UNet's
+    sample_size times the VAE's downsampling factor). A size that is not a multiple of that factor
+    is a ValueError. A path that is no model folder is passed through for load_model to name."""
+    from .models.sd import is_sd_folder, vae_downsampling_factor
+    from .sampling import check_image_size
+
+    if is_sd_folder(path):
+        unet_dir, factor = os.path.join(path, "unet"), vae_downsampling_factor(
+            read_json(os.path.join(path, "vae", "config.json"), "the VAE's config"))
+    elif os.path.isfile(os.path.join(path, RUN_META)):
+        unet_dir, factor = os.path.join(path, "base", "unet"), 1
+    elif os.path.isdir(os.path.join(path, "unet")):
+        unet_dir, factor = os.path.join(path, "unet"), 1
+    else:
+        return height, width
+    trained = None
+    if os.path.isfile(os.path.join(path, RUN_META)):
+        meta = read_json(os.path.join(path, RUN_META), "run metadata")
+        meta = meta if isinstance(meta, dict) else {}
+        data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+        trained = meta.get("resolution") or data.get("resolution")  # older runs: the --resolution asked for
+    if trained:
+        default = int(trained)
+    else:
+        default = int(read_json(os.path.join(unet_dir, "config.json"), "the UNet's config")["sample_size"]) * factor
+    height = default if height is None else height
+    width = default if width is None else width
+    check_image_size(height, factor, "height")
+    check_image_size(width, factor, "width")
+    return height, width
+
+
 def load_model(path: str) -> Tuple[FrozenBase, Optional[GuidanceModule]]:
     """(frozen base, G_psi or None) from: an invdiff base folder, a debias run folder, a Stable
     Diffusion folder, or an InvDiffPipeline folder (an SD run folder is one)."""
     from .models.sd import LatentDiffusionBase, is_sd_folder
 
-    def guidance_at(folder):
+    def guidance_at(folder, frozen_unet):
         if not os.path.isdir(folder):
             return None
         from .models.lora import load_guidance
 
         try:
-            return load_guidance(folder).eval().requires_grad_(False)
+            return load_guidance(folder, frozen_unet).eval().requires_grad_(False)
         except Exception as exc:
             raise CheckpointError(f"could not load G_psi from {folder!r}: {exc}") from exc
 
     if is_sd_folder(path):
-        return LatentDiffusionBase.from_pretrained(path).freeze(), guidance_at(os.path.join(path, "guidance"))
+        base = LatentDiffusionBase.from_pretrained(path).freeze()
+        return base, guidance_at(os.path.join(path, "guidance"), base.unet)
     if os.path.isfile(os.path.join(path, RUN_META)):
         base = FrozenBase.from_pretrained(os.path.join(path, "base"))
-        guidance = guidance_at(os.path.join(path, "guidance"))
+        guidance = guidance_at(os.path.join(path, "guidance"), base.unet)
         if guidance is None:
             raise CheckpointError(f"run folder {path!r} has no guidance/ (G_psi)")
         return base.freeze(), guidance

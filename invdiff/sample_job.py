@@ -239,21 +239,24 @@ def completed(out: str, items: List[Item]) -> Dict[int, Dict]:
 def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, seed: int = 0, steps: int = 25,
                    guidance_scale: float = 1.0, scheduler: str = "ddim", strength: float = 1.0, batch_size: int = 64,
                    attention: str = "sdpa", resume: bool = False, overwrite: bool = False, progress: bool = True,
-                   eta_below: Optional[float] = None) -> Dict:
-    """Run (or resume) the job on this rank's share of the items. Returns a summary."""
+                   eta_below: Optional[float] = None, height: Optional[int] = None, width: Optional[int] = None) -> Dict:
+    """Run (or resume) the job on this rank's share of the items. Returns a summary. height, width:
+    the images' size in pixels (None: the size the run trained at, else the model's native size;
+    runs.sampling_size)."""
     from .distributed import barrier, init_from_env
     from .engine import Request, SamplingEngine
     from .io import atomic_write_json
     from .models.sd import set_attention
     from .report import save_png, to_uint8
-    from .runs import load_model
+    from .runs import load_model, sampling_size
     from .sampling import GuidedDenoiser, below_band_eta
 
     rank, world = init_from_env()
     items = read_prompts(prompts_file, num, seed, guidance_scale)
+    height, width = sampling_size(model, height, width)
     settings = {"model": os.path.abspath(model), "steps": steps, "scheduler": scheduler, "strength": strength,
                 "attention": attention, "prompts_file": os.path.abspath(prompts_file), "num": num, "seed": seed,
-                "guidance_scale": guidance_scale, "eta_below": eta_below}
+                "guidance_scale": guidance_scale, "eta_below": eta_below, "height": height, "width": width}
     job_path = os.path.join(out, JOB_FILE)
     if os.path.isfile(job_path):
         if not overwrite:  # --overwrite replaces the job whatever its file holds
@@ -278,7 +281,8 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
     id_of = dict(zip(prompts, base.conditioner.prompt_ids(prompts).tolist()))
     denoiser = GuidedDenoiser(base, guidance, strength)
     eta_below, t_switch = below_band_eta(denoiser, scheduler, eta_below, None)
-    engine = SamplingEngine(denoiser, scheduler, max_batch=batch_size, eta_below=eta_below, t_switch=t_switch)
+    engine = SamplingEngine(denoiser, scheduler, max_batch=batch_size, eta_below=eta_below, t_switch=t_switch,
+                            height=height, width=width)
     for it in mine:
         engine.submit(Request(id_of[it.prompt], it.seed, steps, it.guidance_scale, request_id=it.item_id))
 

@@ -10,7 +10,7 @@ tested against and as the eager baseline of the benchmarks.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from diffusers import (
@@ -38,6 +38,30 @@ def make_scheduler(name: str, base_config):
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
     return SCHEDULERS[name].from_config(base_config)
+
+
+def check_image_size(pixels: int, factor: int, name: str = "height") -> None:
+    """A sampled image's height or width must be a whole number of latent cells (`factor` pixels
+    each, the VAE's downsampling factor; 1 in pixel space): ValueError otherwise."""
+    if pixels < 1 or pixels % factor:
+        nearest = max(factor, pixels // factor * factor)
+        raise ValueError(f"{name} {pixels} is not a multiple of the VAE's downsampling factor {factor}; "
+                         f"use a multiple of {factor} (e.g. {nearest})")
+
+
+def latent_shape(base: FrozenBase, height: Optional[int] = None, width: Optional[int] = None) -> Tuple[int, int, int]:
+    """(C, h, w) of the sample the sampler draws for height x width pixel images: divided by the
+    VAE's factor for a latent base, as is in pixel space. None: the UNet's native sample_size."""
+    cfg = base.unet.config
+    factor = getattr(base, "vae_factor", 1)
+    sizes = []
+    for name, pixels in (("height", height), ("width", width)):
+        if pixels is None:
+            sizes.append(int(cfg.sample_size))
+        else:
+            check_image_size(int(pixels), factor, name)
+            sizes.append(int(pixels) // factor)
+    return (int(cfg.in_channels), *sizes)
 
 
 class GuidedDenoiser(torch.nn.Module):
@@ -128,10 +152,13 @@ def sample(
     eta: float = 0.0,
     eta_below: Optional[float] = None,
     band_start: Optional[int] = None,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
 ) -> torch.Tensor:
     """Sample one image per (prompt id, seed) with the continuous-batching engine and the fused
     guided step. prompt_ids: (N,) int64. Returns (N, C, H, W) in [-1, 1], in request order
-    (decoded by the VAE for a latent-space base).
+    (decoded by the VAE for a latent-space base), H x W = height x width pixels (None: the
+    UNet's native size; see `latent_shape`).
     An image depends only on its prompt, seed and settings, not on batch_size.
 
     band_start / eta_below: DDIM runs with `eta` at t >= band_start (where the attribute is
@@ -144,7 +171,8 @@ def sample(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     eta_below, t_switch = below_band_eta(denoiser, scheduler, eta_below, band_start)
-    engine = SamplingEngine(denoiser, scheduler, max_batch=batch_size, device=device, eta=eta, eta_below=eta_below, t_switch=t_switch)
+    engine = SamplingEngine(denoiser, scheduler, max_batch=batch_size, device=device, eta=eta, eta_below=eta_below, t_switch=t_switch,
+                            height=height, width=width)
     requests = [Request(int(p), int(s), steps, guidance_scale, request_id=i) for i, (p, s) in enumerate(zip(prompt_ids.tolist(), seeds))]
     images = engine.run(requests, progress=progress)
     return torch.stack([images[i] for i in range(len(requests))])

@@ -303,7 +303,8 @@ def train_guidance(
         else:
             pick = torch.multinomial(bank.proposal, len(idx), replacement=True, generator=gen)
             importance = (1.0 / bank.draws) / bank.proposal[pick]
-        t, noise, cached = bank.timesteps[pick], bank.noise[idx, pick], bank.pred[idx, pick]
+        # An on-disk bank is fp16 (environments.BANK_DTYPE): upcast the drawn rows (a no-op in RAM).
+        t, noise, cached = bank.timesteps[pick], bank.noise[idx, pick].float(), bank.pred[idx, pick].float()
         clean = dataset.images[idx]
         return pid, base.scheduler.add_noise(clean, noise, t), t, training_target(base.scheduler, clean, noise, t), cached, importance
 

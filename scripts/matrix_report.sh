@@ -22,8 +22,21 @@ for s in 0 1 2; do
 done
 # The baselines, design setting, seed 0.
 $D demo --out matrix_out --settings colors2_p0.9 --rows official jtt groupdro balanced base invdiff --seeds 0
-# Gather and report.
+# The baselines on the other seeds and the held-out settings (2026-12-01, a second session; the
+# official and balanced rows in matrix_out, GroupDRO and JTT in matrix_out_g beside them, the last
+# seed from both ends so that two processes shared it).
 cp -n matrix_out_b/cells/* matrix_out_f/cells/* matrix_out/cells/
+H="colors2_p0.8 colors3_p0.9 thickness_p0.9"
+$D demo --out matrix_out --settings colors2_p0.9 --rows official jtt groupdro balanced base invdiff --seeds 1 2
+$D demo --out matrix_out --settings $H --rows balanced base invdiff --seeds 0 1 2
+$D demo --out matrix_out --settings $H --rows official base invdiff --seeds 0 1 2
+mkdir -p matrix_out_g/cells && cp -n matrix_out/cells/colors2_p0.8_* matrix_out/cells/colors3_p0.9_* \
+    matrix_out/cells/thickness_p0.9_* matrix_out_g/cells/
+for s in 0 1 2; do
+  $D demo --out matrix_out_g --settings thickness_p0.9 colors3_p0.9 colors2_p0.8 --rows groupdro jtt base invdiff --seeds $s
+done
+# Gather and report.
+cp -n matrix_out_g/cells/* matrix_out/cells/
 $D demo --out matrix_out --cached-only --seeds 0 1 2 \
     --settings colors2_p0.9 colors2_p0.8 colors3_p0.9 thickness_p0.9 --rows base erm oracle invdiff
 mkdir -p docs/demo_matrix && cp matrix_out/report.* matrix_out/*.png docs/demo_matrix/

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from tests.utils import tiny_base, tiny_dataset, train_tiny_base
+from tests.utils import make_tiny_sd_folder, tiny_base, tiny_dataset, train_tiny_base, write_tiny_imagefolder
 
 # The test machine has 2 cores and usually something else running: one thread keeps every test
 # small and the timings stable.
@@ -39,3 +39,16 @@ def frozen_tiny_base(_tiny_base_model):
 def tiny_train():
     """The 72-image colored-digits subset the tiny base was trained on (with attributes)."""
     return tiny_dataset()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny Stable Diffusion folder (tests/utils.make_tiny_sd_folder), built once per session.
+    Tests read it; a test that changes a folder builds its own."""
+    return make_tiny_sd_folder(str(tmp_path_factory.mktemp("sd") / "sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_data(tmp_path_factory):
+    """A biased two-prompt imagefolder of 16-pixel images (tests/utils.write_tiny_imagefolder)."""
+    return write_tiny_imagefolder(str(tmp_path_factory.mktemp("sd_data") / "data"))

@@ -125,6 +125,52 @@ def test_sharded_loss_collection_equals_one_process(tmp_path, tiny_base_dir):
         assert torch.equal(got["noise"], bank.noise)
 
 
+def _disk_bank_worker(rank, init_file, sd_dir, data_dir, bank_parent, out_dir):
+    _init(rank, init_file)
+    import invdiff.environments as environments
+    from invdiff.data import load_dataset
+    from invdiff.models.sd import LatentDiffusionBase, latent_dataset
+
+    reduced = []
+    all_reduce = environments.all_reduce_sum_
+    environments.all_reduce_sum_ = lambda t: (reduced.append(t.numel()), all_reduce(t))[1]
+    base = LatentDiffusionBase.from_pretrained(sd_dir).freeze()
+    data = load_dataset(data_dir)
+    base.conditioner.add_prompts(data.prompts)
+    latent = latent_dataset(base, data, progress=False)
+    losses, _, bank = environments.collect_losses(base, latent, 4, 2, seed=1, batch_size=16, progress=False,
+                                                  return_bank=True, bank_dir=bank_parent)
+    torch.save({"losses": losses, "noise": bank.noise.clone(), "pred": bank.pred.clone(), "directory": bank.directory,
+                "reduced": reduced}, os.path.join(out_dir, f"disk_bank{rank}.pt"))
+    _finish()
+
+
+def test_on_disk_bank_is_one_shared_file_that_the_ranks_fill_without_an_all_reduce(tmp_path):
+    """A latent base's bank under DDP: rank 0 makes the files, each rank writes the cells of its
+    batches, and every rank reads the whole single-process bank; only the (N, T x draws) losses
+    are all-reduced, not the (N, T x draws, 4, h, w) bank."""
+    from invdiff.data import load_dataset
+    from invdiff.environments import collect_losses
+    from invdiff.models.sd import LatentDiffusionBase, latent_dataset
+    from tests.utils import make_tiny_sd_folder, write_tiny_imagefolder
+
+    sd_dir = make_tiny_sd_folder(str(tmp_path / "sd"))
+    data_dir = write_tiny_imagefolder(str(tmp_path / "data"))
+    _spawn(_disk_bank_worker, (str(tmp_path / "init"), sd_dir, data_dir, str(tmp_path / "banks"), str(tmp_path)))
+    base = LatentDiffusionBase.from_pretrained(sd_dir).freeze()
+    data = load_dataset(data_dir)
+    base.conditioner.add_prompts(data.prompts)
+    losses, _, bank = collect_losses(base, latent_dataset(base, data, progress=False), 4, 2, seed=1, batch_size=16,
+                                     progress=False, return_bank=True, bank_dir=str(tmp_path / "single"))
+    got = [torch.load(tmp_path / f"disk_bank{rank}.pt") for rank in range(WORLD)]
+    assert got[0]["directory"] == got[1]["directory"] and got[0]["directory"].startswith(str(tmp_path / "banks"))
+    for rank in range(WORLD):
+        assert got[rank]["reduced"] == [losses.numel() * 2]  # the per-draw losses only
+        torch.testing.assert_close(got[rank]["losses"], losses, rtol=1e-6, atol=1e-7)
+        assert torch.equal(got[rank]["noise"], bank.noise)
+        torch.testing.assert_close(got[rank]["pred"], bank.pred, rtol=2**-10, atol=2**-24)
+
+
 # ----------------------------------------------------------------------- kill and resume
 
 CLI = [sys.executable, "-m", "invdiff.cli"]

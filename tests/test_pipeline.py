@@ -87,3 +87,43 @@ def test_bad_calls(pipe):
         pipe("a red square", num_inference_steps=0)
     with pytest.raises(ValueError, match="multiples of 2"):
         pipe("a red square", num_inference_steps=1, height=15, width=16)
+
+
+@pytest.mark.parametrize("copied", [True, False], ids=["base_folder_copied", "base_saved"])
+def test_a_run_pipeline_folder_keeps_the_base_scheduler(tmp_path, copied):
+    """The run's pipeline folder holds the scheduler the base shipped (its class and config), not
+    DDIM, whether the base's files are copied (a local folder) or the base is saved (a hub id)."""
+    import json
+
+    from diffusers import DDPMScheduler, PNDMScheduler
+
+    from invdiff.pipeline import save_pipeline_folder
+    from invdiff.runs import load_model
+
+    folder = make_tiny_sd_folder(str(tmp_path / "sd"))
+    # Stable Diffusion 1.5 ships PNDM with these two fields set.
+    PNDMScheduler.from_config(DDPMScheduler.load_config(folder, subfolder="scheduler"), skip_prk_steps=True,
+                              steps_offset=1).save_pretrained(os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+        shipped = json.load(f)
+    base = LatentDiffusionBase.from_pretrained(folder)
+    if not copied:
+        base.meta["source"] = "nobody/a-hub-id"  # nothing on disk to copy from
+    run = str(tmp_path / "run")
+    save_pipeline_folder(run, base, GuidanceModule.from_frozen(base.unet.config, preset="small"))
+    with open(os.path.join(run, "scheduler", "scheduler_config.json")) as f:
+        assert json.load(f) == shipped
+    with open(os.path.join(run, "model_index.json")) as f:
+        assert json.load(f)["scheduler"] == ["diffusers", "PNDMScheduler"]
+    pipe = InvDiffPipeline.from_pretrained(run)
+    assert type(pipe.scheduler) is PNDMScheduler and pipe.scheduler.config.steps_offset == 1
+    assert pipe("a red square", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images.shape == (1, 3, 16, 16)
+    # `invdiff sample` still reads the training noise schedule from it.
+    run_base, _ = load_model(run)
+    assert type(run_base.scheduler) is DDPMScheduler
+    torch.testing.assert_close(run_base.scheduler.alphas_cumprod, base.scheduler.alphas_cumprod, atol=0, rtol=0)

@@ -9,7 +9,7 @@ anything can read them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -36,11 +36,12 @@ class DiffusionDataset:
     random_flip: bool = False
 
     def __post_init__(self):
-        n = self.images.shape[0]
+        shape = self.image_shape
+        n = shape[0]
         if n == 0:
             raise DataError(f"dataset {self.name!r} is empty")
-        if self.images.ndim != 4:
-            raise DataError(f"images must be (N, C, H, W), got {tuple(self.images.shape)}")
+        if len(shape) != 4:
+            raise DataError(f"images must be (N, C, H, W), got {shape}")
         for label, t in (("prompt_ids", self.prompt_ids), ("sample_ids", self.sample_ids)):
             if t.shape != (n,):
                 raise DataError(f"{label} must have shape ({n},), got {tuple(t.shape)}")
@@ -49,16 +50,34 @@ class DiffusionDataset:
         if torch.unique(self.sample_ids).numel() != n:
             raise DataError("sample_ids must be unique")
 
+    @property
+    def image_shape(self) -> Tuple[int, ...]:
+        """(N, C, H, W) of `images`. A subclass may know it without reading the images (an
+        imagefolder decodes its files only when asked: data/imagefolder.py)."""
+        return tuple(self.images.shape)
+
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.image_shape[0]
 
     @property
     def resolution(self) -> int:
-        return self.images.shape[-1]
+        return self.image_shape[-1]
 
     @property
     def channels(self) -> int:
-        return self.images.shape[1]
+        return self.image_shape[1]
+
+    def load_images(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows: (B,) int64 -> (B, C, H, W) images of those rows. Consumers that go through the
+        data in batches use it, so that a dataset that reads its images from files on demand
+        never holds all of them."""
+        return self.images[rows]
+
+    def with_images(self, images: torch.Tensor, info: Dict) -> "DiffusionDataset":
+        """A plain DiffusionDataset of the same rows (prompts, ids, attributes) with other
+        images, e.g. their VAE latents (N, C', h, w), and `info`."""
+        same = {f.name: getattr(self, f.name) for f in dataclasses.fields(DiffusionDataset) if f.name not in ("images", "info")}
+        return DiffusionDataset(images=images, info=info, **same)
 
     def training_view(self) -> "DiffusionDataset":
         """The same data without the attribute labels: what every learning stage gets."""

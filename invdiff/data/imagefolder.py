@@ -9,12 +9,21 @@ the way diffusers' train_text_to_image.py does it: the shorter side is resized t
 an offset drawn per sample like torchvision's RandomCrop -- but from a fixed seed and the sample
 index, so loading the same folder twice gives identical tensors. Horizontal flipping is not done
 at load time: `random_flip` is recorded on the dataset and left to the training loop.
+
+Loading reads only the images' headers. The pixels are decoded when they are asked for: all of
+them as one fp32 tensor on the first use of `dataset.images` (the pixel-space path trains on it),
+or a batch of rows at a time through `dataset.load_images(rows)` (a latent base streams the folder
+through its VAE that way, never holding every image as pixels: 3 MB each at 512 x 512).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import hashlib
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -97,23 +106,134 @@ def crop_box(width: int, height: int, resolution: int, center_crop: bool, index:
     return left, top
 
 
+@contextlib.contextmanager
+def _open_image(path: str, name: str, root: str):
+    """PIL's lazy Image.open of `path` (listed as `name` in `root`'s metadata): the header is read,
+    the pixels only when used. A file PIL cannot read, now or while decoding, is a DataError."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            yield im
+    except (OSError, Image.DecompressionBombError) as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise DataError(f"{name!r} in {root!r} is not a readable image: {exc}") from exc
+
+
 def _load_rgb(path: str, name: str, root: str, index: int, resolution: Optional[int], center_crop: bool) -> np.ndarray:
     """The image at `path` (listed as `name` in `root`'s metadata) as (H, W, 3) uint8, resized and
     cropped when `resolution` is set."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if resolution is not None:
-                w, h = resized_size(im.width, im.height, resolution)
-                if (w, h) != im.size:
-                    im = im.resize((w, h), resample=Image.Resampling.BICUBIC)
-                left, top = crop_box(w, h, resolution, center_crop, index)
-                im = im.crop((left, top, left + resolution, top + resolution))
-            return np.array(im, dtype=np.uint8)  # a writable copy
-    except (OSError, Image.DecompressionBombError) as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise DataError(f"{name!r} in {root!r} is not a readable image: {exc}") from exc
+    with _open_image(path, name, root) as im:
+        im = im.convert("RGB")
+        if resolution is not None:
+            w, h = resized_size(im.width, im.height, resolution)
+            if (w, h) != im.size:
+                im = im.resize((w, h), resample=Image.Resampling.BICUBIC)
+            left, top = crop_box(w, h, resolution, center_crop, index)
+            im = im.crop((left, top, left + resolution, top + resolution))
+        return np.array(im, dtype=np.uint8)  # a writable copy
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFiles:
+    """The files behind an imagefolder dataset's rows and how they are brought to size: enough to
+    decode any rows on demand, and to know the folder's content without decoding it."""
+
+    root: str
+    names: Tuple[str, ...]  # each row's file_name, as metadata.jsonl lists it
+    paths: Tuple[str, ...]  # the real path of each row's file, inside root
+    positions: Tuple[int, ...]  # each row's place in metadata.jsonl: it seeds the crop offset (center_crop=False)
+    resolution: Optional[int]  # None: the images' own size
+    size: int  # the side of every loaded image
+    center_crop: bool
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, rows: Sequence[int]) -> torch.Tensor:
+        """(len(rows), 3, size, size) fp32 in [-1, 1]: the images of those rows, decoded from their files."""
+        out = torch.empty((len(rows), 3, self.size, self.size), dtype=torch.float32)
+        for k, row in enumerate(int(r) for r in rows):
+            arr = _load_rgb(self.paths[row], self.names[row], self.root, self.positions[row], self.resolution, self.center_crop)
+            if arr.shape != (self.size, self.size, 3):
+                raise DataError(f"{self.names[row]!r} in {self.root!r} is now {arr.shape[1]}x{arr.shape[0]}, not the "
+                                f"{self.size}x{self.size} it was when the folder was loaded: it changed on disk")
+            out[k] = torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1.0
+        return out
+
+    def subset(self, index: torch.Tensor) -> "ImageFiles":
+        """The files of rows `index` (anything that indexes a (N,) tensor), each keeping its crop."""
+        rows = torch.arange(len(self))[index].tolist()
+        return dataclasses.replace(self, names=tuple(self.names[i] for i in rows), paths=tuple(self.paths[i] for i in rows),
+                                   positions=tuple(self.positions[i] for i in rows))
+
+    def fingerprint(self) -> str:
+        """A hash of what the decoded pixels depend on: each row's file name, byte size and
+        modification time (ns), its crop position, and the resize and crop settings. It reads no
+        pixels, so checking a cache costs one stat per file. A rewritten file gets a new
+        modification time; a file replaced by one of the same size with its old time kept (cp -p
+        of other content) is not noticed."""
+        h = hashlib.sha256()
+        h.update(json.dumps({"resolution": self.resolution, "size": self.size, "center_crop": self.center_crop,
+                             "crop_seed": CROP_SEED, "interpolation": "bicubic"}, sort_keys=True).encode())
+        for name, path, position in zip(self.names, self.paths, self.positions):
+            stat = os.stat(path)
+            h.update(json.dumps([name, position, stat.st_size, stat.st_mtime_ns]).encode())
+        return h.hexdigest()
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class ImageFolderDataset(DiffusionDataset):
+    """An imagefolder dataset that decodes its pixels from `files` only when they are used.
+
+    `images` is every row as one (N, 3, S, S) fp32 tensor, decoded on first use and kept: the
+    pixel-space path trains on it whole, with the values imagefolder() always gave.
+    `load_images(rows)` decodes only those rows, and `training_view()` and `subset()` read no
+    pixels, so a latent base can encode the folder batch by batch (models/sd.py latent_dataset).
+    Built with `images` (e.g. by dataclasses.replace, which reads them), it holds those instead.
+    """
+
+    files: Optional[ImageFiles] = None
+
+    @property
+    def images(self) -> torch.Tensor:
+        if self._pixels is None:
+            self._pixels = self.files.load(range(len(self.files)))
+        return self._pixels
+
+    @images.setter
+    def images(self, value: Optional[torch.Tensor]) -> None:
+        self._pixels = value
+
+    @property
+    def image_shape(self) -> Tuple[int, ...]:
+        if self._pixels is not None:
+            return tuple(self._pixels.shape)
+        return (len(self.files), 3, self.files.size, self.files.size)
+
+    def load_images(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._pixels[rows] if self._pixels is not None else self.files.load(rows)
+
+    def training_view(self) -> "ImageFolderDataset":
+        view = copy.copy(self)  # not dataclasses.replace, which would decode every image
+        view.attributes = None
+        return view
+
+    def subset(self, index: torch.Tensor) -> "ImageFolderDataset":
+        attrs = None if self.attributes is None else {k: v[index] for k, v in self.attributes.items()}
+        return dataclasses.replace(
+            self,
+            images=None if self._pixels is None else self._pixels[index],
+            files=self.files.subset(index),
+            prompt_ids=self.prompt_ids[index],
+            sample_ids=self.sample_ids[index],
+            attributes=attrs,
+        )
+
+    def __repr__(self) -> str:
+        state = "decoded" if self._pixels is not None else "decoded from its files on use"
+        return f"ImageFolderDataset({self.name!r}, {len(self)} images of {self.resolution}x{self.resolution}, {state})"
 
 
 def imagefolder(
@@ -121,8 +241,8 @@ def imagefolder(
     resolution: Optional[int] = None,
     center_crop: bool = True,
     random_flip: bool = False,
-) -> DiffusionDataset:
-    """Load every listed image as RGB in [-1, 1].
+) -> ImageFolderDataset:
+    """Every listed image as RGB in [-1, 1], decoded when used (see ImageFolderDataset).
 
     resolution: None keeps the images as they are, so they must all be square, of one size and at
     least 8x8; an int (>= 8) resizes each image's shorter side to it (bicubic) and crops a square.
@@ -140,11 +260,11 @@ def imagefolder(
     missing = [r["file_name"] for r, path in zip(rows, files) if not os.path.isfile(path)]
     if missing:
         raise DataError(f"{len(missing)} file(s) listed in {METADATA} are missing, e.g. {missing[:3]}")
-    images, sizes = [], {}
-    for i, (r, path) in enumerate(zip(rows, files)):
-        arr = _load_rgb(path, r["file_name"], root, i, resolution, center_crop)
-        sizes.setdefault(arr.shape[:2], r["file_name"])
-        images.append(arr)
+    sizes = {}  # (height, width) after loading -> the first file of that size
+    for r, path in zip(rows, files):
+        with _open_image(path, r["file_name"], root) as im:  # the header only
+            width, height = im.size
+        sizes.setdefault((height, width) if resolution is None else (resolution, resolution), r["file_name"])
     hint = "pass --resolution N (resolution=N in Python) to resize and crop every image to N x N"
     if len(sizes) > 1:
         desc = ", ".join(f"{h}x{w} (e.g. {name})" for (h, w), name in sizes.items())
@@ -155,11 +275,8 @@ def imagefolder(
     if h < MIN_RESOLUTION:  # their own size becomes the model's resolution: the same floor as resolution=N
         raise DataError(f"images are {h}x{w} (e.g. {name}), smaller than {MIN_RESOLUTION}x{MIN_RESOLUTION}, "
                         f"the smallest resolution invdiff trains at; {hint} (N >= {MIN_RESOLUTION})")
-    # uint8 while reading, float32 only once: peak memory ~1.25x the final tensor
-    x = torch.empty((len(images), 3, h, w), dtype=torch.float32)
-    for i, arr in enumerate(images):
-        x[i] = torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1.0
-        images[i] = None
+    image_files = ImageFiles(root=root, names=tuple(r["file_name"] for r in rows), paths=tuple(files),
+                             positions=tuple(range(len(rows))), resolution=resolution, size=h, center_crop=center_crop)
     prompts = sorted({r["text"] for r in rows})
     index = {p: i for i, p in enumerate(prompts)}
     attr_keys = sorted({k for r in rows for k in r} - {"file_name", "text"})
@@ -179,8 +296,9 @@ def imagefolder(
         info["interpolation"] = "bicubic"
         if not center_crop:
             info["crop_seed"] = CROP_SEED
-    return DiffusionDataset(
-        images=x,
+    return ImageFolderDataset(
+        images=None,
+        files=image_files,
         prompt_ids=torch.tensor([index[r["text"]] for r in rows]),
         prompts=prompts,
         sample_ids=torch.arange(len(rows)),

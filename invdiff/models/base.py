@@ -92,7 +92,13 @@ class FrozenBase(torch.nn.Module):
         return list(self.conditioner.config.prompts)
 
     def freeze(self) -> "FrozenBase":
+        """requires_grad off and eval mode for the frozen weights. LoRA adapters that a G_psi attached
+        to the UNet (models/lora.py) are G's parameters, not the base's: they keep their requires_grad,
+        so that freezing the base in the min step does not freeze G."""
+        adapters = [(p, p.requires_grad) for name, p in self.named_parameters() if ".lora_" in name]
         self.requires_grad_(False)
+        for p, flag in adapters:
+            p.requires_grad_(flag)
         self.eval()
         return self
 

@@ -206,6 +206,10 @@ class GuidanceModule(ModelMixin, ConfigMixin):
         if self.config.sees_frozen_output:
             if frozen_output is None:
                 raise ValueError("this G_psi reads the frozen model's prediction: pass frozen_output")
+        # G runs in its own dtype (fp32): with a bf16/fp16 frozen base, x_t and the prompt embeddings
+        # (from the frozen text encoder) arrive in the frozen dtype. No-ops when everything is fp32.
+        dtype = next(self.parameters()).dtype  # not ModelMixin.dtype, which walks every submodule per call
+        sample, prompt_embeds = sample.to(dtype), prompt_embeds.to(dtype)
         if self.unet is None:
             out = torch.zeros_like(frozen_output, dtype=sample.dtype)
         else:

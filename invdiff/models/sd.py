@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..io import CheckpointError, apply_umask, atomic_write_json, require_safetensors
+from ..io import CheckpointError, apply_umask, atomic_path, atomic_write_json, require_safetensors
 from .base import FrozenBase
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -34,6 +34,12 @@ class AttentionBackendError(RuntimeError):
 def is_sd_folder(path: str) -> bool:
     """A diffusers pipeline folder (it has model_index.json)."""
     return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def vae_downsampling_factor(vae_config) -> int:
+    """Pixels per latent cell along a side of an AutoencoderKL with this config (a dict or the
+    model's config): 2 ** (number of down blocks - 1)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def looks_like_hub_id(path: str) -> bool:
@@ -127,6 +133,7 @@ class LatentDiffusionBase(FrozenBase):
         self.vae = vae
         self.conditioner = TextConditioner(text_encoder, tokenizer)
         self.scheduler = scheduler
+        self.shipped_scheduler_config: Optional[Dict] = None  # the folder's own scheduler (from_pretrained sets it)
         self.meta = dict(meta or {})
         self.meta["attention"] = set_attention(unet, attention)
 
@@ -145,7 +152,7 @@ class LatentDiffusionBase(FrozenBase):
     @property
     def vae_factor(self) -> int:
         """Pixels per latent cell along a side: 2 ** (number of VAE down blocks - 1)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsampling_factor(self.vae.config)
 
     @property
     def latent_scale(self) -> float:
@@ -189,13 +196,24 @@ class LatentDiffusionBase(FrozenBase):
         return torch.cat(out)
 
     def save_pretrained(self, directory: str) -> None:
-        """The diffusers Stable Diffusion layout (safetensors), plus invdiff_base.json."""
+        """The diffusers Stable Diffusion layout (safetensors), plus invdiff_base.json. The UNet is
+        saved without the adapters a LoRA G_psi attached to it, the scheduler as the base shipped
+        it (its class and config) when it was loaded from a folder or hub id."""
         from .base import BASE_META
+        from .lora import save_frozen_unet
 
         os.makedirs(directory, exist_ok=True)
+        shipped_scheduler = self.shipped_scheduler_config
         for part in SD_COMPONENTS:
-            getattr(self, part).save_pretrained(os.path.join(directory, part))
-            apply_umask(os.path.join(directory, part))  # safetensors writes its files 0600
+            target = os.path.join(directory, part)
+            if part == "unet":
+                save_frozen_unet(self.unet, target)
+            elif part == "scheduler" and shipped_scheduler:
+                os.makedirs(target, exist_ok=True)
+                atomic_write_json(os.path.join(target, "scheduler_config.json"), shipped_scheduler)
+            else:
+                getattr(self, part).save_pretrained(target)
+            apply_umask(target)  # safetensors writes its files 0600
         index = {
             "_class_name": "StableDiffusionPipeline",
             "_diffusers_version": __import__("diffusers").__version__,
@@ -203,7 +221,7 @@ class LatentDiffusionBase(FrozenBase):
             "vae": ["diffusers", type(self.vae).__name__],
             "text_encoder": ["transformers", type(self.text_encoder).__name__],
             "tokenizer": ["transformers", type(self.tokenizer).__name__],
-            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "scheduler": ["diffusers", (shipped_scheduler or {}).get("_class_name") or type(self.scheduler).__name__],
         }
         atomic_write_json(os.path.join(directory, "model_index.json"), index)
         atomic_write_json(os.path.join(directory, BASE_META), {k: v for k, v in self.meta.items() if k != "attention"})
@@ -236,14 +254,16 @@ class LatentDiffusionBase(FrozenBase):
             raise CheckpointError(f"base model {path!r} does not exist (a local folder or a hub id like org/name)")
         torch_dtype = DTYPES[dtype]
         try:
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype, use_safetensors=True)
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype, use_safetensors=True)
+            unet = load_in_dtype(UNet2DConditionModel, path, "unet", torch_dtype)
+            vae = load_in_dtype(AutoencoderKL, path, "vae", torch_dtype)
             text_encoder = CLIPTextModel.from_pretrained(
                 path, subfolder="text_encoder", torch_dtype=torch_dtype, use_safetensors=True
             )
             tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-            # The training noise schedule, whatever sampler the folder ships (often PNDM).
-            scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(path, subfolder="scheduler"))
+            # The training noise schedule, whatever sampler the folder ships (often PNDM); the
+            # shipped config is kept for saving, so a pipeline folder keeps the base's own sampler.
+            shipped_scheduler = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
+            scheduler = DDPMScheduler.from_config(shipped_scheduler)
         except Exception as exc:  # offline hub id, corrupt weights, wrong classes
             where = "folder" if local else "hub id (no network here? pass a local folder)"
             raise CheckpointError(f"could not load the Stable Diffusion {where} {path!r}: {exc}") from exc
@@ -253,6 +273,7 @@ class LatentDiffusionBase(FrozenBase):
                 meta = json.load(f)
         meta.update(source=os.path.abspath(path) if local else path, kind="stable-diffusion", frozen_dtype=dtype)
         base = cls(unet, vae, text_encoder, tokenizer, scheduler, meta, attention=attention)
+        base.shipped_scheduler_config = shipped_scheduler
         if device is not None:
             base.to(device)
         if channels_last:
@@ -260,6 +281,77 @@ class LatentDiffusionBase(FrozenBase):
         if compile_unet:
             base.unet = torch.compile(base.unet)
         return base
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors_in_dtype(path: str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """{name: tensor} of a safetensors file, its floating tensors cast to `dtype`, read one tensor
+    at a time with plain file reads, so that only one tensor is ever held in the file's dtype.
+
+    Why not safetensors' own loader (and diffusers', which uses it): it memory-maps the file, and
+    every fp32 page a cast reads stays resident while the map is open, so a bf16 load peaks at the
+    fp32 weights plus the bf16 ones. Measured on a 35M-parameter UNet (133 MB in fp32): peak RSS
+    +203 MB through the map, +73 MB this way. At SD-1.5 size that is the UNet's 3.4 GB of fp32 on
+    top of its 1.7 GB of bf16, the likely reason a bf16 run peaked higher than an fp32 one (5.57
+    against 5.25 GB, issue 13)."""
+    import struct
+    import sys
+
+    if sys.byteorder != "little":  # safetensors stores little-endian; torch.frombuffer reads native order
+        raise ValueError("reading safetensors by hand needs a little-endian machine")
+    out = {}
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        if header_size > size - 8:  # a damaged file: refuse rather than allocate what it claims
+            raise ValueError(f"{path}: the safetensors header runs past the end of the file")
+        header = json.loads(f.read(header_size))
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            stored = SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            if not 0 <= begin <= end <= size - 8 - header_size:
+                raise ValueError(f"{path}: tensor {name!r} lies outside the file")
+            if end == begin:
+                tensor = torch.empty(info["shape"], dtype=stored)
+            else:
+                f.seek(8 + header_size + begin)
+                buf = bytearray(end - begin)
+                if f.readinto(buf) != len(buf):
+                    raise ValueError(f"{path}: tensor {name!r} is cut short")
+                tensor = torch.frombuffer(buf, dtype=stored).view(info["shape"])
+            out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return out
+
+
+def load_in_dtype(model_cls, path: str, subfolder: str, dtype: torch.dtype):
+    """`model_cls.from_pretrained(path, subfolder=..., torch_dtype=dtype)`, safetensors only, for a
+    diffusers model. In a narrower dtype than fp32, a local folder's single weights file is read
+    with `read_safetensors_in_dtype` into a model built on the meta device, so the fp32 weights
+    are never whole in memory; the result is the same model, bit for bit. Anything this cannot
+    load exactly (a hub id, sharded weights, names diffusers renames for old checkpoints, modules
+    kept in fp32) goes through diffusers' own loader."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+
+    folder = os.path.join(path, subfolder)
+    weights = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    if dtype != torch.float32 and os.path.isfile(weights) and not getattr(model_cls, "_keep_in_fp32_modules", None):
+        with torch.device("meta"):
+            model = model_cls.from_config(model_cls.load_config(folder))
+        try:
+            model.load_state_dict(read_safetensors_in_dtype(weights, dtype), strict=True, assign=True)
+        except (RuntimeError, KeyError, ValueError, TypeError):
+            # An old checkpoint's names, which diffusers' loader renames, or a damaged file, which
+            # it reports.
+            model = None
+        if model is not None and not any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+            model.register_to_config(_name_or_path=path)
+            return model.eval()
+    return model_cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True)
 
 
 def check_cross_attention(unet, text_encoder) -> None:
@@ -278,25 +370,49 @@ def check_cross_attention(unet, text_encoder) -> None:
 
 
 def _fingerprint(base: LatentDiffusionBase, dataset) -> str:
-    """What the cached latents depend on: the images (sample ids, a content hash), the VAE."""
+    """What the cached latents depend on: the images (sample ids and their content) and the VAE
+    (config and dtype: a bf16 VAE gives other latents than an fp32 one). An imagefolder's images
+    are known by their files (names, sizes, modification times) and its resize and crop settings,
+    so checking the cache decodes no image; other datasets by a sample of their pixels."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(dataset.sample_ids.numpy()).tobytes())
-    h.update(np.ascontiguousarray(dataset.images[:: max(1, len(dataset) // 64)].numpy()).tobytes())
+    files = getattr(dataset, "files", None)
+    if files is not None:
+        h.update(files.fingerprint().encode())
+    else:
+        h.update(np.ascontiguousarray(dataset.images[:: max(1, len(dataset) // 64)].numpy()).tobytes())
+        h.update(str(tuple(dataset.images.shape)).encode())
     h.update(json.dumps(dict(base.vae.config), sort_keys=True, default=str).encode())
-    h.update(str(tuple(dataset.images.shape)).encode())
+    h.update(str(base.vae.dtype).encode())
     return h.hexdigest()[:16]
 
 
-def latent_dataset(base: LatentDiffusionBase, dataset, cache_dir: Optional[str] = None, progress: bool = True):
+def _encode_in_batches(base: LatentDiffusionBase, dataset, batch_size: int, progress: bool, allocate) -> torch.Tensor:
+    """Encode `dataset` `batch_size` rows at a time into `allocate((N, C_latent, h, w))`, a fp32
+    tensor: only one batch of pixels is ever in memory."""
+    from tqdm.auto import tqdm
+
+    out = None
+    for start in tqdm(range(0, len(dataset), batch_size), desc="VAE latents", disable=not progress):
+        rows = torch.arange(start, min(start + batch_size, len(dataset)))
+        latents = base.encode_images(dataset.load_images(rows), batch_size)
+        if out is None:
+            out = allocate((len(dataset), *latents.shape[1:]))
+        out[rows] = latents
+    return out
+
+
+def latent_dataset(base: LatentDiffusionBase, dataset, cache_dir: Optional[str] = None, progress: bool = True,
+                   batch_size: int = 32):
     """The dataset with its images replaced by their VAE latents, encoded once.
 
-    With `cache_dir`, the latents are stored there as latents.npy (+ latents.json with the
-    fingerprint of images and VAE) and read back memory-mapped on later runs, so a large training
-    set need not fit in RAM. A cache made from other images or another VAE is rebuilt, not reused.
-    Returns a DiffusionDataset (N, C_latent, h, w) with the same prompts, ids and attributes.
+    The images go through the VAE `batch_size` at a time (`dataset.load_images`: an imagefolder
+    decodes just those files), so the whole set is never in memory as pixels. With `cache_dir`,
+    the latents are written straight into cache_dir/latents.npy (+ latents.json with the
+    fingerprint of images and VAE) and read back memory-mapped, now and on later runs, so a large
+    training set need not fit in RAM. A cache made from other images or another VAE is rebuilt,
+    not reused. Returns a DiffusionDataset (N, C_latent, h, w) with the same prompts, ids and attributes.
     """
-    import dataclasses
-
     base.check_resolution(dataset.resolution)
     fingerprint = _fingerprint(base, dataset)
     latents = None
@@ -307,13 +423,15 @@ def latent_dataset(base: LatentDiffusionBase, dataset, cache_dir: Optional[str] 
             with open(meta_path) as f:
                 if json.load(f).get("fingerprint") == fingerprint:
                     latents = torch.from_numpy(np.load(data_path, mmap_mode="c"))  # copy-on-write map: pages load on use
-    if latents is None:
-        latents = base.encode_images(dataset.images, progress=progress)
-        if cache_dir:
-            tmp = data_path + ".tmp.npy"
-            np.save(tmp, latents.numpy())
-            os.replace(tmp, data_path)
-            atomic_write_json(meta_path, {"fingerprint": fingerprint, "shape": list(latents.shape), "scaling_factor": base.latent_scale})
-            latents = torch.from_numpy(np.load(data_path, mmap_mode="c"))  # copy-on-write map: pages load on use
+    if latents is None and cache_dir:
+        # A temporary file of this process's own, renamed into place: concurrent writers (ranks
+        # under DDP, two runs sharing a cache) never write into one file.
+        with atomic_path(data_path) as tmp:
+            _encode_in_batches(base, dataset, batch_size, progress, lambda shape: torch.from_numpy(
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)))
+        latents = torch.from_numpy(np.load(data_path, mmap_mode="c"))  # copy-on-write map: pages load on use
+        atomic_write_json(meta_path, {"fingerprint": fingerprint, "shape": list(latents.shape), "scaling_factor": base.latent_scale})
+    elif latents is None:
+        latents = _encode_in_batches(base, dataset, batch_size, progress, torch.empty)
     info = dict(dataset.info, latent=True, pixel_resolution=dataset.resolution, latent_fingerprint=fingerprint)
-    return dataclasses.replace(dataset, images=latents, info=info)
+    return dataset.with_images(latents, info)

@@ -434,3 +434,51 @@ def test_unreadable_image_with_resolution_is_a_data_error(tmp_path):
     _write_metadata(tmp_path, [{"file_name": "ok.png", "text": "t"}, {"file_name": "broken.png", "text": "t"}])
     with pytest.raises(DataError, match=r"'broken\.png'.*not a readable image"):
         imagefolder(str(tmp_path), resolution=8)
+
+
+def test_pixels_are_decoded_when_used_with_the_same_values_whole_or_by_rows(mixed, monkeypatch):
+    """Loading reads headers only; views, subsets and sizes decode nothing; `images` (the
+    pixel-space path) and `load_images(rows)` (the latent path) decode the same values, and a
+    subset keeps each row's crop (seeded by its place in metadata.jsonl)."""
+    import invdiff.data.imagefolder as imagefolder_module
+
+    decoded = []
+    load_rgb = imagefolder_module._load_rgb
+    monkeypatch.setattr(imagefolder_module, "_load_rgb", lambda path, *a: (decoded.append(os.path.basename(path)), load_rgb(path, *a))[1])
+    ds = imagefolder(str(mixed), resolution=12, center_crop=False)
+    view, sub = ds.training_view(), ds.subset(torch.tensor([3, 1]))
+    assert (len(ds), ds.resolution, ds.channels, len(sub), sub.resolution) == (4, 12, 3, 2, 12)
+    assert view.attributes is None and sub.attributes["place"].tolist() == [0, 1] and sub.sample_ids.tolist() == [3, 1]
+    assert decoded == []
+    rows = ds.load_images(torch.tensor([2, 0]))
+    assert decoded == ["grey.png", "wide.png"]
+    whole = ds.images
+    assert whole.shape == (4, 3, 12, 12) and whole.dtype == torch.float32 and len(decoded) == 6
+    assert ds.images is whole  # decoded once, then kept
+    assert torch.equal(rows, whole[[2, 0]]) and torch.equal(ds.load_images(torch.tensor([1])), whole[[1]])
+    assert torch.equal(sub.images, whole[[3, 1]]) and torch.equal(view.images, whole)
+
+
+def test_fingerprint_follows_the_files_and_the_resize_settings(mixed):
+    fingerprint = imagefolder(str(mixed), resolution=12).files.fingerprint()
+    assert imagefolder(str(mixed), resolution=12).files.fingerprint() == fingerprint
+    assert imagefolder(str(mixed), resolution=16).files.fingerprint() != fingerprint
+    assert imagefolder(str(mixed), resolution=12, center_crop=False).files.fingerprint() != fingerprint
+    assert imagefolder(str(mixed), resolution=12).subset(torch.tensor([0, 1])).files.fingerprint() != fingerprint
+    _noise((40, 24), 99).save(mixed / "wide.png")  # same size on disk and in pixels, other content
+    stat = os.stat(mixed / "wide.png")
+    os.utime(mixed / "wide.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # kernel file times are coarse
+    assert imagefolder(str(mixed), resolution=12).files.fingerprint() != fingerprint
+
+
+def test_a_truncated_image_is_a_data_error_when_decoded(tmp_path):
+    """Loading reads headers only, so a file cut short after its header is found when its pixels
+    are decoded: still a DataError that names it."""
+    _noise((8, 8), 0).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    _write_metadata(tmp_path, [{"file_name": "whole.png", "text": "t"}, {"file_name": "cut.png", "text": "t"}])
+    ds = imagefolder(str(tmp_path))
+    assert ds.load_images(torch.tensor([0])).shape == (1, 3, 8, 8)
+    with pytest.raises(DataError, match=r"'cut\.png'.*not a readable image"):
+        ds.images
