@@ -185,7 +185,7 @@ def cmd_debias(args) -> None:
     cfg = debias_config_from_args(args)
     dataset = _load_data(args)
     cfg.validate(len(dataset))  # every flag checked before the base is loaded or a loss computed
-    result = debias(args.base, dataset, args.out, cfg, _data_spec(args), overwrite=args.overwrite,
+    result = debias(args.base, dataset, args.out, cfg, _data_spec(args), overwrite=args.overwrite, copy_base=args.copy_base,
                     checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
                     keep_checkpoints=args.keep_checkpoints, resume=args.resume)
     if result["meta"].get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
@@ -212,6 +212,8 @@ SCHEDULERS = ("ddim", "ddpm", "euler", "dpm")
 
 def cmd_sample(args) -> None:
     check_model_path(args.model, "--model")
+    if args.base is not None:
+        check_model_path(args.base, "--base")
     check_output_path(args.out)
     if args.eta_below_band is not None and not 0.0 <= args.eta_below_band <= 1.0:
         raise ValueError(f"--eta-below-band must be in [0, 1], got {args.eta_below_band}")
@@ -226,7 +228,7 @@ def cmd_sample(args) -> None:
             args.model, args.prompts, args.out, num=args.num, seed=args.seed, steps=args.steps,
             guidance_scale=args.guidance_scale, scheduler=args.scheduler, strength=args.strength,
             batch_size=args.batch_size, attention=args.attention, resume=args.resume, overwrite=args.overwrite,
-            eta_below=args.eta_below_band, height=args.height, width=args.width,
+            eta_below=args.eta_below_band, height=args.height, width=args.width, base_dir=args.base,
         )
         if "manifest" in summary:
             print(f"{summary['items']} images in {args.out} ({summary['resumed']} kept from before); manifest {summary['manifest']}")
@@ -243,6 +245,8 @@ def cmd_sample(args) -> None:
     settings = {"model": os.path.abspath(args.model), "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "scheduler": args.scheduler, "strength": args.strength, "seed": args.seed, "attention": args.attention,
                 "eta_below_band": args.eta_below_band, "height": height, "width": width}
+    if args.base is not None:  # only when given: sample folders made before --base existed keep their settings
+        settings["base"] = os.path.abspath(args.base)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         from .config import describe_changes
         from .io import read_json
@@ -261,7 +265,7 @@ def cmd_sample(args) -> None:
     from .runs import load_model
     from .sampling import GuidedDenoiser, prompts_to_ids, sample
 
-    base, guidance = load_model(args.model)
+    base, guidance = load_model(args.model, args.base)
     prompts = [p for p in args.prompt for _ in range(args.num)]
     ids = prompts_to_ids(base, prompts)  # an unknown prompt fails here, before any sampling
     # What is really active: "none" for a UNet without attention layers, whatever was asked.
@@ -416,10 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=positive_int, default=2, help="how many of the newest checkpoints to keep")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder: continue an interrupted min step")
     p.add_argument("--overwrite", action="store_true", help="replace a run folder that holds another run")
+    p.add_argument("--copy-base", action="store_true",
+                   help="Stable Diffusion bases: copy the base into the run folder (a self-contained diffusers pipeline "
+                        "folder, gigabytes) instead of recording its place and content hash, checked on every load")
     p.set_defaults(func=cmd_debias)
 
     p = sub.add_parser("sample", help="sample PNGs from a base model or a run folder")
     p.add_argument("--model", required=True, help="base model folder, debias run folder, Stable Diffusion or InvDiffPipeline folder")
+    p.add_argument("--base", default=None,
+                   help="a Stable Diffusion run's base model at a new place (None: where it was when the run was made); "
+                        "its content must match the hash the run recorded")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention backend of the frozen UNet")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); the images are written all at once")
     p.add_argument("--prompts", default=None,

@@ -2,6 +2,7 @@
 the trained guidance module G_psi (with its combine ratio r, stored in G's config).
 
     pipe = InvDiffPipeline.from_pretrained("runs/waterbirds")            # a debias run folder
+    pipe = InvDiffPipeline.from_pretrained("runs/waterbirds", base="/new/place/of/sd15")  # its base moved
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     images = pipe("a photo of a landbird", num_inference_steps=25, guidance_scale=7.5,
                   generator=torch.Generator().manual_seed(0)).images
@@ -10,12 +11,16 @@ The call is the ordinary diffusers one. At each step the frozen UNet's predictio
 conditional and unconditional branch is combined with G's (eps_tilde = combine(eps, G; r), moved
 by `guidance_strength` s from the frozen model, s = 0, to the trained one, s = 1), then
 classifier-free guidance and the scheduler's own `step` follow, so any scheduler works.
+
+A debias run folder holds G_psi and refers to its frozen base by place and content hash
+(models/base_reference.py); `from_pretrained` loads the base from there after checking it. A
+--copy-base run folder, or one written by `save_pretrained`, is a whole diffusers pipeline folder.
 """
 from __future__ import annotations
 
 import inspect
 import os
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -35,7 +40,7 @@ tags:
 
 A frozen Stable Diffusion model with an InvDiff guidance module G_psi (arXiv 2412.08480,
 "Invariant Guidance for Bias Mitigation in Diffusion Models"), trained by `invdiff debias`
-without bias labels. Only `guidance/` was trained; unet/, vae/, text_encoder/ are the base's.
+without bias labels. {base_note}
 
 - combine ratio r: {ratio}
 - G_psi: {guidance_kind}
@@ -56,12 +61,21 @@ def _guidance_kind(guidance) -> str:
     return f"UNet preset {guidance.config.preset!r}"
 
 
-def write_model_card(directory: str, guidance) -> None:
-    """README.md of a pipeline folder: what it is, its ratio r and its kind of G_psi."""
+COPIED_BASE_NOTE = "Only `guidance/` was trained; unet/, vae/, text_encoder/ are the base's."
+REFERRED_BASE_NOTE = """Only `guidance/` was trained, and only it is stored here: the frozen
+Stable Diffusion base is loaded from {where}, checked first against the content hash recorded in
+invdiff_run.json ("base_reference"). If the base moved: `InvDiffPipeline.from_pretrained(path, base=DIR)`."""
+
+
+def write_model_card(directory: str, guidance, base_note: str = COPIED_BASE_NOTE, final_path: Optional[str] = None) -> None:
+    """README.md of a pipeline folder: what it is, its ratio r, its kind of G_psi, and where its
+    base is. final_path: where the folder will be when it is written to a staging folder first
+    (the card's from_pretrained line names it; None: `directory`)."""
     card = MODEL_CARD.format(
+        base_note=base_note,
         ratio=guidance.ratio if guidance is not None else "none (no G_psi)",
         guidance_kind=_guidance_kind(guidance),
-        path=os.path.abspath(directory),
+        path=os.path.abspath(final_path or directory),
     )
     with open(os.path.join(directory, "README.md"), "w") as f:
         f.write(card)
@@ -164,23 +178,34 @@ class InvDiffPipeline(DiffusionPipeline):
         write_model_card(save_directory, self.guidance)
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs):
+    def from_pretrained(cls, path: str, base: Optional[str] = None, **kwargs):
         """The frozen components through DiffusionPipeline.from_pretrained, safetensors only, then
         G_psi from `guidance/` (diffusers does not know invdiff's classes; a LoRA G attaches its
-        adapters to the loaded UNet, so it comes second). Every weights folder is checked first."""
+        adapters to the loaded UNet, so it comes second). Every weights folder is checked first.
+        A run folder that refers to its base loads the frozen components from the base, from
+        `base` if given (the base moved), once its content hash matches the run's record."""
         from .io import require_safetensors
+        from .models.base_reference import refers_to_base, resolve_base
         from .models.sd import SD_WEIGHTED_COMPONENTS
 
         gdir = os.path.join(path, "guidance")
         load_own_guidance = "guidance" not in kwargs and os.path.isdir(gdir)
+        source = path
+        if os.path.isdir(path) and refers_to_base(path):
+            source, revision = resolve_base(path, base)
+            if revision is not None:
+                kwargs["revision"] = revision
+        elif base is not None:
+            raise ValueError(f"{path!r} is no run folder that refers to its base model: a base to load it with "
+                             "(base=, invdiff sample --base) applies only to those")
         for component in SD_WEIGHTED_COMPONENTS:
-            if os.path.isdir(os.path.join(path, component)):  # else a hub id, or diffusers names what is missing
-                require_safetensors(os.path.join(path, component), f"the pipeline's {component}")
+            if os.path.isdir(os.path.join(source, component)):  # else a hub id, or diffusers names what is missing
+                require_safetensors(os.path.join(source, component), f"the pipeline's {component}")
         if load_own_guidance:
             require_safetensors(gdir, "G_psi")
         kwargs.setdefault("use_safetensors", True)
         kwargs.setdefault("guidance", None)
-        pipe = super().from_pretrained(path, **kwargs)
+        pipe = super().from_pretrained(source, **kwargs)
         if load_own_guidance:
             from .models.lora import load_guidance
 
@@ -188,12 +213,12 @@ class InvDiffPipeline(DiffusionPipeline):
         return pipe
 
 
-def save_pipeline_folder(directory: str, base, guidance: Optional[GuidanceModule]) -> None:
+def save_pipeline_folder(directory: str, base, guidance: Optional[GuidanceModule], final_path: Optional[str] = None) -> None:
     """Write an InvDiffPipeline folder for a LatentDiffusionBase and G_psi. The frozen components
     are copied byte for byte from the base's own folder when it has one (so a bf16-loaded base
     is not saved in bf16), else saved. The scheduler is the base's own, as it shipped (its class
     and config): the pipeline samples with it unless the caller swaps it, and `invdiff sample`
-    builds its --scheduler from the noise schedule in that config."""
+    builds its --scheduler from the noise schedule in that config. final_path: see write_model_card."""
     import json
     import shutil
 
@@ -215,4 +240,17 @@ def save_pipeline_folder(directory: str, base, guidance: Optional[GuidanceModule
         guidance.save_pretrained(os.path.join(directory, "guidance"))
         index["guidance"] = ["invdiff", type(guidance).__name__]
     atomic_write_json(os.path.join(directory, "model_index.json"), index)
-    write_model_card(directory, guidance)
+    write_model_card(directory, guidance, final_path=final_path)
+
+
+def save_referring_folder(directory: str, guidance, reference: Dict, final_path: Optional[str] = None) -> None:
+    """What a run folder that refers to its base holds of the pipeline: G_psi and the model card.
+    The run's invdiff_run.json carries `reference` (models/base_reference.py), which
+    InvDiffPipeline.from_pretrained follows to the frozen components. No model_index.json: the
+    folder is not a whole diffusers pipeline, and a plain DiffusionPipeline must not half-load it.
+    final_path: see write_model_card."""
+    os.makedirs(directory, exist_ok=True)
+    guidance.save_pretrained(os.path.join(directory, "guidance"))
+    where = (repr(reference["path"]) if "path" in reference
+             else f"the hub id {reference['hub_id']!r} at commit {reference['revision']}")
+    write_model_card(directory, guidance, REFERRED_BASE_NOTE.format(where=where), final_path)

@@ -1,6 +1,6 @@
 """Orchestration of one debiasing run, and loading any model folder for sampling.
 
-A run folder is self-contained:
+A run folder on an embedded base is self-contained:
 
     RUN_DIR/invdiff_run.json        what was run (base, data, K, lambda, r, steps, seeds)
     RUN_DIR/base/                   a copy of the frozen base model (a few MB)
@@ -8,6 +8,11 @@ A run folder is self-contained:
     RUN_DIR/losses.safetensors      the frozen model's (N, T) losses and the t grid, by sample id
     RUN_DIR/environments.safetensors  W (N, K) by sample id, with diagnostics in its metadata
     RUN_DIR/train_log.json          the min step's per-step loss, group risks and variance
+
+On a Stable Diffusion base (gigabytes) it holds no copy of the base: invdiff_run.json records the
+base's place and content hash ("base_reference", models/base_reference.py), checked on every
+load, and README.md is a model card. With copy_base (`invdiff debias --copy-base`) it is instead
+a whole InvDiffPipeline folder, the base's unet/ vae/ text_encoder/ tokenizer/ scheduler/ copied in.
 """
 from __future__ import annotations
 
@@ -32,12 +37,11 @@ from .environments import (
 )
 from .io import CheckpointError, atomic_save_file, atomic_write_json, read_json, staged_directory
 from .models.base import BASE_META, FrozenBase
+from .models.base_reference import REFERENCE_KEY, RUN_META, describe_hub_base, describe_local_base, refers_to_base
 from .models.sd import latent_dataset
 from .models.guidance import GuidanceModule
 from .training import MinStepConfig, train_guidance
 from .config import OBJECTIVES, RECIPES, DebiasConfig, describe_changes, recipe_config  # noqa: F401 (re-exported)
-
-RUN_META = "invdiff_run.json"
 
 
 def load_base(path: str, config: Optional[DebiasConfig] = None, device=None) -> FrozenBase:
@@ -47,7 +51,7 @@ def load_base(path: str, config: Optional[DebiasConfig] = None, device=None) -> 
     from .models.sd import LatentDiffusionBase, is_sd_folder, looks_like_hub_id, set_attention
 
     config = config or DebiasConfig()
-    if is_sd_folder(path) or looks_like_hub_id(path):
+    if is_sd_folder(path) or looks_like_hub_id(path) or refers_to_base(path):
         return LatentDiffusionBase.from_pretrained(
             path, dtype=config.frozen_dtype, attention=config.attention, device=device,
             channels_last=config.channels_last, compile_unet=config.compile_frozen,
@@ -127,6 +131,7 @@ def debias(
     config: DebiasConfig = DebiasConfig(),
     data_spec: Optional[Dict] = None,
     overwrite: bool = False,
+    copy_base: bool = False,
     progress: bool = True,
     weights: Optional[torch.Tensor] = None,
     frozen: Optional[Dict] = None,
@@ -142,6 +147,9 @@ def debias(
     checkpoint_every / checkpoint_dir (default OUT.checkpoints) / keep_checkpoints / resume
     ("latest" or a checkpoint folder): the min step's atomic accelerate checkpoints. A resumed
     run recomputes the max step (deterministic) and continues the min step where it stopped.
+    copy_base: a Stable Diffusion base is copied into the run folder (a self-contained
+    InvDiffPipeline folder) rather than referred to by place and content hash; an embedded base
+    is always copied.
     Under torchrun / accelerate launch every stage is data-parallel (see invdiff.distributed)."""
     if (checkpoint_every or resume) and checkpoint_dir is None:
         checkpoint_dir = out.rstrip("/") + ".checkpoints"
@@ -176,7 +184,22 @@ def debias(
     num_train_timesteps = base.scheduler.config.num_train_timesteps
     config.validate_for_base(num_train_timesteps)
     latent = hasattr(base, "decode_latents")
+    if latent and not copy_base and rank == 0:
+        # Hashed now, as loaded: the base G_psi is trained on (the files are likely still in the
+        # page cache). Only the main process writes the run.
+        source = base.meta["source"]
+        meta[REFERENCE_KEY] = describe_local_base(source) if os.path.isdir(source) else describe_hub_base(source)
+        if meta[REFERENCE_KEY] is None:
+            import warnings
+
+            warnings.warn(f"the hub cache does not show which commit of {source!r} was loaded, so a run folder "
+                          "could not check it on load: the base is copied into the run folder", RuntimeWarning, stacklevel=2)
+            del meta[REFERENCE_KEY]
+            copy_base = True
     if latent:
+        # The VAE's pixels per latent cell, for `invdiff sample` to check a size against without
+        # the base (sampling_size), which a run folder may only refer to.
+        meta["vae_factor"] = base.vae_factor
         # Text conditioning: the dataset's prompts take ids 0..P-1, encoded once by the frozen
         # text encoder; the images become VAE latents, encoded once (and cached on disk if asked).
         base.conditioner.add_prompts(dataset.prompts)
@@ -253,10 +276,13 @@ def debias(
         barrier()
         return result
     with staged_directory(out) as stage:
-        if latent:  # the run folder is itself an InvDiffPipeline folder
-            from .pipeline import save_pipeline_folder
+        if latent:  # InvDiffPipeline.from_pretrained loads the run folder, with or without a copy of its base
+            from .pipeline import save_pipeline_folder, save_referring_folder
 
-            save_pipeline_folder(stage, base, guidance)
+            if copy_base:
+                save_pipeline_folder(stage, base, guidance, final_path=out)
+            else:
+                save_referring_folder(stage, guidance, meta[REFERENCE_KEY], final_path=out)
         else:
             shutil.copytree(base_dir, os.path.join(stage, "base"))
             guidance.save_pretrained(os.path.join(stage, "guidance"))
@@ -281,7 +307,13 @@ def sampling_size(path: str, height: Optional[int] = None, width: Optional[int] 
     from .models.sd import is_sd_folder, vae_downsampling_factor
     from .sampling import check_image_size
 
-    if is_sd_folder(path):
+    if refers_to_base(path):  # the run records its VAE factor: its base need not be found (or read) yet
+        meta = read_json(os.path.join(path, RUN_META), "run metadata")
+        unet_dir, factor = None, meta.get("vae_factor") if isinstance(meta, dict) else None
+        if not isinstance(factor, int) or not isinstance(meta.get("resolution"), int):
+            raise CheckpointError(f"run metadata at {os.path.join(path, RUN_META)} lacks the run's resolution or "
+                                  "vae_factor; the run folder is damaged")
+    elif is_sd_folder(path):
         unet_dir, factor = os.path.join(path, "unet"), vae_downsampling_factor(
             read_json(os.path.join(path, "vae", "config.json"), "the VAE's config"))
     elif os.path.isfile(os.path.join(path, RUN_META)):
@@ -307,9 +339,12 @@ def sampling_size(path: str, height: Optional[int] = None, width: Optional[int] 
     return height, width
 
 
-def load_model(path: str) -> Tuple[FrozenBase, Optional[GuidanceModule]]:
+def load_model(path: str, base: Optional[str] = None) -> Tuple[FrozenBase, Optional[GuidanceModule]]:
     """(frozen base, G_psi or None) from: an invdiff base folder, a debias run folder, a Stable
-    Diffusion folder, or an InvDiffPipeline folder (an SD run folder is one)."""
+    Diffusion folder, or an InvDiffPipeline folder (a --copy-base SD run folder is one). An SD run
+    folder that refers to its base loads it from where it was, or from `base` (the base moved),
+    after checking its content hash (models/base_reference.py)."""
+    from .models.base_reference import resolve_base
     from .models.sd import LatentDiffusionBase, is_sd_folder
 
     def guidance_at(folder, frozen_unet):
@@ -322,6 +357,16 @@ def load_model(path: str) -> Tuple[FrozenBase, Optional[GuidanceModule]]:
         except Exception as exc:
             raise CheckpointError(f"could not load G_psi from {folder!r}: {exc}") from exc
 
+    if base is not None and not refers_to_base(path):
+        raise ValueError(f"{path!r} is no run folder that refers to its base model: a base to load it with "
+                         "(base=, invdiff sample --base) applies only to those")
+    if refers_to_base(path):
+        source, revision = resolve_base(path, base)
+        frozen = LatentDiffusionBase.from_pretrained(source, revision=revision).freeze()
+        guidance = guidance_at(os.path.join(path, "guidance"), frozen.unet)
+        if guidance is None:
+            raise CheckpointError(f"run folder {path!r} has no guidance/ (G_psi)")
+        return frozen, guidance
     if is_sd_folder(path):
         base = LatentDiffusionBase.from_pretrained(path).freeze()
         return base, guidance_at(os.path.join(path, "guidance"), base.unet)

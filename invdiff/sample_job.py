@@ -239,10 +239,11 @@ def completed(out: str, items: List[Item]) -> Dict[int, Dict]:
 def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, seed: int = 0, steps: int = 25,
                    guidance_scale: float = 1.0, scheduler: str = "ddim", strength: float = 1.0, batch_size: int = 64,
                    attention: str = "sdpa", resume: bool = False, overwrite: bool = False, progress: bool = True,
-                   eta_below: Optional[float] = None, height: Optional[int] = None, width: Optional[int] = None) -> Dict:
+                   eta_below: Optional[float] = None, height: Optional[int] = None, width: Optional[int] = None,
+                   base_dir: Optional[str] = None) -> Dict:
     """Run (or resume) the job on this rank's share of the items. Returns a summary. height, width:
     the images' size in pixels (None: the size the run trained at, else the model's native size;
-    runs.sampling_size)."""
+    runs.sampling_size). base_dir: a run's base model at a new place (runs.load_model)."""
     from .distributed import barrier, init_from_env
     from .engine import Request, SamplingEngine
     from .io import atomic_write_json
@@ -257,6 +258,8 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
     settings = {"model": os.path.abspath(model), "steps": steps, "scheduler": scheduler, "strength": strength,
                 "attention": attention, "prompts_file": os.path.abspath(prompts_file), "num": num, "seed": seed,
                 "guidance_scale": guidance_scale, "eta_below": eta_below, "height": height, "width": width}
+    if base_dir is not None:  # only when given: jobs made before it existed keep their settings
+        settings["base"] = os.path.abspath(base_dir)
     job_path = os.path.join(out, JOB_FILE)
     if os.path.isfile(job_path):
         if not overwrite:  # --overwrite replaces the job whatever its file holds
@@ -275,7 +278,7 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
 
     # The model, every prompt of the job and the sampler settings are checked here, before the
     # job's files exist: bad input must leave no job behind that --resume would then trip over.
-    base, guidance = load_model(model)
+    base, guidance = load_model(model, base_dir)
     active_attention = set_attention(base.unet, attention)
     prompts = sorted({it.prompt for it in items})
     id_of = dict(zip(prompts, base.conditioner.prompt_ids(prompts).tolist()))

@@ -228,16 +228,22 @@ class LatentDiffusionBase(FrozenBase):
 
     @classmethod
     def from_pretrained(
-        cls, path: str, dtype: str = "fp32", attention: str = "sdpa", device=None, channels_last: bool = False, compile_unet: bool = False
+        cls, path: str, dtype: str = "fp32", attention: str = "sdpa", device=None, channels_last: bool = False,
+        compile_unet: bool = False, revision: Optional[str] = None,
     ) -> "LatentDiffusionBase":
-        """Load a Stable Diffusion folder (or hub id). dtype: fp32 | bf16 | fp16 for the frozen parts."""
+        """Load a Stable Diffusion folder (or hub id, at `revision` if given), or the base a debias
+        run folder refers to, checked against its recorded content hash first (base_reference.py).
+        dtype: fp32 | bf16 | fp16 for the frozen parts."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         from .base import BASE_META
+        from .base_reference import refers_to_base, resolve_base
 
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+        if os.path.isdir(path) and refers_to_base(path):
+            path, revision = resolve_base(path)
         local = os.path.isdir(path)
         if local:
             missing = [c for c in SD_COMPONENTS if not os.path.isdir(os.path.join(path, c))]
@@ -254,15 +260,15 @@ class LatentDiffusionBase(FrozenBase):
             raise CheckpointError(f"base model {path!r} does not exist (a local folder or a hub id like org/name)")
         torch_dtype = DTYPES[dtype]
         try:
-            unet = load_in_dtype(UNet2DConditionModel, path, "unet", torch_dtype)
-            vae = load_in_dtype(AutoencoderKL, path, "vae", torch_dtype)
+            unet = load_in_dtype(UNet2DConditionModel, path, "unet", torch_dtype, revision)
+            vae = load_in_dtype(AutoencoderKL, path, "vae", torch_dtype, revision)
             text_encoder = CLIPTextModel.from_pretrained(
-                path, subfolder="text_encoder", torch_dtype=torch_dtype, use_safetensors=True
+                path, subfolder="text_encoder", torch_dtype=torch_dtype, use_safetensors=True, revision=revision
             )
-            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
             # The training noise schedule, whatever sampler the folder ships (often PNDM); the
             # shipped config is kept for saving, so a pipeline folder keeps the base's own sampler.
-            shipped_scheduler = dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
+            shipped_scheduler = dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision))
             scheduler = DDPMScheduler.from_config(shipped_scheduler)
         except Exception as exc:  # offline hub id, corrupt weights, wrong classes
             where = "folder" if local else "hub id (no network here? pass a local folder)"
@@ -328,7 +334,7 @@ def read_safetensors_in_dtype(path: str, dtype: torch.dtype) -> Dict[str, torch.
     return out
 
 
-def load_in_dtype(model_cls, path: str, subfolder: str, dtype: torch.dtype):
+def load_in_dtype(model_cls, path: str, subfolder: str, dtype: torch.dtype, revision: Optional[str] = None):
     """`model_cls.from_pretrained(path, subfolder=..., torch_dtype=dtype)`, safetensors only, for a
     diffusers model. In a narrower dtype than fp32, a local folder's single weights file is read
     with `read_safetensors_in_dtype` into a model built on the meta device, so the fp32 weights
@@ -351,7 +357,7 @@ def load_in_dtype(model_cls, path: str, subfolder: str, dtype: torch.dtype):
         if model is not None and not any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
             model.register_to_config(_name_or_path=path)
             return model.eval()
-    return model_cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True)
+    return model_cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True, revision=revision)
 
 
 def check_cross_attention(unet, text_encoder) -> None:

@@ -275,7 +275,8 @@ def test_guidance_preset_keeps_cross_attention(tiny_sd):
 
 
 def test_full_loop_debias_sample_evaluate_in_latent_space(tiny_sd, tiny_sd_data, tmp_path):
-    """The CLI end to end on a Stable Diffusion folder: the run folder is an InvDiffPipeline."""
+    """The CLI end to end on a Stable Diffusion folder: InvDiffPipeline loads the run folder, which
+    refers to its base rather than holding a copy (tests/models/test_base_reference.py)."""
     from invdiff.cli import main
     from invdiff.pipeline import InvDiffPipeline
 
@@ -283,14 +284,13 @@ def test_full_loop_debias_sample_evaluate_in_latent_space(tiny_sd, tiny_sd_data,
     rc = main(["debias", "--base", tiny_sd, "--data", tiny_sd_data, "--out", run, "--steps", "3", "--batch-size", "8",
                "--loss-timesteps", "4", "--max-step-steps", "5", "--latent-cache", str(tmp_path / "cache")])
     assert rc == 0
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "guidance", "model_index.json", "README.md",
-                 "environments.safetensors", "train_log.json", "invdiff_run.json"):
+    for part in ("guidance", "README.md", "environments.safetensors", "train_log.json", "invdiff_run.json"):
         assert os.path.exists(os.path.join(run, part)), part
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
+        assert not os.path.exists(os.path.join(run, part)), part
     with open(os.path.join(run, "invdiff_run.json")) as f:
         meta = json.load(f)
-    assert meta["attention"].startswith("sdpa")
-    with open(os.path.join(run, "model_index.json")) as f:
-        assert json.load(f)["guidance"] == ["invdiff", "GuidanceModule"]
+    assert meta["attention"].startswith("sdpa") and meta["base_reference"]["path"] == os.path.abspath(tiny_sd)
     samples = str(tmp_path / "samples")
     assert main(["sample", "--model", run, "--prompt", "a blue square", "--num", "2", "--steps", "3", "--out", samples]) == 0
     assert len(os.listdir(os.path.join(samples, "a_blue_square"))) == 2
