@@ -220,8 +220,11 @@ def debias(
     if frozen is None:
         frozen = dict(zip(
             ("losses", "timesteps", "bank"),
+            # A latent base's UNet sees the min step's batch size in the loss pass too: the default
+            # 512 (sample, t) jobs per forward would hold tens of GB of SD-1.5 activations at 512 px.
             collect_losses(base, dataset, config.loss_timesteps, config.loss_draws, config.seed, progress=progress, return_bank=True,
-                           bank_dir=bank_parent(config, out) if latent else None),
+                           bank_dir=bank_parent(config, out) if latent else None,
+                           **({"batch_size": config.batch_size} if latent else {})),
         ))
     losses, grid, bank = frozen["losses"], frozen["timesteps"], frozen["bank"]
     band_start = config.band_start(losses, dataset.prompt_ids, num_train_timesteps)

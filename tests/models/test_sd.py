@@ -361,3 +361,25 @@ def test_an_unreachable_hub_id_is_a_clear_error(monkeypatch):
         LatentDiffusionBase.from_pretrained("nobody/no-such-model")
     with pytest.raises(CheckpointError, match="does not exist"):
         LatentDiffusionBase.from_pretrained("./no/such/folder")
+
+
+def test_latent_loss_pass_runs_the_unet_at_the_min_step_batch_size(tiny_sd, tiny_sd_data, tmp_path, monkeypatch):
+    """The max step's loss pass on a latent base never runs the frozen UNet on more than the
+    configured batch: its default of 512 jobs would not fit in memory at SD 1.5 and 512 px."""
+    from invdiff.data import load_dataset
+    from invdiff.models.sd import LatentDiffusionBase
+    from invdiff.runs import DebiasConfig, debias
+
+    batches = []
+    eps = LatentDiffusionBase.eps
+
+    def recording(self, x_t, t, embeds):
+        batches.append(x_t.shape[0])
+        return eps(self, x_t, t, embeds)
+
+    monkeypatch.setattr(LatentDiffusionBase, "eps", recording)
+    config = DebiasConfig(steps=1, batch_size=6, loss_timesteps=4, loss_draws=1)
+    dataset = load_dataset(tiny_sd_data)
+    debias(tiny_sd, dataset, str(tmp_path / "run"), config, progress=False)
+    assert max(batches) <= 6
+    assert sum(batches) >= len(dataset) * 4  # every (sample, t) job of the loss pass ran
