@@ -108,9 +108,14 @@ def axpby_backward(
     """(a*grad_out, b*grad_out) in one read of grad_out; a gradient not asked for is an empty tensor."""
     go_rows, stride_go = as_rows(grad_out)
     rows, length = go_rows.shape
-    empty = grad_out.new_empty(0)
-    grad_x = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device) if need_x else empty
-    grad_y = torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device) if need_y else empty
+
+    def output(needed):
+        # A fresh tensor per output, even an empty one: a custom op's outputs must not alias each
+        # other, and with only a learned CFG scale asking for a gradient neither is needed.
+        shape = grad_out.shape if needed else (0,)
+        return torch.empty(shape, dtype=grad_out.dtype, device=grad_out.device)
+
+    grad_x, grad_y = output(need_x), output(need_y)
     if (need_x or need_y) and grad_out.numel():
         grid, block = _grid(rows, length)
         _axpby_bwd_kernel[grid](

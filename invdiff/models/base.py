@@ -106,10 +106,16 @@ class FrozenBase(torch.nn.Module):
         return self.conditioner(prompt_ids)
 
     def eps(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """The frozen UNet in its own dtype (a bf16/fp16 UNet next to an fp32 conditioner, as in
+        benchmarks/e2e_models.py), fp32 out for G and the loss, as LatentDiffusionBase.eps. For an
+        fp32 UNet every cast is a no-op, so its eps stays bit-identical."""
+        dtype = self.unet.dtype
+        sample, prompt_embeds = sample.to(dtype), prompt_embeds.to(dtype)
         kwargs = {}
         if self.unet.config.class_embed_type == "identity":
             kwargs["class_labels"] = prompt_embeds[:, 0]
-        return self.unet(sample, timestep, prompt_embeds, **kwargs).sample
+        out = self.unet(sample, timestep, prompt_embeds, **kwargs).sample
+        return out.to(torch.promote_types(out.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
 
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)

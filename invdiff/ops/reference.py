@@ -58,10 +58,15 @@ def group_risks(losses: torch.Tensor, weights: torch.Tensor):
 
 def invariant_objective(risks: torch.Tensor, present: torch.Tensor, lam: float) -> torch.Tensor:
     """L_e = mean_k R_k + lam * Var_k R_k (unbiased) over the groups present; mean alone if one."""
-    r = risks[present]
-    if r.numel() <= 1:
-        return r.sum()  # one group: its mean risk (sum of one element keeps the graph)
-    return r.mean() + lam * r.var(unbiased=True)
+    # Masked sums, not risks[present]: a boolean index has a data-dependent shape, which syncs
+    # with the host and breaks a torch.compile graph. Absent groups count as 0 in every sum, and
+    # the counts are clamped at 1 so that the branch torch.where drops has a finite gradient.
+    zero = torch.zeros_like(risks)
+    r = torch.where(present, risks, zero)
+    count = present.sum().to(risks.dtype)
+    mean = r.sum() / count.clamp_min(1)
+    var = torch.where(present, (r - mean).pow(2), zero).sum() / (count - 1).clamp_min(1)
+    return torch.where(count > 1, mean + lam * var, mean)  # one group (or none): its mean risk
 
 
 class InvariantLossStats(NamedTuple):

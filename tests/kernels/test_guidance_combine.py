@@ -76,6 +76,30 @@ def test_only_requested_gradients(triton_backend):
     torch.testing.assert_close(g.grad, torch.full_like(g, 2.0))
 
 
+@pytest.mark.parametrize("need_x, need_y", [(False, False), (True, False), (False, True), (True, True)])
+def test_the_backward_op_returns_no_aliased_outputs(triton_backend, need_x, need_y):
+    """Issue 14: with only a learned CFG scale asking for a gradient, axpby_backward returned one
+    empty tensor twice, which a custom op must not (PyTorch raises on the call)."""
+    go = torch.randn(4, 3, 5, 7, device=triton_backend)
+    w = torch.tensor([0.0, 1.0, 4.0, 7.5], device=triton_backend)
+    args = (go, 0.0, 0.0, w, need_x, need_y)
+    grad_x, grad_y = torch.ops.invdiff.axpby_backward(*args)
+    assert grad_x is not grad_y
+    # Empty tensors all have data_ptr 0, so compare the storage objects themselves.
+    assert grad_x.untyped_storage()._cdata != grad_y.untyped_storage()._cdata
+    if grad_x.numel() and grad_y.numel():
+        assert grad_x.untyped_storage().data_ptr() != grad_y.untyped_storage().data_ptr()
+    torch.library.opcheck(torch.ops.invdiff.axpby_backward, args)
+
+
+def test_a_learned_cfg_scale_alone_gets_its_gradient(triton_backend):
+    uncond = torch.randn(4, 3, 5, 7, device=triton_backend)
+    cond = torch.randn(4, 3, 5, 7, device=triton_backend)
+    w = torch.tensor([0.0, 1.0, 4.0, 7.5], device=triton_backend, requires_grad=True)
+    ops.cfg_combine(uncond, cond, w).sum().backward()
+    torch.testing.assert_close(w.grad, (cond - uncond).flatten(1).sum(1))
+
+
 def test_the_module_combine_goes_through_the_op(triton_backend, frozen_tiny_base, monkeypatch):
     """GuidanceModule.combine, which sampling calls, dispatches to the fused kernel."""
     from invdiff.kernels import guidance_combine as kernel

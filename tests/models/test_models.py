@@ -207,6 +207,60 @@ def test_frozen_base_round_trip_gives_identical_eps(frozen_tiny_base, tiny_base_
     assert again.scheduler.config.prediction_type == "v_prediction"
 
 
+def _eps_inputs(base, batch=3):
+    cfg = base.unet.config
+    x, t, _ = _inputs({"sample_size": cfg.sample_size, "in_channels": cfg.in_channels, "cross_attention_dim": 1}, batch=batch)
+    pid = torch.tensor([0, 5, base.conditioner.null_id][:batch])
+    return x, t, base.prompt_embeds(pid)
+
+
+def test_an_fp32_base_eps_is_the_plain_unet_call_bit_for_bit(frozen_tiny_base):
+    """eps's casts for a reduced-precision UNet are no-ops for an fp32 one: the demo's results
+    depend on the fp32 embedded path staying bit-identical."""
+    base = frozen_tiny_base
+    x, t, embeds = _eps_inputs(base)
+    with torch.no_grad():
+        out = base.eps(x, t, embeds)
+        plain = base.unet(x, t, embeds, class_labels=embeds[:, 0]).sample
+    assert out.dtype == torch.float32
+    assert torch.equal(out, plain)
+
+
+def test_a_bf16_embedded_base_runs_next_to_its_fp32_conditioner(frozen_tiny_base):
+    """Issue 14: benchmarks/e2e_models.py puts the UNet in bf16 and leaves the conditioner's table
+    in fp32; eps raised "mat1 and mat2 must have the same dtype". eps casts its inputs to the
+    UNet's dtype and returns fp32, as LatentDiffusionBase.eps; sampling and a min step run on it."""
+    from invdiff import ops
+    from invdiff.sampling import GuidedDenoiser, sample
+
+    base = frozen_tiny_base
+    x, t, embeds = _eps_inputs(base)
+    with torch.no_grad():
+        ref = base.eps(x, t, embeds)
+    base.unet.to(torch.bfloat16)
+    assert base.conditioner(torch.tensor([0])).dtype == torch.float32
+    with torch.no_grad():
+        out = base.eps(x, t, embeds)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() <= 0.1 * ref.abs().max()  # bf16 weights: close, not equal
+
+    torch.manual_seed(0)
+    g = GuidanceModule.from_frozen(base.unet.config, preset="tiny", ratio=2.0)
+    with torch.no_grad():
+        eps = base.eps(x, t, embeds)
+    gout = g(x, t, embeds, eps)
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    loss = ops.invariant_loss(eps, torch.randn_like(eps), weights, 1.0, g=gout, ratio=g.ratio)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in g.parameters() if p.requires_grad)
+
+    images = sample(GuidedDenoiser(base, g.eval()), torch.tensor([0, 5]), [0, 1], steps=2, progress=False)
+    assert images.shape == (2, *x.shape[1:])
+    assert torch.isfinite(images).all()
+
+
 def test_frozen_base_missing_folder_or_part(tiny_base_dir, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         FrozenBase.from_pretrained(str(tmp_path / "nowhere"))
