@@ -17,7 +17,6 @@ The tiny SD folder has random weights: step time does not depend on the weights.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import write_json  # noqa: E402
 from invdiff import training  # noqa: E402
 from invdiff.data import load_dataset  # noqa: E402
 from invdiff.environments import collect_losses  # noqa: E402
@@ -122,9 +122,7 @@ def main(argv=None):
           f"{result['step_ms']['disk']:.2f} ms/step ({result['step_ratio_disk_over_ram']:.3f}x); gather alone "
           f"{result['gather_ms']['ram']:.3f} vs {result['gather_ms']['disk']:.3f} ms ({result['gather_ratio_disk_over_ram']:.2f}x); "
           f"bank {result['bank_bytes']['ram'] / 2**20:.2f} MiB in RAM vs {result['bank_bytes']['disk'] / 2**20:.2f} MiB on disk")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return result
 
 

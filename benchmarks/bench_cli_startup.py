@@ -10,13 +10,16 @@ importing it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import write_json  # noqa: E402
 
 COMMANDS = {
     "python -c pass (floor)": [sys.executable, "-c", "pass"],
@@ -53,9 +56,7 @@ def main(argv=None) -> dict:
     result["help_vs_import_torch"] = help_s / result["commands"]["python -c 'import torch' (reference)"]["median_s"]
     print(f"invdiff --help: {help_s:.3f} s (target < 1 s: {'met' if help_s < 1.0 else 'MISSED'}); "
           f"{result['help_vs_import_torch']:.2f}x the time of importing torch")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return result
 
 

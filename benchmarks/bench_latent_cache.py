@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import write_json  # noqa: E402
 from invdiff import ops  # noqa: E402
 from invdiff.models.guidance import GuidanceModule  # noqa: E402
 from invdiff.models.sd import LatentDiffusionBase  # noqa: E402
@@ -122,9 +123,7 @@ def main(argv=None):
     print(f"min step, {result['config']} config, batch {batch}, {dtype} frozen parts, {result['device']}: "
           f"uncached {result['uncached_s_per_step'] * 1e3:.1f} ms/step, cached {result['cached_s_per_step'] * 1e3:.1f} ms/step "
           f"-> {result['speedup']:.2f}x with the cache")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return result
 
 

@@ -259,3 +259,10 @@ def measured_row(row: Dict, provider: str, device: str, setup: Callable[[], Tupl
         run, ideal = setup()
         row.update(measure(run, ideal, device))
     return row
+
+
+def write_json(path: Optional[str], result: Dict) -> None:
+    """Write a benchmark's result where --json asked (nothing when it was not given)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
