@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from invdiff.demo import shipped_base  # noqa: E402
-from invdiff.engine import Request, SamplingEngine  # noqa: E402
+from invdiff.sampling.engine import Request, SamplingEngine  # noqa: E402
 from invdiff.runs import load_model  # noqa: E402
 from invdiff.sampling import GuidedDenoiser, sample_unfused  # noqa: E402
 

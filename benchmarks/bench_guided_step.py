@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import DTYPES, Shape, bench_main, measure  # noqa: E402
 from invdiff import ops  # noqa: E402
-from invdiff.step_coeffs import guidance_columns, plan_steps  # noqa: E402
+from invdiff.sampling.step_coeffs import guidance_columns, plan_steps  # noqa: E402
 
 PROVIDERS = ("eager-chain", "reference", "fused")
 RATIO, STRENGTH, SCALE, STEPS = 2.0, 1.0, 2.0, 50

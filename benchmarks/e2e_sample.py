@@ -63,7 +63,7 @@ def main(argv=None):
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     from benchmarks.bench_engine import run_poisson
-    from invdiff.engine import Request
+    from invdiff.sampling.engine import Request
     from invdiff.sampling import GuidedDenoiser, sample
 
     device = args.device

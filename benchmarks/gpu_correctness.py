@@ -53,7 +53,7 @@ def run_case(op, dtype, batch, groups, ratio, device, size):
             ref = lambda p, tt, gg, ww: reference.invariant_loss(p, tt, ww, 1.0, g=gg, ratio=ratio)  # noqa: E731
         compare_to_reference(fast, ref, [x, t, y, w], grad_output=torch.tensor(1.3, device=device, dtype=torch.float64))
     elif op == "guided_step":  # invdiff._C's CUDA path, every input present, random coefficients
-        from invdiff.step_coeffs import NUM_COEFFS
+        from invdiff.sampling.step_coeffs import NUM_COEFFS
         from tests.utils import assert_close_to_ref, rounding_atol
 
         os.environ["INVDIFF_BACKEND"] = "cpp"

@@ -69,7 +69,7 @@ GuidedStepArgs checked_args(const at::Tensor& x, const c10::optional<at::Tensor>
   TORCH_CHECK(coeffs.scalar_type() == at::kFloat && coeffs.dim() == 2 && coeffs.size(0) == x.size(0) &&
                   coeffs.size(1) == NUM_COEFFS && coeffs.is_contiguous(),
               "guided_step: coeffs must be a contiguous float32 (B, ", static_cast<int>(NUM_COEFFS),
-              ") table with B = ", x.size(0), " (build it with invdiff.step_coeffs), got ", describe(coeffs));
+              ") table with B = ", x.size(0), " (build it with invdiff.sampling.step_coeffs), got ", describe(coeffs));
   TORCH_CHECK(coeffs.device() == x.device(), "guided_step: coeffs is on ", coeffs.device(), " but x is on ", x.device());
 
   GuidedStepArgs a;

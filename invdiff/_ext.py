@@ -33,7 +33,7 @@ def build_metadata() -> dict:
 
 def load_extension(importer: Callable[[str], object] = importlib.import_module) -> Tuple[Optional[object], str]:
     """(module, "") if invdiff._C is usable, else (None, reason). Warns once with the reason."""
-    from .step_coeffs import NUM_COEFFS, Col
+    from .ops.reference import NUM_COEFFS, Col
 
     module, reason = None, ""
     try:
@@ -51,7 +51,7 @@ def load_extension(importer: Callable[[str], object] = importlib.import_module) 
             reason = (f"invdiff._C was built against torch {info['torch_version']} but torch "
                       f"{torch.__version__} is installed; rebuild with pip install --no-build-isolation -e .")
         elif info["num_coeffs"] != NUM_COEFFS or layout != {c.name: int(c) for c in Col}:
-            reason = "invdiff._C's coefficient layout differs from invdiff.step_coeffs; rebuild the extension"
+            reason = "invdiff._C's coefficient layout differs from invdiff.ops.reference.Col; rebuild the extension"
         if reason:
             module = None
     if reason:

@@ -122,12 +122,6 @@ def _data_spec(args) -> Dict:
     return spec
 
 
-def prompt_dirname(prompt: str) -> str:
-    """A filesystem-safe folder name for a prompt ("digit 3" -> "digit_3")."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", prompt).strip("._")
-    return name or "prompt"
-
-
 def cmd_train_base(args) -> None:
     check_output_path(args.out)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
@@ -220,7 +214,7 @@ def cmd_sample(args) -> None:
     if args.prompts:
         if args.prompt:
             raise ValueError("give --prompt or --prompts FILE, not both")
-        from .sample_job import run_sample_job
+        from .sampling.job import run_sample_job
 
         summary = run_sample_job(
             args.model, args.prompts, args.out, num=args.num, seed=args.seed, steps=args.steps,
@@ -262,6 +256,7 @@ def cmd_sample(args) -> None:
     from .report import save_png, to_uint8
     from .runs import load_model
     from .sampling import GuidedDenoiser, prompts_to_ids, sample
+    from .sampling.job import prompt_dirname
 
     base, guidance = load_model(args.model, args.base)
     prompts = [p for p in args.prompt for _ in range(args.num)]
@@ -303,7 +298,7 @@ def cmd_evaluate(args) -> None:
     from .io import atomic_write_json
     from .metrics import evaluate_samples, load_digit_classifier
     from .quality import quality_report
-    from .sample_job import load_samples  # a plain sample folder (manifest.json) or a job (manifest.jsonl)
+    from .sampling.job import load_samples  # a plain sample folder (manifest.json) or a job (manifest.jsonl)
 
     images, prompts = load_samples(args.images)
     digit_prompts = [re.fullmatch(r"digit (\d)", p) for p in prompts]
@@ -431,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention backend of the frozen UNet")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); the images are written all at once")
     p.add_argument("--prompts", default=None,
-                   help="a .txt or .jsonl prompts file: a sharded, resumable job with manifest.jsonl (see sample_job.py)")
+                   help="a .txt or .jsonl prompts file: a sharded, resumable job with manifest.jsonl (see invdiff/sampling/job.py)")
     p.add_argument("--resume", action="store_true", help="--prompts jobs: keep the finished images, sample the rest")
     p.add_argument("--batch-size", type=positive_int, default=64, help="engine slots (images sampled together)")
     p.add_argument("--num", type=positive_int, default=8, help="images per prompt")

@@ -308,7 +308,7 @@ def sampling_size(path: str, height: Optional[int] = None, width: Optional[int] 
     sample_size times the VAE's downsampling factor). A size that is not a multiple of that factor
     is a ValueError. A path that is no model folder is passed through for load_model to name."""
     from .models.sd import is_sd_folder, vae_downsampling_factor
-    from .sampling import check_image_size
+    from .sampling.spec import check_image_size
 
     if refers_to_base(path):  # the run records its VAE factor: its base need not be found (or read) yet
         meta = read_json(os.path.join(path, RUN_META), "run metadata")

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from invdiff.engine import Request, SamplingEngine
+from invdiff.sampling.engine import Request, SamplingEngine
 from invdiff.models.guidance import GuidanceModule
 from invdiff.sampling import GuidedDenoiser, sample, sample_unfused
 

@@ -1,4 +1,4 @@
-"""invdiff.sample_job: bad prompts files, damaged job state and unknown prompts are clear errors
+"""invdiff.sampling.job: bad prompts files, damaged job state and unknown prompts are clear errors
 raised before any file is written or any image sampled; `load_samples` reads both manifest formats.
 """
 from __future__ import annotations
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from invdiff import sample_job
+from invdiff.sampling import job as sample_job
 from invdiff.data.base import DataError
 from invdiff.io import CheckpointError
 from invdiff.models.conditioner import UnknownPromptError
-from invdiff.sample_job import LOG_DIR, MANIFEST, load_samples, read_prompts, run_sample_job
+from invdiff.sampling.job import LOG_DIR, MANIFEST, load_samples, read_prompts, run_sample_job
 
 GOOD_LINE = '{"prompt": "digit 1"}'
 
@@ -199,12 +199,12 @@ def test_a_torn_last_log_line_is_resampled_and_resuming_appends_cleanly(finished
 
 
 def test_an_unknown_prompt_leaves_nothing_behind(tmp_path, tiny_base_dir, monkeypatch):
-    import invdiff.engine
+    import invdiff.sampling.engine
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before every prompt was checked")
 
-    monkeypatch.setattr(invdiff.engine.SamplingEngine, "step", no_sampling)
+    monkeypatch.setattr(invdiff.sampling.engine.SamplingEngine, "step", no_sampling)
     prompts = _write(tmp_path / "prompts.txt", "digit 1\ndigit 42\n")
     out = tmp_path / "out"
     with pytest.raises(UnknownPromptError, match="digit 42"):

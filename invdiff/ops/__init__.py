@@ -247,7 +247,7 @@ def guided_step(
     update, with per-sample coefficients (samples may sit at different timesteps and scales).
 
     x, eps_uncond, eps_cond, g_uncond, g_cond, noise, out: (B, C, H, W) of one dtype;
-    coeffs: (B, 16) float32 from `invdiff.step_coeffs` (plan_steps + guidance_columns).
+    coeffs: (B, 16) float32 from `invdiff.sampling.step_coeffs` (plan_steps + guidance_columns).
     eps_uncond=None: no CFG; g_*=None: no guidance module; noise=None: no noise term.
     Returns x_prev (B, C, H, W), written into `out` when given (which may be x itself).
     """

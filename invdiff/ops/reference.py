@@ -6,6 +6,7 @@ tolerance of tests/utils.py.
 """
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import NamedTuple, Tuple
 
 import torch
@@ -149,10 +150,29 @@ def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale) -> torch.Tensor
     return uncond + scale * (cond - uncond)
 
 
+# The guided step's per-sample coefficient table: one row of NUM_COEFFS float32 per sample.
+# invdiff.sampling.step_coeffs fills it from a scheduler; the layout mirrors csrc/guided_step.h.
+class Col(IntEnum):
+    C_EPS = 0
+    C_G = 1
+    CFG_SCALE = 2
+    X0_FROM_X = 3
+    X0_FROM_M = 4
+    CLIP = 5
+    EPS_FROM_X = 6
+    EPS_FROM_M = 7
+    EPS_FROM_X0 = 8
+    PREV_FROM_X0 = 9
+    PREV_FROM_EPS = 10
+    PREV_FROM_X = 11
+    NOISE_SCALE = 12
+
+
+NUM_COEFFS = 16  # padded to 64 bytes a row, as in csrc/guided_step.h
+
+
 def check_guided_step_args(x, eps_uncond, eps_cond, g_uncond, g_cond, coeffs, noise=None, out=None) -> None:
     """The checks every guided_step backend shares, as ValueErrors that name the fix."""
-    from ..step_coeffs import NUM_COEFFS
-
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"guided_step: x must be (B, ...) with B >= 1, got {tuple(x.shape)}")
     named = {"eps_uncond": eps_uncond, "eps_cond": eps_cond, "g_uncond": g_uncond, "g_cond": g_cond, "noise": noise, "out": out}
@@ -171,7 +191,7 @@ def check_guided_step_args(x, eps_uncond, eps_cond, g_uncond, g_cond, coeffs, no
         raise ValueError("guided_step: with eps_uncond (CFG) and g_cond, pass g_uncond too: G guides both branches")
     if coeffs.ndim != 2 or coeffs.shape != (x.shape[0], NUM_COEFFS) or coeffs.dtype != torch.float32:
         raise ValueError(
-            f"guided_step: coeffs must be a float32 ({x.shape[0]}, {NUM_COEFFS}) table from invdiff.step_coeffs, "
+            f"guided_step: coeffs must be a float32 ({x.shape[0]}, {NUM_COEFFS}) table from invdiff.sampling.step_coeffs, "
             f"got {coeffs.dtype} {tuple(coeffs.shape)}"
         )
     if coeffs.device != x.device:
@@ -188,15 +208,13 @@ def guided_step(
     noise: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One guided sampling step from a per-sample coefficient table (invdiff.step_coeffs).
+    """One guided sampling step from a per-sample coefficient table (invdiff.sampling.step_coeffs).
 
     x, eps_*, g_*, noise: (B, C, H, W); coeffs: (B, 16) float32. Optional inputs are None:
     no eps_uncond means no classifier-free guidance, no g_* means no guidance module, no noise
     means NOISE_SCALE is ignored; `out` (x's shape and dtype, may be x itself) receives the
     result. Math in fp32 (fp64 for fp64 inputs); returns x's dtype.
     """
-    from ..step_coeffs import Col
-
     acc = torch.promote_types(x.dtype, torch.float32)
     c = coeffs.to(acc).view(coeffs.shape[0], coeffs.shape[1], *([1] * (x.ndim - 1)))
 

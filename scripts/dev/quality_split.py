@@ -8,7 +8,7 @@ from invdiff.sampling import GuidedDenoiser, sample
 from invdiff.metrics import load_digit_classifier, predict_color, frechet_distance
 data = _Data(SETTINGS["colors2_p0.9"], 16, 0, tempfile.mkdtemp())
 clf = load_digit_classifier()
-import os, invdiff.step_coeffs as sc, invdiff.engine as en
+import os, invdiff.sampling.step_coeffs as sc, invdiff.sampling.engine as en
 if os.environ.get("ETA_BELOW"):
     eb, tb = float(os.environ["ETA_BELOW"]), int(os.environ.get("T_BELOW", "800"))
     orig = sc.plan_steps

@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from invdiff import _ext, ops
 from invdiff.ops import BackendError, reference
-from invdiff.step_coeffs import NUM_COEFFS, Col, UnsupportedScheduler, guidance_columns, plan_steps
+from invdiff.sampling.step_coeffs import NUM_COEFFS, Col, UnsupportedScheduler, guidance_columns, plan_steps
 from tests.utils import assert_close_to_ref, rounding_atol
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -19,29 +19,12 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Optional
 
 import torch
 
-
-class Col(IntEnum):
-    C_EPS = 0
-    C_G = 1
-    CFG_SCALE = 2
-    X0_FROM_X = 3
-    X0_FROM_M = 4
-    CLIP = 5
-    EPS_FROM_X = 6
-    EPS_FROM_M = 7
-    EPS_FROM_X0 = 8
-    PREV_FROM_X0 = 9
-    PREV_FROM_EPS = 10
-    PREV_FROM_X = 11
-    NOISE_SCALE = 12
-
-
-NUM_COEFFS = 16  # padded to 64 bytes a row, as in csrc/guided_step.h
+# The coefficient table's layout belongs to the guided-step op (its reference and csrc/guided_step.h).
+from ..ops.reference import NUM_COEFFS, Col, combine_coefficients  # noqa: F401 (re-exported)
 
 # Prediction types diffusers' schedulers accept, with what they call the clean-sample one.
 _SAMPLE_TYPES = ("sample", "original_sample")
@@ -189,8 +172,6 @@ def guidance_columns(coeffs: torch.Tensor, ratio: Optional[float], strength: flo
     frozen model (0) to the trained combination (1) and beyond; guidance_scale: float or (B,).
     With (a, b) = combine_coefficients(r): m = eps + s*((a*eps + b*g) - eps).
     """
-    from .ops.reference import combine_coefficients
-
     if ratio is None or strength == 0.0:
         coeffs[:, Col.C_EPS], coeffs[:, Col.C_G] = 1.0, 0.0
     else:

@@ -30,8 +30,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .data.base import DataError
-from .io import CheckpointError, atomic_write_text, path_inside, read_json
+from ..data.base import DataError
+from ..io import CheckpointError, atomic_write_text, path_inside, read_json
 
 JOB_FILE = "job.json"
 MANIFEST = "manifest.jsonl"
@@ -92,11 +92,16 @@ def _line_settings(row, where: str, num: int, guidance_scale: float) -> Tuple[in
     return n, line_seed, float(scale)
 
 
+def prompt_dirname(prompt: str) -> str:
+    """A filesystem-safe folder name for a prompt ("digit 3" -> "digit_3")."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", prompt).strip("._")
+    return name or "prompt"
+
+
 def read_prompts(path: str, num: int, seed: int, guidance_scale: float) -> List[Item]:
     """Items from a prompts file; a line's own num/seed/guidance_scale override the defaults.
     Seeds without a line seed continue one counter from `seed`, so they never repeat.
     A bad line is a DataError naming the file and line, bad defaults a ValueError."""
-    from .cli import prompt_dirname
 
     _check_defaults(num, seed, guidance_scale)
     if not os.path.isfile(path):
@@ -244,13 +249,13 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
     """Run (or resume) the job on this rank's share of the items. Returns a summary. height, width:
     the images' size in pixels (None: the size the run trained at, else the model's native size;
     runs.sampling_size). base_dir: a run's base model at a new place (runs.load_model)."""
-    from .distributed import barrier, init_from_env
+    from ..distributed import barrier, init_from_env
+    from ..io import atomic_write_json
+    from ..models.sd import set_attention
+    from ..report import save_png, to_uint8
+    from ..runs import load_model, sampling_size
     from .engine import Request, SamplingEngine
-    from .io import atomic_write_json
-    from .models.sd import set_attention
-    from .report import save_png, to_uint8
-    from .runs import load_model, sampling_size
-    from .sampling import GuidedDenoiser, below_band_eta
+    from .sampler import GuidedDenoiser, below_band_eta
 
     rank, world = init_from_env()
     items = read_prompts(prompts_file, num, seed, guidance_scale)

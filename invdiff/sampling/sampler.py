@@ -4,7 +4,7 @@ Guidance is a model wrapper (k-diffusion style), not a fork of a pipeline: `Guid
 returns eps_tilde = combine(eps_theta, G_psi; r) and is used for both the conditional and the
 unconditional branch; classifier-free guidance is applied on top of the two eps_tilde.
 
-`sample` runs the continuous-batching engine (engine.py) with the fused guided step;
+`sample` runs the continuous-batching engine (sampling/engine.py) with the fused guided step;
 `sample_unfused` is the plain loop over `scheduler.step`, kept as the oracle the engine is
 tested against and as the eager baseline of the benchmarks.
 """
@@ -13,55 +13,14 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-)
+from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from .models.base import FrozenBase
-from .models.guidance import GuidanceModule, in_band
-from .ops import cfg_combine
-
-SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "dpm": DPMSolverMultistepScheduler,
-}
-
-
-def make_scheduler(name: str, base_config):
-    """A sampling scheduler of kind `name` built from the base model's training scheduler config."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(base_config)
-
-
-def check_image_size(pixels: int, factor: int, name: str = "height") -> None:
-    """A sampled image's height or width must be a whole number of latent cells (`factor` pixels
-    each, the VAE's downsampling factor; 1 in pixel space): ValueError otherwise."""
-    if pixels < 1 or pixels % factor:
-        nearest = max(factor, pixels // factor * factor)
-        raise ValueError(f"{name} {pixels} is not a multiple of the VAE's downsampling factor {factor}; "
-                         f"use a multiple of {factor} (e.g. {nearest})")
-
-
-def latent_shape(base: FrozenBase, height: Optional[int] = None, width: Optional[int] = None) -> Tuple[int, int, int]:
-    """(C, h, w) of the sample the sampler draws for height x width pixel images: divided by the
-    VAE's factor for a latent base, as is in pixel space. None: the UNet's native sample_size."""
-    cfg = base.unet.config
-    factor = getattr(base, "vae_factor", 1)
-    sizes = []
-    for name, pixels in (("height", height), ("width", width)):
-        if pixels is None:
-            sizes.append(int(cfg.sample_size))
-        else:
-            check_image_size(int(pixels), factor, name)
-            sizes.append(int(pixels) // factor)
-    return (int(cfg.in_channels), *sizes)
+from ..models.base import FrozenBase
+from ..models.guidance import GuidanceModule, in_band
+from ..ops import cfg_combine
+from .engine import Request, SamplingEngine
+from .spec import latent_shape, make_scheduler
 
 
 class GuidedDenoiser(torch.nn.Module):
@@ -164,8 +123,6 @@ def sample(
     band_start / eta_below: DDIM runs with `eta` at t >= band_start (where the attribute is
     decided; default: the band recorded in G's config, 0 without G) and with `eta_below`
     (default STOCHASTIC_BELOW_BAND when there is a band) under it. See `below_band_eta`."""
-    from .engine import Request, SamplingEngine
-
     if len(seeds) != prompt_ids.numel():
         raise ValueError(f"{len(seeds)} seeds for {prompt_ids.numel()} prompts")
     if steps < 1:

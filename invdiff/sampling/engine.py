@@ -21,7 +21,8 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from . import ops
+from .. import ops
+from .spec import latent_shape, make_scheduler
 from .step_coeffs import NUM_COEFFS, StepPlan, UnsupportedScheduler, guidance_columns, plan_steps
 
 
@@ -60,8 +61,6 @@ class SamplingEngine:
 
     def __init__(self, denoiser, scheduler="ddim", max_batch: int = 64, device=None, eta: float = 0.0, dtype=None, postprocess=None,
                  eta_below: Optional[float] = None, t_switch: int = 0, height: Optional[int] = None, width: Optional[int] = None):
-        from .sampling import latent_shape, make_scheduler
-
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.denoiser = denoiser
