@@ -119,7 +119,11 @@ setup(
         "triton": ["triton>=3.0"],
         "lora": ["peft>=0.10"],  # the LoRA kind of G_psi
         "xformers": ["xformers"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0", "peft>=0.10"],
+        # `invdiff serve`: the engine behind an HTTP service; `--ray`: Ray Serve replicas of it.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20"],
+        "ray": ["ray[serve]>=2.60"],  # 2.60: late-bound ingress (__serve_build_asgi_app__)
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0", "peft>=0.10",
+                 "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client>=0.20", "ray[serve]>=2.60", "httpx"],
     },
     entry_points={"console_scripts": ["invdiff=invdiff.cli:main"]},
 )

@@ -338,6 +338,40 @@ def cmd_demo(args) -> None:
              cached_only=args.cached_only)
 
 
+def cmd_serve(args) -> None:
+    """The engine behind an HTTP service (invdiff/sampling/service.py), or Ray Serve replicas of it."""
+    check_model_path(args.model, "--model")
+    if args.base is not None:
+        check_model_path(args.base, "--base")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if not args.ray and (args.replicas != 1 or args.gpus_per_replica is not None):
+        raise ValueError("--replicas and --gpus-per-replica apply to --ray")
+    import importlib.util
+
+    needed = ["fastapi", "uvicorn", "prometheus_client"] + (["ray"] if args.ray else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        extra = "serve,ray" if args.ray else "serve"
+        raise ValueError(f"{', '.join(missing)} not installed; pip install 'invdiff[{extra}]'")
+    from .sampling.service import ServeSettings
+
+    settings = ServeSettings(model=args.model, base=args.base, device=args.device, max_batch=args.max_batch,
+                             max_queue=args.max_queue, max_images_per_request=args.max_images_per_request,
+                             attention=args.attention, frozen_dtype=args.frozen_dtype, eta_below_band=args.eta_below_band,
+                             drain_seconds=args.drain_seconds)
+    if args.ray:
+        from .sampling.ray_serve import run
+
+        run(settings, args.replicas, args.host, args.port, args.gpus_per_replica)
+        return
+    from .sampling.service import serve
+
+    serve(settings, args.host, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import AGGREGATIONS, MAX_STEP_METHODS, RECIPES, DebiasConfig
 
@@ -456,6 +490,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", default=None, help="local CLIP folder (CLIPModel + CLIPProcessor) for CLIP-T; else skipped")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (continuous batching; Ray Serve with --ray)")
+    p.add_argument("--model", required=True, help="any model folder `invdiff sample` takes")
+    p.add_argument("--base", default=None, help="a Stable Diffusion run's base model at a new place (as for sample)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=nonnegative_int, default=8000, help="port to listen on")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="engine slots: images sampled together")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="images waiting for a slot; beyond it requests get 429")
+    p.add_argument("--max-images-per-request", type=positive_int, default=16, help="largest num one request may ask for")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (None: cuda if available)")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention backend of the frozen UNet")
+    p.add_argument("--frozen-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the frozen UNet (G stays fp32)")
+    p.add_argument("--eta-below-band", type=finite_float, default=None, help="as for sample")
+    p.add_argument("--drain-seconds", type=finite_float, default=30.0,
+                   help="on SIGTERM, finish in-flight requests for at most this long")
+    p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (starts Ray, or joins RAY_ADDRESS)")
+    p.add_argument("--replicas", type=positive_int, default=1, help="--ray: replicas (one per GPU)")
+    p.add_argument("--gpus-per-replica", type=finite_float, default=None, help="--ray: GPUs per replica (None: 1 on CUDA, else 0)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="debias the shipped p=0.9 base model and report")
     p.add_argument("--out", default="demo_out", help="folder for the report, plots and cached cells")

@@ -342,13 +342,24 @@ def sampling_size(path: str, height: Optional[int] = None, width: Optional[int] 
     return height, width
 
 
-def load_model(path: str, base: Optional[str] = None) -> Tuple[FrozenBase, Optional[GuidanceModule]]:
+def load_model(path: str, base: Optional[str] = None, frozen_dtype: str = "fp32") -> Tuple[FrozenBase, Optional[GuidanceModule]]:
     """(frozen base, G_psi or None) from: an invdiff base folder, a debias run folder, a Stable
     Diffusion folder, or an InvDiffPipeline folder (a --copy-base SD run folder is one). An SD run
     folder that refers to its base loads it from where it was, or from `base` (the base moved),
-    after checking its content hash (models/base_reference.py)."""
+    after checking its content hash (models/base_reference.py). frozen_dtype (fp32 | bf16 | fp16):
+    the frozen parts' dtype (an SD base is read in it; an embedded base's UNet is cast); G stays
+    in its own dtype."""
+    if frozen_dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"frozen_dtype must be fp32, bf16 or fp16, got {frozen_dtype!r}")
     from .models.base_reference import resolve_base
     from .models.sd import LatentDiffusionBase, is_sd_folder
+
+    if frozen_dtype != "fp32" and not (is_sd_folder(path) or refers_to_base(path)):
+        # An embedded base is small and stored in fp32: load it so, then cast the frozen UNet (and
+        # with it any LoRA adapters on it: sampling is inference only).
+        frozen, guidance = load_model(path, base)
+        frozen.unet.to({"bf16": torch.bfloat16, "fp16": torch.float16}[frozen_dtype])
+        return frozen, guidance
 
     def guidance_at(folder, frozen_unet):
         if not os.path.isdir(folder):
@@ -365,13 +376,13 @@ def load_model(path: str, base: Optional[str] = None) -> Tuple[FrozenBase, Optio
                          "(base=, invdiff sample --base) applies only to those")
     if refers_to_base(path):
         source, revision = resolve_base(path, base)
-        frozen = LatentDiffusionBase.from_pretrained(source, revision=revision).freeze()
+        frozen = LatentDiffusionBase.from_pretrained(source, dtype=frozen_dtype, revision=revision).freeze()
         guidance = guidance_at(os.path.join(path, "guidance"), frozen.unet)
         if guidance is None:
             raise CheckpointError(f"run folder {path!r} has no guidance/ (G_psi)")
         return frozen, guidance
     if is_sd_folder(path):
-        base = LatentDiffusionBase.from_pretrained(path).freeze()
+        base = LatentDiffusionBase.from_pretrained(path, dtype=frozen_dtype).freeze()
         return base, guidance_at(os.path.join(path, "guidance"), base.unet)
     if os.path.isfile(os.path.join(path, RUN_META)):
         base = FrozenBase.from_pretrained(os.path.join(path, "base"))

@@ -1,0 +1,75 @@
+"""The `invdiff serve` app as a Ray Serve deployment: one replica per GPU, Ray's proxy routes.
+
+    invdiff serve --model DIR --ray --replicas 4            # starts or joins Ray, serves on :8000
+    serve run invdiff.sampling.ray_serve:app_builder model=DIR replicas=4   # the same, by Ray's CLI
+
+Each replica is the same FastAPI app as `invdiff serve` (service.create_app), built on the replica
+after its model is loaded (Ray Serve's late-bound ingress), with its own engine worker; Ray Serve
+spreads requests over the replicas and scales them. Nothing here routes requests itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional
+
+from .service import EngineWorker, Metrics, ServeSettings, create_app
+
+
+def deployment(settings: ServeSettings, replicas: int = 1, gpus_per_replica: Optional[float] = None,
+               cpus_per_replica: float = 1.0, max_ongoing_requests: Optional[int] = None):
+    """A bound Ray Serve application of `replicas` copies of the service.
+
+    gpus_per_replica: None = 1 when the settings' device is CUDA (or unset and Ray sees GPUs),
+    else 0. max_ongoing_requests: the requests Ray sends one replica at once (None: the
+    replica's slots plus its queue, so that overload reaches the replica's own 429)."""
+    from ray import serve
+
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1, got {replicas}")
+    if gpus_per_replica is None:
+        gpus_per_replica = 1.0 if (settings.device or "").startswith("cuda") else 0.0
+    ongoing = max_ongoing_requests or settings.max_batch + settings.max_queue
+
+    @serve.ingress()
+    class InvDiffReplica:
+        def __init__(self, fields: Dict):
+            self.settings = ServeSettings(**fields)
+            self.worker = EngineWorker(self.settings, Metrics(self.settings.max_batch))
+            self.worker.load()
+
+        def __serve_build_asgi_app__(self):
+            return create_app(self.settings, self.worker)
+
+    options = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
+    replica = serve.deployment(InvDiffReplica, name="invdiff", num_replicas=replicas, ray_actor_options=options,
+                               max_ongoing_requests=ongoing, graceful_shutdown_timeout_s=settings.drain_seconds)
+    return replica.bind(dataclasses.asdict(settings))
+
+
+def app_builder(args: Dict[str, str]):
+    """For `serve run invdiff.sampling.ray_serve:app_builder model=DIR replicas=N max_batch=16 ...`."""
+    args = dict(args)
+    replicas = int(args.pop("replicas", 1))
+    gpus = args.pop("gpus_per_replica", None)
+    cpus = float(args.pop("cpus_per_replica", 1.0))
+    fields = {f.name: f.type for f in dataclasses.fields(ServeSettings)}
+    unknown = sorted(set(args) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown}; known: replicas, gpus_per_replica, cpus_per_replica, {sorted(fields)}")
+    casts = {"max_batch": int, "max_queue": int, "max_images_per_request": int, "drain_seconds": float, "eta_below_band": float}
+    settings = ServeSettings(**{k: casts.get(k, str)(v) for k, v in args.items()})
+    return deployment(settings, replicas, float(gpus) if gpus is not None else None, cpus)
+
+
+def run(settings: ServeSettings, replicas: int, host: str = "127.0.0.1", port: int = 8000,
+        gpus_per_replica: Optional[float] = None, cpus_per_replica: float = 1.0, blocking: bool = True):
+    """Start (or join, with RAY_ADDRESS) a Ray cluster and serve on host:port until interrupted."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    handle = serve.run(deployment(settings, replicas, gpus_per_replica, cpus_per_replica), name="invdiff",
+                       route_prefix="/", blocking=blocking)
+    return handle

@@ -1,0 +1,322 @@
+"""`invdiff serve` (invdiff/sampling/service.py): endpoints, bad input, overload, cancellation,
+worker failures, SIGTERM draining, determinism against `invdiff sample`, and Ray Serve.
+
+Servers are real: uvicorn on 127.0.0.1 (in a thread, or the CLI in a subprocess), driven by httpx.
+"""
+import base64
+import contextlib
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from invdiff.cli import main
+from invdiff.sampling.service import EngineWorker, Metrics, ServeSettings, create_app
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A debias run folder (frozen base + G_psi) on 8-pixel digits, and its base folder."""
+    root = tmp_path_factory.mktemp("serve")
+    base, run = str(root / "base"), str(root / "run")
+    data = ["--resolution", "8"]
+    assert main(["train-base", *data, "--steps", "3", "--out", base]) == 0
+    assert main(["debias", "--base", base, *data, "--out", run, "--groups", "2", "--steps", "2", "--batch-size", "16",
+                 "--loss-timesteps", "2", "--loss-draws", "1", "--max-step-steps", "5"]) == 0
+    return run, base
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(settings: ServeSettings):
+    """uvicorn serving create_app(settings) in a thread; yields (base url, the engine worker)."""
+    import uvicorn
+
+    worker = EngineWorker(settings, Metrics(settings.max_batch))
+    worker.load()
+    app = create_app(settings, worker)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    wait_ready(url)
+    try:
+        yield url, worker
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the server did not shut down"
+
+
+def wait_ready(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} was not ready within {timeout} s")
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout} s")
+
+
+def decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+# ------------------------------------------------------------------ endpoints and determinism
+def test_endpoints_and_the_same_pixels_as_invdiff_sample(tiny_run, tmp_path):
+    run, _ = tiny_run
+    request = {"prompt": "digit 3", "num": 3, "seed": 11, "steps": 4, "guidance_scale": 2.0, "strength": 1.0}
+    out = str(tmp_path / "cli")
+    assert main(["sample", "--model", run, "--prompt", "digit 3", "--num", "3", "--seed", "11", "--steps", "4",
+                 "--guidance-scale", "2", "--out", out]) == 0
+    expected = [decode(open(os.path.join(out, "digit_3", f"{k:04d}.png"), "rb").read()) for k in range(3)]
+
+    with running_server(ServeSettings(model=run, max_batch=2)) as (url, _):
+        assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
+        ready = httpx.get(f"{url}/readyz").json()
+        assert ready["status"] == "ready" and ready["device"] == "cpu"
+        reply = httpx.post(f"{url}/v1/images", json=request, timeout=60)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert [im["seed"] for im in body["images"]] == [11, 12, 13]
+        got = [decode(base64.b64decode(im["b64_json"])) for im in body["images"]]
+        for a, b in zip(got, expected):  # 2 slots for 3 images: batching does not change an image
+            np.testing.assert_array_equal(a, b)
+        png = httpx.post(f"{url}/v1/images", json={**request, "num": 1, "response_format": "png"}, timeout=60)
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.headers["x-seed"] == "11"
+        np.testing.assert_array_equal(decode(png.content), expected[0])
+        drawn = httpx.post(f"{url}/v1/images", json={"prompt": "digit 1", "steps": 2}, timeout=60).json()
+        assert isinstance(drawn["seed"], int)  # no seed given: one is drawn and reported
+        text = httpx.get(f"{url}/metrics").text
+        for name in ("invdiff_queue_depth", "invdiff_slots_occupied", "invdiff_slots_total", "invdiff_images_per_second",
+                     "invdiff_images_total", "invdiff_request_latency_seconds_bucket", "invdiff_queue_wait_seconds_bucket",
+                     "invdiff_step_seconds_bucket", 'invdiff_requests_total{status="200"}'):
+            assert name in text, name
+        assert metric(url, "invdiff_images_total") == 5
+        assert metric(url, "invdiff_slots_total") == 2
+        assert metric(url, "invdiff_request_latency_seconds_count") == 3
+
+
+def test_a_stable_diffusion_folder_serves_any_prompt(tiny_sd):
+    with running_server(ServeSettings(model=tiny_sd, max_batch=2)) as (url, _):
+        reply = httpx.post(f"{url}/v1/images", json={"prompt": "a red bicycle", "num": 2, "seed": 0, "steps": 2}, timeout=120)
+        assert reply.status_code == 200, reply.text
+        image = decode(base64.b64decode(reply.json()["images"][0]["b64_json"]))
+        assert image.dtype == np.uint8 and image.shape[2] == 3
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("change, words", [
+    ({"prompt": "a cat"}, "unknown prompt 'a cat'"),
+    ({"steps": 0}, "steps: Input should be greater than or equal to 1"),
+    ({"steps": 5000}, "steps: Input should be less than or equal to 1000"),
+    ({"num": 0}, "num: Input should be greater than or equal to 1"),
+    ({"num": 9}, "num: Input should be less than or equal to 8"),  # oversized: over --max-images-per-request
+    ({"guidance_scale": -1}, "guidance_scale: Input should be greater than or equal to 0"),
+    ({"guidance_scale": 1e9}, "guidance_scale: Input should be less than or equal to 50"),
+    ({"strength": "strong"}, "strength: Input should be a valid number"),
+    ({"scheduler": "lms"}, "scheduler: Input should be 'ddim', 'ddpm', 'dpm' or 'euler'"),
+    ({"response_format": "png", "num": 2}, "response_format 'png' returns one image"),
+    ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+    ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+])
+def test_bad_input_is_422_with_a_message_to_act_on(tiny_run, change, words):
+    run, _ = tiny_run
+    with running_server(ServeSettings(model=run, max_images_per_request=8, max_queue=8)) as (url, worker):
+        reply = httpx.post(f"{url}/v1/images", json={"prompt": "digit 3", "steps": 2, **change}, timeout=30)
+        assert reply.status_code == 422
+        assert words in reply.json()["detail"], reply.json()
+        assert worker.queue_depth() == 0 and metric(url, 'invdiff_requests_total{status="422"}') == 1
+
+
+def test_nan_is_422():
+    # JSON has no NaN, but Python's encoder writes one; the model refuses it rather than sampling NaNs.
+    from invdiff.sampling.service import _request_model
+
+    model = _request_model(ServeSettings(model="unused"))
+    with pytest.raises(ValueError, match="finite number"):
+        model.model_validate_json('{"prompt": "digit 3", "guidance_scale": NaN}')
+
+
+def test_bad_settings_fail_before_the_model_loads(tiny_run, capsys):
+    run, _ = tiny_run
+    assert main(["serve", "--model", "/no/such/model"]) == 2
+    assert "--model '/no/such/model' does not exist" in capsys.readouterr().err
+    assert main(["serve", "--model", run, "--replicas", "2"]) == 2
+    assert "--replicas and --gpus-per-replica apply to --ray" in capsys.readouterr().err
+    assert main(["serve", "--model", run, "--max-queue", "4", "--max-images-per-request", "8"]) == 2
+    assert "cannot exceed max_queue" in capsys.readouterr().err
+    assert main(["serve", "--model", run, "--device", "gpu"]) == 2
+    assert "--device must be cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ overload, cancellation, failures
+def _post_in_background(url, body, timeout):
+    """POST in a thread; returns (thread, results list that receives the status or the exception)."""
+    results = []
+
+    def go():
+        try:
+            results.append(httpx.post(f"{url}/v1/images", json=body, timeout=timeout).status_code)
+        except httpx.HTTPError as exc:
+            results.append(exc)
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    return thread, results
+
+
+def test_a_full_queue_is_429_with_retry_after_and_accepted_requests_finish(tiny_run):
+    run, _ = tiny_run
+    settings = ServeSettings(model=run, max_batch=1, max_queue=2, max_images_per_request=2)
+    with running_server(settings) as (url, worker):
+        long = {"prompt": "digit 3", "num": 2, "steps": 60, "seed": 0}
+        first, first_result = _post_in_background(url, long, timeout=120)  # one image in the slot, one waiting
+        wait_for(lambda: metric(url, "invdiff_slots_occupied") == 1, what="the first image in its slot")
+        second, second_result = _post_in_background(url, {"prompt": "digit 4", "num": 1, "steps": 2, "seed": 0}, timeout=120)
+        wait_for(lambda: worker.queue_depth() == 2, what="two images waiting")
+        refused = httpx.post(f"{url}/v1/images", json={"prompt": "digit 5", "num": 1, "steps": 2}, timeout=30)
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) >= 1
+        assert "queue is full" in refused.json()["detail"]
+        first.join(), second.join()
+        assert first_result == [200] and second_result == [200]  # accepted work is never dropped
+        assert worker.queue_depth() == 0
+
+
+def test_a_client_that_goes_away_frees_its_slots(tiny_run):
+    run, _ = tiny_run
+    with running_server(ServeSettings(model=run, max_batch=4)) as (url, worker):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/images", json={"prompt": "digit 3", "num": 4, "steps": 1000, "seed": 0}, timeout=1.0)
+        wait_for(lambda: metric(url, "invdiff_slots_occupied") == 0 and worker.queue_depth() == 0,
+                 timeout=10, what="the slots freed")
+        engine = worker._engines[("ddim", 1.0)]
+        done = engine.slot_steps
+        assert done < 4 * 1000  # stopped well before the images finished
+        time.sleep(0.3)
+        assert engine.slot_steps == done  # and nothing samples them any more
+        assert httpx.post(f"{url}/v1/images", json={"prompt": "digit 3", "steps": 2}, timeout=30).status_code == 200
+
+
+def test_a_worker_exception_is_500_for_its_requests_and_the_service_keeps_serving(tiny_run):
+    run, _ = tiny_run
+    with running_server(ServeSettings(model=run)) as (url, worker):
+        base = worker.base
+        poisoned = int(base.conditioner.prompt_ids(["digit 9"])[0])
+        original = base.prompt_embeds
+
+        def failing_embeds(ids):  # a device error while digit 9 is in the batch
+            if bool((ids == poisoned).any()):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return original(ids)
+
+        base.prompt_embeds = failing_embeds
+        reply = httpx.post(f"{url}/v1/images", json={"prompt": "digit 9", "num": 2, "steps": 3}, timeout=30)
+        assert reply.status_code == 500
+        assert "sampling failed in the worker: RuntimeError: CUDA error: an illegal memory access" in reply.json()["detail"]
+        assert httpx.post(f"{url}/v1/images", json={"prompt": "digit 2", "num": 2, "steps": 3}, timeout=30).status_code == 200
+        assert metric(url, "invdiff_slots_occupied") == 0 and worker.queue_depth() == 0
+        assert metric(url, 'invdiff_requests_total{status="500"}') == 1
+
+
+# ------------------------------------------------------------------ SIGTERM
+def test_sigterm_drains_in_flight_requests(tiny_run):
+    run, _ = tiny_run
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "invdiff.cli", "serve", "--model", run, "--port", str(port), "--max-batch", "2",
+                             "--drain-seconds", "60"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url)
+        thread, result = _post_in_background(url, {"prompt": "digit 3", "num": 2, "steps": 300, "seed": 0}, timeout=120)
+        wait_for(lambda: metric(url, "invdiff_slots_occupied") == 2, what="the request sampling")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):  # no new connections while it drains
+            httpx.get(f"{url}/healthz", timeout=2)
+        thread.join(timeout=120)
+        assert result == [200]  # the in-flight request finished
+        # uvicorn re-raises the signal once it has drained, so the exit status says SIGTERM ended it.
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log = proc.stdout.read()
+    assert "Waiting for connections to close" in log and "Application shutdown complete" in log, log
+
+
+# ------------------------------------------------------------------ Ray Serve
+def test_ray_serve_two_replicas_on_local_ray(tiny_run):
+    run, _ = tiny_run
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from invdiff.sampling.ray_serve import deployment
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(deployment(ServeSettings(model=run, device="cpu", max_batch=4), replicas=2, cpus_per_replica=0.5),
+                  name="invdiff", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, timeout=120)
+        status = serve.status().applications["invdiff"].deployments["invdiff"]
+        assert status.replica_states.get("RUNNING") == 2
+        body = {"prompt": "digit 3", "num": 1, "seed": 4, "steps": 2}
+        results = []
+
+        def call():
+            results.append(httpx.post(f"{url}/v1/images", json=body, timeout=120))
+
+        threads = [threading.Thread(target=call) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in results] == [200] * 16
+        images = {r.json()["images"][0]["b64_json"] for r in results}
+        assert len(images) == 1  # the same request gives the same image on every replica
+        assert len({r.headers["x-served-by"] for r in results}) == 2  # Ray spread them over both replicas
+        assert httpx.post(f"{url}/v1/images", json={**body, "prompt": "a cat"}, timeout=60).status_code == 422
+    finally:
+        serve.shutdown()
+        ray.shutdown()
