@@ -4,7 +4,9 @@ combine(eps, g; r) = a*eps + b*g with (a, b) = (1-r, r) for r <= 1 and (1, r) fo
 classifier-free-guidance form uncond + w*(cond - uncond) = (1-w)*uncond + w*cond, with w a float
 or one value per sample. Both are the same memory-bound "a*x + b*y" over (B, D) rows: one kernel
 reads x and y once and writes the result once; the backward reads grad_out once and writes
-grad_x and grad_y in the same pass. Arithmetic is fp32 whatever the storage dtype.
+grad_x and grad_y in the same pass. Arithmetic is fp32 whatever the storage dtype. The grid is
+(rows, programs per row), each program one BLOCK of a row, or several in a loop for rows past
+65535 blocks (CUDA's cap on grid dimension 1; utils.row_grid).
 
 The plain-PyTorch oracle is invdiff.ops.reference.guidance_combine / cfg_combine.
 """
@@ -18,7 +20,8 @@ import triton.language as tl
 
 from invdiff.ops.reference import combine_coefficients
 
-from .utils import TUNING, as_rows, emulate_bf16_rounding, next_power_of_2, store_value
+from . import utils  # row_grid, launch_device: looked up per call, so that tests can patch them
+from .utils import TUNING, as_rows, emulate_bf16_rounding, store_value
 
 
 @triton.jit
@@ -35,42 +38,43 @@ def _row_coefficients(row_weight_ptr, row, a, b, HAS_ROW_WEIGHT: tl.constexpr):
 @triton.jit
 def _axpby_fwd_kernel(
     x_ptr, y_ptr, out_ptr, row_weight_ptr,
-    D, stride_x, stride_y,
+    D, chunk, stride_x, stride_y,
     a, b,
     HAS_ROW_WEIGHT: tl.constexpr, BF16_RTNE: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # Grid (rows, cdiv(D, chunk)); chunk is one BLOCK unless that would put more than
+    # MAX_GRID_DIM programs on dimension 1 (utils.row_grid), when each program loops.
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < D
+    start = tl.program_id(1) * chunk
     coef_x, coef_y = _row_coefficients(row_weight_ptr, row, a, b, HAS_ROW_WEIGHT)
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-    out = coef_x * x + coef_y * y
-    tl.store(out_ptr + row * D + cols, store_value(out, out_ptr, BF16_RTNE), mask=mask)
+    for offset in range(0, chunk, BLOCK):
+        cols = start + offset + tl.arange(0, BLOCK)
+        mask = cols < D
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+        out = coef_x * x + coef_y * y
+        tl.store(out_ptr + row * D + cols, store_value(out, out_ptr, BF16_RTNE), mask=mask)
 
 
 @triton.jit
 def _axpby_bwd_kernel(
     grad_out_ptr, grad_x_ptr, grad_y_ptr, row_weight_ptr,
-    D, stride_go,
+    D, chunk, stride_go,
     a, b,
     HAS_ROW_WEIGHT: tl.constexpr, WRITE_X: tl.constexpr, WRITE_Y: tl.constexpr, BF16_RTNE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < D
+    start = tl.program_id(1) * chunk  # as in the forward
     coef_x, coef_y = _row_coefficients(row_weight_ptr, row, a, b, HAS_ROW_WEIGHT)
-    go = tl.load(grad_out_ptr + row * stride_go + cols, mask=mask, other=0.0).to(tl.float32)
-    if WRITE_X:
-        tl.store(grad_x_ptr + row * D + cols, store_value(coef_x * go, grad_x_ptr, BF16_RTNE), mask=mask)
-    if WRITE_Y:
-        tl.store(grad_y_ptr + row * D + cols, store_value(coef_y * go, grad_y_ptr, BF16_RTNE), mask=mask)
-
-
-def _grid(rows: int, length: int) -> Tuple[Tuple[int, int], int]:
-    block = max(16, min(TUNING["block"], next_power_of_2(length)))
-    return (rows, triton.cdiv(length, block)), block
+    for offset in range(0, chunk, BLOCK):
+        cols = start + offset + tl.arange(0, BLOCK)
+        mask = cols < D
+        go = tl.load(grad_out_ptr + row * stride_go + cols, mask=mask, other=0.0).to(tl.float32)
+        if WRITE_X:
+            tl.store(grad_x_ptr + row * D + cols, store_value(coef_x * go, grad_x_ptr, BF16_RTNE), mask=mask)
+        if WRITE_Y:
+            tl.store(grad_y_ptr + row * D + cols, store_value(coef_y * go, grad_y_ptr, BF16_RTNE), mask=mask)
 
 
 def _row_weight_arg(row_weight: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -86,13 +90,14 @@ def axpby(x: torch.Tensor, y: torch.Tensor, a: float, b: float, row_weight: Opti
     rows, length = x_rows.shape
     out = torch.empty((rows, length), dtype=x.dtype, device=x.device)
     if out.numel():
-        grid, block = _grid(rows, length)
-        _axpby_fwd_kernel[grid](
-            x_rows, y_rows, out, _row_weight_arg(row_weight, out),
-            length, stride_x, stride_y, float(a), float(b),
-            HAS_ROW_WEIGHT=row_weight is not None, BF16_RTNE=emulate_bf16_rounding(out.dtype), BLOCK=block,
-            num_warps=TUNING["num_warps"],
-        )
+        grid, block, chunk = utils.row_grid(rows, length)
+        with utils.launch_device(out):
+            _axpby_fwd_kernel[grid](
+                x_rows, y_rows, out, _row_weight_arg(row_weight, out),
+                length, chunk, stride_x, stride_y, float(a), float(b),
+                HAS_ROW_WEIGHT=row_weight is not None, BF16_RTNE=emulate_bf16_rounding(out.dtype), BLOCK=block,
+                num_warps=TUNING["num_warps"],
+            )
     return out.view(x.shape)
 
 
@@ -117,14 +122,15 @@ def axpby_backward(
 
     grad_x, grad_y = output(need_x), output(need_y)
     if (need_x or need_y) and grad_out.numel():
-        grid, block = _grid(rows, length)
-        _axpby_bwd_kernel[grid](
-            go_rows, grad_x if need_x else go_rows, grad_y if need_y else go_rows, _row_weight_arg(row_weight, go_rows),
-            length, stride_go, float(a), float(b),
-            HAS_ROW_WEIGHT=row_weight is not None, WRITE_X=need_x, WRITE_Y=need_y,
-            BF16_RTNE=emulate_bf16_rounding(grad_out.dtype), BLOCK=block,
-            num_warps=TUNING["num_warps"],
-        )
+        grid, block, chunk = utils.row_grid(rows, length)
+        with utils.launch_device(grad_out):
+            _axpby_bwd_kernel[grid](
+                go_rows, grad_x if need_x else go_rows, grad_y if need_y else go_rows, _row_weight_arg(row_weight, go_rows),
+                length, chunk, stride_go, float(a), float(b),
+                HAS_ROW_WEIGHT=row_weight is not None, WRITE_X=need_x, WRITE_Y=need_y,
+                BF16_RTNE=emulate_bf16_rounding(grad_out.dtype), BLOCK=block,
+                num_warps=TUNING["num_warps"],
+            )
     return grad_x, grad_y
 
 

@@ -6,18 +6,29 @@
     L_e         = mean_k R_k + lam * Var_k R_k     (unbiased; the mean alone for one group)
 
 The work is memory-bound, so the kernels are built around the bytes:
-- forward, pass 1 (`_sq_partial_kernel`, grid (B, splits)): reads pred, g and target once and
-  writes one fp32 partial sum of squares per (sample, split). The split keeps a small batch of
-  large samples (B=1 at 4x64x64) spread over the GPU.
-- forward, pass 2 (`_group_kernel`, one program): the tiny K-dimensional algebra. It sums the
-  partials into l_i, forms the group sums, drops empty groups, and writes L_e together with the
-  per-sample chain-rule coefficient c_i = dL_e/dl_i = sum_k W_ik (dL/dR_k) / sum_j W_jk.
-- backward (`_grad_kernel`, grid (B, splits)): reads pred, g and target once more, recomputes
+- forward (`_sq_partial_kernel`, grid (B, splits): rows on grid dimension 0, splits <= 128 on
+  dimension 1): reads pred, g and target once and writes one fp32 partial sum of squares per
+  (sample, split). The split keeps a small batch of large samples (B=1 at 4x64x64) spread over
+  the GPU. A second, one-program launch (`_group_kernel`) does the tiny K-dimensional algebra
+  (`_group_body`): it sums the partials into l_i, forms the group sums,
+  drops empty groups, and writes L_e together with the per-sample chain-rule coefficient
+  c_i = dL_e/dl_i = sum_k W_ik (dL/dR_k) / sum_j W_jk. With TUNING["fuse_group"] on, the last
+  program of pass 1 to finish (an atomic ticket on a zeroed int32 counter) does it instead, so the
+  forward is one launch (plus the counter's 4-byte fill): same arithmetic, bitwise the same
+  results. It is off by default until a GPU run has checked its memory ordering.
+- backward (`_grad_kernel`, the forward's grid): reads pred, g and target once more, recomputes
   the residual instead of having stored it, and writes
       grad_g = grad_out * c_i * 2 (eps_tilde_i - target_i) / D * b
   (and grad_pred with a, grad_target with -1, only where autograd asks for them).
-Total traffic for forward + backward with g: 6 reads and 1 write of a B x D tensor, plus O(B*K).
-Everything accumulates in fp32; the partial sums make the result deterministic (no atomics).
+Traffic for forward + backward with g, in passes over a B x D tensor (plus O(B*K)):
+- this design: 3 reads forward, 3 reads + 1 write backward: 7 passes.
+- the minimum: 3 reads forward and 1 write (grad_g) backward, 4 passes, is out of reach with
+  autograd's separate forward and backward, since the backward needs the residual and c_i needs
+  the whole batch's forward. Keeping the residual from the forward reaches 3R + 1W forward and
+  1R + 1W backward: 6 passes, at the cost of a B x D tensor held between the two. Not done yet.
+Everything accumulates in fp32, and the partials are summed in a fixed order by one program, so
+the result is deterministic (the one atomic only elects that program). No op reads a value back
+to the host, so a training step can be captured in one CUDA graph.
 
 The plain-PyTorch oracle is invdiff.ops.reference.invariant_loss(_with_stats).
 """
@@ -31,6 +42,7 @@ import triton.language as tl
 
 from invdiff.ops.reference import InvariantLossStats, check_invariant_loss_args, combine_coefficients
 
+from . import utils  # launch_device through the module, so that tests can spy on the guard
 from .utils import TUNING, as_rows, emulate_bf16_rounding, next_power_of_2, split_plan, store_value
 
 
@@ -39,7 +51,12 @@ def _sq_partial_kernel(
     pred_ptr, g_ptr, target_ptr, partial_ptr,
     D, chunk, n_splits, stride_pred, stride_g, stride_target,
     a, b,
-    HAS_G: tl.constexpr, BLOCK: tl.constexpr,
+    # The group reduction, run by the last program to finish when FUSE_GROUP (see _group_body).
+    counter_ptr, weight_ptr,
+    loss_ptr, per_sample_ptr, risk_ptr, weight_sum_ptr, group_coeff_ptr, coeff_ptr,
+    B, K, stride_wb, stride_wk, inv_D, lam,
+    HAS_G: tl.constexpr, BLOCK: tl.constexpr, FUSE_GROUP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -56,6 +73,19 @@ def _sq_partial_kernel(
         r = p - t
         acc += r * r
     tl.store(partial_ptr + row * n_splits + split, tl.sum(acc, axis=0))
+    if FUSE_GROUP:
+        # The last program to arrive does the group reduction (the CUDA threadFenceReduction
+        # pattern): every thread's stores are issued before the barrier, one thread's acq_rel
+        # atomic at GPU scope publishes this program's partial and, in the last program, makes
+        # every other program's visible; the barrier after it extends that to all its threads,
+        # which then read the partials past L1 (.cg). The counter is zeroed per launch.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        if ticket == B * n_splits - 1:
+            _group_body(partial_ptr, weight_ptr,
+                        loss_ptr, per_sample_ptr, risk_ptr, weight_sum_ptr, group_coeff_ptr, coeff_ptr,
+                        B, K, n_splits, stride_wb, stride_wk, inv_D, lam, BLOCK_B, BLOCK_S, BLOCK_K)
 
 
 @triton.jit
@@ -66,6 +96,22 @@ def _group_kernel(
     inv_D, lam,
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """The group reduction as its own one-program launch (TUNING["fuse_group"] off)."""
+    _group_body(partial_ptr, weight_ptr,
+                loss_ptr, per_sample_ptr, risk_ptr, weight_sum_ptr, group_coeff_ptr, coeff_ptr,
+                B, K, n_splits, stride_wb, stride_wk, inv_D, lam, BLOCK_B, BLOCK_S, BLOCK_K)
+
+
+@triton.jit
+def _group_body(
+    partial_ptr, weight_ptr,
+    loss_ptr, per_sample_ptr, risk_ptr, weight_sum_ptr, group_coeff_ptr, coeff_ptr,
+    B, K, n_splits, stride_wb, stride_wk,
+    inv_D, lam,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program: partials (B, n_splits) -> l_i, the K group risks, L_e and the chain-rule
+    coefficients. It sums the partials in a fixed order, so the result is deterministic."""
     ks = tl.arange(0, BLOCK_K)
     k_mask = ks < K
     ss = tl.arange(0, BLOCK_S)
@@ -75,7 +121,7 @@ def _group_kernel(
         bs = b0 + tl.arange(0, BLOCK_B)
         b_mask = bs < B
         part = tl.load(partial_ptr + bs[:, None] * n_splits + ss[None, :],
-                       mask=b_mask[:, None] & (ss[None, :] < n_splits), other=0.0)
+                       mask=b_mask[:, None] & (ss[None, :] < n_splits), other=0.0, cache_modifier=".cg")
         loss_i = tl.sum(part, axis=1) * inv_D
         tl.store(per_sample_ptr + bs, loss_i, mask=b_mask)
         w = tl.load(weight_ptr + bs[:, None] * stride_wb + ks[None, :] * stride_wk,
@@ -154,11 +200,6 @@ def invariant_loss_fwd(
     plan = split_plan(rows, length, pred.device)
     f32 = dict(dtype=torch.float32, device=pred.device)
     partial = torch.empty((rows, plan.splits), **f32)
-    _sq_partial_kernel[(rows, plan.splits)](
-        pred_rows, g_rows, target_rows, partial,
-        length, plan.chunk, plan.splits, stride_pred, stride_g, stride_target, float(a), float(b),
-        HAS_G=g is not None, BLOCK=plan.block, num_warps=plan.num_warps,
-    )
     loss = torch.empty((), **f32)
     per_sample = torch.empty(rows, **f32)
     coeff = torch.empty(rows, **f32)
@@ -166,11 +207,27 @@ def invariant_loss_fwd(
     block_k = next_power_of_2(n_groups)
     block_s = next_power_of_2(plan.splits)
     block_b = max(1, min(next_power_of_2(rows), TUNING["group_tile"] // max(block_k, block_s)))
-    _group_kernel[(1,)](
-        partial, weights, loss, per_sample, risks, weight_sums, group_coeff, coeff,
-        rows, n_groups, plan.splits, weights.stride(0), weights.stride(1), 1.0 / length, float(lam),
-        BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=block_k, num_warps=4,
-    )
+    fuse = bool(TUNING["fuse_group"])
+    # The last-program ticket. A fresh zeroed counter per call, not a cached self-resetting one,
+    # so that concurrent streams and CUDA-graph capture need no special care.
+    counter = torch.zeros(1, dtype=torch.int32, device=pred.device) if fuse else partial
+    group_outputs = (loss, per_sample, risks, weight_sums, group_coeff, coeff)
+    with utils.launch_device(pred):
+        # Rows on grid dimension 0, splits (<= min(max_splits, MAX_GRID_DIM)) on dimension 1.
+        _sq_partial_kernel[(rows, plan.splits)](
+            pred_rows, g_rows, target_rows, partial,
+            length, plan.chunk, plan.splits, stride_pred, stride_g, stride_target, float(a), float(b),
+            counter, weights, *group_outputs,
+            rows, n_groups, weights.stride(0), weights.stride(1), 1.0 / length, float(lam),
+            HAS_G=g is not None, BLOCK=plan.block, FUSE_GROUP=fuse,
+            BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=block_k, num_warps=plan.num_warps,
+        )
+        if not fuse:
+            _group_kernel[(1,)](
+                partial, weights, *group_outputs,
+                rows, n_groups, plan.splits, weights.stride(0), weights.stride(1), 1.0 / length, float(lam),
+                BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=block_k, num_warps=4,
+            )
     return loss, per_sample, risks, weight_sums, coeff, group_coeff
 
 
@@ -203,14 +260,16 @@ def invariant_loss_bwd(
     grad_target = grad_like(target, need_target)
     write_g = need_g and g is not None
     if need_pred or write_g or need_target:
-        _grad_kernel[(rows, plan.splits)](
-            pred_rows, g_rows, target_rows, coeff, grad_loss.to(torch.float32).reshape(()),
-            grad_pred if need_pred else pred_rows, grad_g if write_g else pred_rows,
-            grad_target if need_target else pred_rows,
-            length, plan.chunk, stride_pred, stride_g, stride_target, float(a), float(b), 2.0 / length,
-            HAS_G=g is not None, WRITE_PRED=need_pred, WRITE_G=write_g, WRITE_TARGET=need_target,
-            BF16_RTNE=emulate_bf16_rounding(pred.dtype), BLOCK=plan.block, num_warps=plan.num_warps,
-        )
+        grad_loss = grad_loss.to(torch.float32).reshape(())
+        with utils.launch_device(pred):
+            _grad_kernel[(rows, plan.splits)](  # the forward's (rows, splits) grid
+                pred_rows, g_rows, target_rows, coeff, grad_loss,
+                grad_pred if need_pred else pred_rows, grad_g if write_g else pred_rows,
+                grad_target if need_target else pred_rows,
+                length, plan.chunk, stride_pred, stride_g, stride_target, float(a), float(b), 2.0 / length,
+                HAS_G=g is not None, WRITE_PRED=need_pred, WRITE_G=write_g, WRITE_TARGET=need_target,
+                BF16_RTNE=emulate_bf16_rounding(pred.dtype), BLOCK=plan.block, num_warps=plan.num_warps,
+            )
     return grad_pred, grad_g, grad_target
 
 

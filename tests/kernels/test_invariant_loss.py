@@ -101,6 +101,27 @@ def test_split_reduction_and_looping_group_kernel(triton_backend, tuning, case):
     compare_to_reference(fast, ref, [pred, target, g, weights], name=f"split/{case}")
 
 
+@pytest.mark.parametrize("case", ["non_pow2_D", "batch_of_1", "empty_group_in_batch", "one_group"])
+def test_the_group_reduction_in_the_last_program_equals_its_own_launch(triton_backend, tuning, case):
+    """The forward's group reduction runs in whichever pass-1 program takes the last ticket
+    (fuse_group, the default) or as a second launch: the same arithmetic in the same order, so
+    bitwise the same loss, statistics and gradients, and the second path still matches the
+    reference."""
+    tuning(block=16, interpreter_programs=64, group_tile=4)
+    pred, target, g, weights, lam, ratio = _case_inputs(case, torch.float32, triton_backend)
+    results = []
+    for fuse in (True, False):
+        tuning(fuse_group=fuse)
+        g.grad = pred.grad = None
+        stats = ops.invariant_loss_with_stats(pred, target, weights, lam, g=g, ratio=ratio)
+        stats.loss.backward()
+        results.append([t.detach().clone() for t in stats] + [g.grad.clone(), pred.grad.clone()])
+    for fused, launched in zip(*results):
+        assert torch.equal(fused, launched)
+    fast, ref = _loss_fns(lam, ratio)
+    compare_to_reference(fast, ref, [pred, target, g, weights], name=f"group kernel/{case}")
+
+
 def test_non_contiguous_inputs(triton_backend):
     """A strided batch slice (used in place) and a channels-last tensor (copied) give the same
     loss and gradients as their contiguous copies."""
