@@ -132,15 +132,33 @@ def test_endpoints_and_the_same_pixels_as_invdiff_sample(tiny_run, tmp_path):
         assert metric(url, "invdiff_request_latency_seconds_count") == 3
 
 
-def test_a_stable_diffusion_folder_serves_any_prompt(tiny_sd):
-    with running_server(ServeSettings(model=tiny_sd, max_batch=2)) as (url, _):
-        reply = httpx.post(f"{url}/v1/images", json={"prompt": "a red bicycle", "num": 2, "seed": 0, "steps": 2}, timeout=120)
-        assert reply.status_code == 200, reply.text
-        image = decode(base64.b64decode(reply.json()["images"][0]["b64_json"]))
-        assert image.dtype == np.uint8 and image.shape[2] == 3
+def test_a_stable_diffusion_folder_serves_any_prompt_and_bounds_its_prompt_table(tiny_sd, monkeypatch):
+    from invdiff.sampling import service
+
+    monkeypatch.setattr(service, "PROMPT_TABLE_LIMIT", 2)
+    with running_server(ServeSettings(model=tiny_sd, max_batch=2)) as (url, worker):
+        def image(prompt):
+            reply = httpx.post(f"{url}/v1/images", json={"prompt": prompt, "num": 1, "seed": 3, "steps": 2}, timeout=120)
+            assert reply.status_code == 200, reply.text
+            return decode(base64.b64decode(reply.json()["images"][0]["b64_json"]))
+
+        first = image("a red bicycle")
+        assert first.dtype == np.uint8 and first.shape[2] == 3
+        for prompt in ("a blue car", "a green boat", "a yellow kite"):
+            image(prompt)
+        conditioner = worker.base.conditioner
+        wait_for(lambda: len(conditioner.prompts) <= 2, what="the idle worker resetting its prompt table")
+        np.testing.assert_array_equal(image("a red bicycle"), first)  # a fresh id, the same image
 
 
 # ------------------------------------------------------------------ bad input
+@pytest.fixture(scope="module")
+def strict_server(tiny_run):
+    """One server for every bad-input case: at most 8 images per request."""
+    with running_server(ServeSettings(model=tiny_run[0], max_images_per_request=8, max_queue=8)) as served:
+        yield served
+
+
 @pytest.mark.parametrize("change, words", [
     ({"prompt": "a cat"}, "unknown prompt 'a cat'"),
     ({"steps": 0}, "steps: Input should be greater than or equal to 1"),
@@ -155,13 +173,13 @@ def test_a_stable_diffusion_folder_serves_any_prompt(tiny_sd):
     ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
     ({"colour": "red"}, "colour: Extra inputs are not permitted"),
 ])
-def test_bad_input_is_422_with_a_message_to_act_on(tiny_run, change, words):
-    run, _ = tiny_run
-    with running_server(ServeSettings(model=run, max_images_per_request=8, max_queue=8)) as (url, worker):
-        reply = httpx.post(f"{url}/v1/images", json={"prompt": "digit 3", "steps": 2, **change}, timeout=30)
-        assert reply.status_code == 422
-        assert words in reply.json()["detail"], reply.json()
-        assert worker.queue_depth() == 0 and metric(url, 'invdiff_requests_total{status="422"}') == 1
+def test_bad_input_is_422_with_a_message_to_act_on(strict_server, change, words):
+    url, worker = strict_server
+    refused = metric(url, 'invdiff_requests_total{status="422"}') if "422" in httpx.get(f"{url}/metrics").text else 0
+    reply = httpx.post(f"{url}/v1/images", json={"prompt": "digit 3", "steps": 2, **change}, timeout=30)
+    assert reply.status_code == 422
+    assert words in reply.json()["detail"], reply.json()
+    assert worker.queue_depth() == 0 and metric(url, 'invdiff_requests_total{status="422"}') == refused + 1
 
 
 def test_nan_is_422():

@@ -82,6 +82,8 @@ class TextConditioner(torch.nn.Module):
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self._prompts: List[str] = []
+        self._index: Dict[str, int] = {}
+        self._rows: Dict[str, torch.Tensor] = {}  # (L, D) per prompt, "" (the null prompt) included
         self._table: Optional[torch.Tensor] = None
         self.add_prompts(prompts)
 
@@ -94,15 +96,22 @@ class TextConditioner(torch.nn.Module):
         return len(self._prompts)
 
     def add_prompts(self, prompts: Sequence[str]) -> None:
-        new = [p for p in dict.fromkeys(prompts) if p not in self._prompts]
+        new = [p for p in dict.fromkeys(prompts) if p not in self._index]
         if new:
-            self._prompts.extend(new)
-            self._table = None  # re-encoded on next use (the null row moves to the end)
+            for p in new:
+                self._index[p] = len(self._prompts)
+                self._prompts.append(p)
+            self._table = None  # rebuilt on next use (the null row moves to the end)
+
+    def reset_prompts(self) -> None:
+        """Forget every registered prompt (ids are handed out afresh). A long-running service
+        calls this when no sample holds an id, so that its table does not grow without bound."""
+        self._prompts, self._index, self._rows, self._table = [], {}, {}, None
 
     def prompt_ids(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompt strings -> (B,) int64 ids, registering prompts not seen before."""
         self.add_prompts(prompts)
-        return torch.tensor([self._prompts.index(p) for p in prompts], dtype=torch.long)
+        return torch.tensor([self._index[p] for p in prompts], dtype=torch.long)
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
@@ -114,8 +123,17 @@ class TextConditioner(torch.nn.Module):
         return self.text_encoder(tokens.input_ids.to(device))[0]
 
     def table(self) -> torch.Tensor:
+        """(P + 1, L, D): the registered prompts' embeddings, then the null prompt's.
+
+        Each prompt is encoded on its own, once: a prompt's row then does not depend on which
+        prompts came before it or with it (a batched GEMM may round differently at another batch
+        size), so a service that registers prompts one request at a time gives the same images as
+        `invdiff sample` with all of them, and a new prompt costs one encoder call, not P."""
         if self._table is None:
-            self._table = self.encode(self._prompts + [""])
+            for p in self._prompts + [""]:
+                if p not in self._rows:
+                    self._rows[p] = self.encode([p])[0]
+            self._table = torch.stack([self._rows[p] for p in self._prompts + [""]])
         return self._table
 
     def forward(self, prompt_ids: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit seeds; image i us
 MAX_STEPS = 1000
 MAX_GUIDANCE_SCALE = 50.0
 MAX_STRENGTH = 10.0
+PROMPT_TABLE_LIMIT = 4096  # prompts a text-encoder model's table holds before it is reset when idle
 
 
 class ServiceError(Exception):
@@ -236,6 +237,8 @@ class EngineWorker:
         self.ready.set()
         while True:
             busy = any(e.pending or e.active for e in self._engines.values())
+            if not busy:
+                self._trim_prompt_table()
             self._drain_inbox(block=not busy)
             if self._stop.is_set() and (not self._jobs or time.perf_counter() >= self._deadline):
                 break
@@ -244,6 +247,13 @@ class EngineWorker:
                     self._step(key, engine)
         for job in list(self._jobs.values()):
             self._fail(job, ServiceError(503, "the server shut down before this request finished"))
+
+    def _trim_prompt_table(self) -> None:
+        # A text encoder's table keeps one (L, D) row per prompt ever asked for (118 KB in fp16 at
+        # SD 1.5's 77 x 768). When no sample holds a prompt id, ids can be handed out afresh.
+        conditioner = self.base.conditioner if self.base is not None else None
+        if hasattr(conditioner, "reset_prompts") and len(conditioner.prompts) > PROMPT_TABLE_LIMIT:
+            conditioner.reset_prompts()
 
     def _warm_up(self) -> None:
         # One 1-step image through the default engine: loads kernels (Triton, the C++ step) and

@@ -31,8 +31,10 @@ def test_loads_and_runs_in_latent_space(tiny_sd):
     assert base.decode_latents(latents).shape == (3, 3, 16, 16)
 
 
-def test_text_encoder_runs_once_per_prompt_set(tiny_sd):
-    """The text embeddings are a frozen feature: encoded once, then looked up."""
+def test_text_encoder_runs_once_per_prompt(tiny_sd):
+    """The text embeddings are a frozen feature: each prompt is encoded once, then looked up, and
+    a prompt's row does not depend on the prompts registered before it (the service registers
+    them one request at a time, `invdiff sample` all at once)."""
     base = LatentDiffusionBase.from_pretrained(tiny_sd)
     calls = []
     base.text_encoder.register_forward_hook(lambda *a: calls.append(1))
@@ -40,9 +42,17 @@ def test_text_encoder_runs_once_per_prompt_set(tiny_sd):
     for _ in range(5):
         base.prompt_embeds(ids)
         base.prompt_embeds(torch.full_like(ids, base.conditioner.null_id))
-    assert len(calls) == 1
+    assert len(calls) == 3  # two prompts and the null prompt
+    new = base.conditioner.prompt_ids(["a green square"])
+    base.prompt_embeds(new)
+    assert len(calls) == 4  # a new prompt costs one encoder call, not a re-encoding of the table
     direct = base.conditioner.encode(["a blue square"])
     torch.testing.assert_close(base.prompt_embeds(ids[1:]), direct)
+    other = LatentDiffusionBase.from_pretrained(tiny_sd)
+    alone = other.prompt_embeds(other.conditioner.prompt_ids(["a blue square"]))
+    assert torch.equal(alone, base.prompt_embeds(ids[1:]))
+    base.conditioner.reset_prompts()
+    assert base.conditioner.null_id == 0 and base.conditioner.prompts == []
 
 
 def test_frozen_parts_in_bf16_give_fp32_predictions(tiny_sd):
