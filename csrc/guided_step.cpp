@@ -27,23 +27,28 @@ std::string describe(const at::Tensor& t) {
   return s.str();
 }
 
+// Shape, device and contiguity of every image tensor against x. Dtypes are checked per group
+// (state: x, noise, out; model outputs: eps_*, g_*) by checked_args.
 void check_image(const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.sizes() == x.sizes(), "guided_step: ", name, " has shape ", t.sizes(), " but x has ", x.sizes(),
               "; every image tensor must have x's shape");
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "guided_step: ", name, " is ", t.scalar_type(), " but x is ",
-              x.scalar_type(), "; pass every image tensor in x's dtype");
   TORCH_CHECK(t.device() == x.device(), "guided_step: ", name, " is on ", t.device(), " but x is on ", x.device());
   TORCH_CHECK(t.is_contiguous(), "guided_step: ", name, " is not contiguous (strides ", t.strides(),
               "); call .contiguous() first: the fused step reads each tensor as one flat array");
 }
 
-DType dtype_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
+void check_dtype(const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref, const char* group) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "guided_step: ", name, " is ", t.scalar_type(), " but ", ref_name,
+              " is ", ref.scalar_type(), "; pass ", group, " in one dtype");
+}
+
+DType dtype_of(const char* name, const at::Tensor& t) {
+  switch (t.scalar_type()) {
     case at::kFloat: return DType::Float32;
     case at::kHalf: return DType::Float16;
     case at::kBFloat16: return DType::BFloat16;
     default:
-      TORCH_CHECK(false, "guided_step: x is ", x.scalar_type(),
+      TORCH_CHECK(false, "guided_step: ", name, " is ", t.scalar_type(),
                   "; supported dtypes are float32, float16 and bfloat16 (the math is fp32 for all)");
   }
   return DType::Float32;
@@ -53,7 +58,7 @@ GuidedStepArgs checked_args(const at::Tensor& x, const c10::optional<at::Tensor>
                             const c10::optional<at::Tensor>& g_uncond, const c10::optional<at::Tensor>& g_cond,
                             const at::Tensor& coeffs, const c10::optional<at::Tensor>& noise, const at::Tensor& out) {
   TORCH_CHECK(x.dim() >= 1 && x.size(0) >= 1, "guided_step: x must be (B, ...) with B >= 1, got ", x.sizes());
-  const DType dtype = dtype_of(x);
+  const DType dtype = dtype_of("x", x);
   TORCH_CHECK(x.is_contiguous(), "guided_step: x is not contiguous (strides ", x.strides(),
               "); call .contiguous() first: the fused step reads each tensor as one flat array");
   check_image("eps_cond", eps_cond, x);
@@ -62,6 +67,18 @@ GuidedStepArgs checked_args(const at::Tensor& x, const c10::optional<at::Tensor>
   if (g_uncond) check_image("g_uncond", *g_uncond, x);
   if (noise) check_image("noise", *noise, x);
   check_image("out", out, x);
+  // Two dtype groups (guided_step.h): the state, and the model outputs, which share eps_cond's.
+  constexpr const char* kState = "the state (x, noise, out)";
+  constexpr const char* kModel = "the model outputs (eps_uncond, eps_cond, g_uncond, g_cond)";
+  if (noise) check_dtype("noise", *noise, "x", x, kState);
+  check_dtype("out", out, "x", x, kState);
+  if (eps_uncond) check_dtype("eps_uncond", *eps_uncond, "eps_cond", eps_cond, kModel);
+  if (g_cond) check_dtype("g_cond", *g_cond, "eps_cond", eps_cond, kModel);
+  if (g_uncond) check_dtype("g_uncond", *g_uncond, "eps_cond", eps_cond, kModel);
+  const DType model_dtype = dtype_of("eps_cond", eps_cond);
+  TORCH_CHECK(supported_dtypes(dtype, model_dtype), "guided_step: the model outputs are ", eps_cond.scalar_type(),
+              " but x is ", x.scalar_type(), "; the model outputs must be in x's dtype, or float16/bfloat16 "
+              "with a float32 x (an fp32 sampler state fed by a 16-bit model)");
   TORCH_CHECK(!g_uncond || eps_uncond, "guided_step: g_uncond was given without eps_uncond; the unconditional G "
               "output only makes sense with classifier-free guidance");
   TORCH_CHECK(!eps_uncond || !g_cond || g_uncond, "guided_step: with eps_uncond (CFG) and g_cond, g_uncond is "
@@ -84,6 +101,7 @@ GuidedStepArgs checked_args(const at::Tensor& x, const c10::optional<at::Tensor>
   a.rows = x.size(0);
   a.row_size = x.numel() / x.size(0);
   a.dtype = dtype;
+  a.model_dtype = model_dtype;
   return a;
 }
 
@@ -152,6 +170,7 @@ pybind11::dict build_info() {
   info["cuda_runtime"] = pybind11::none();
 #endif
   info["num_coeffs"] = static_cast<int>(invdiff::NUM_COEFFS);
+  info["abi_version"] = invdiff::kAbiVersion;
   return info;
 }
 

@@ -39,8 +39,17 @@ enum Coeff : int {
 
 enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
+// The version of this argument block and of the dtype rules below. invdiff/_ext.py refuses an
+// invdiff._C whose version differs from the one it expects (a stale build would reject, or
+// misread, inputs the Python side sends). 2: the model outputs may be narrower than the state.
+constexpr int kAbiVersion = 2;
+
 // Everything an implementation needs, as raw pointers into contiguous (rows, row_size) arrays
-// of `dtype` (coeffs: float32). Optional inputs are nullptr.
+// (coeffs: float32). Optional inputs are nullptr. Two dtypes: the sampler's state (x, noise,
+// out) in `dtype`, and the model outputs (eps_uncond, eps_cond, g_uncond, g_cond) in
+// `model_dtype`, which is `dtype`, or bf16/fp16 with an fp32 state: the engine keeps x in fp32
+// so that the sample is not rounded to bf16 every step, while a bf16 UNet's outputs are read as
+// they are (half the bytes of an fp32 copy).
 struct GuidedStepArgs {
   const void* x = nullptr;
   const void* eps_uncond = nullptr;
@@ -52,8 +61,14 @@ struct GuidedStepArgs {
   void* out = nullptr;
   int64_t rows = 0;
   int64_t row_size = 0;
-  DType dtype = DType::Float32;
+  DType dtype = DType::Float32;        // x, noise, out
+  DType model_dtype = DType::Float32;  // eps_uncond, eps_cond, g_uncond, g_cond
 };
+
+// The (state, model) dtype pairs every implementation handles.
+INVDIFF_HD bool supported_dtypes(DType state, DType model) {
+  return model == state || (state == DType::Float32 && (model == DType::Float16 || model == DType::BFloat16));
+}
 
 // The per-element update, in fp32. `c` points at one sample's coefficient row.
 template <bool HAS_UNCOND, bool HAS_G, bool HAS_NOISE>

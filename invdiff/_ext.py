@@ -16,6 +16,12 @@ import torch
 
 _STATE: dict = {}
 
+# The argument block's version that csrc/guided_step.h declares (kAbiVersion) and this Python
+# side is written for. 2: guided_step takes 16-bit model outputs with an fp32 state. A _C built
+# from older sources would refuse (or, worse, misread) what dispatch now sends it, so it is not
+# used: the reference path takes over until it is rebuilt.
+ABI_VERSION = 2
+
 
 def _torch_release(version: str) -> str:
     return version.split("+")[0]
@@ -52,6 +58,9 @@ def load_extension(importer: Callable[[str], object] = importlib.import_module) 
                       f"{torch.__version__} is installed; rebuild with pip install --no-build-isolation -e .")
         elif info["num_coeffs"] != NUM_COEFFS or layout != {c.name: int(c) for c in Col}:
             reason = "invdiff._C's coefficient layout differs from invdiff.ops.reference.Col; rebuild the extension"
+        elif info.get("abi_version") != ABI_VERSION:
+            reason = (f"invdiff._C has argument-block version {info.get('abi_version')} but invdiff expects "
+                      f"{ABI_VERSION} (it was built from older sources); rebuild with pip install --no-build-isolation -e .")
         if reason:
             module = None
     if reason:

@@ -1,5 +1,6 @@
 """The continuous-batching engine reproduces the plain one-request sampler image for image,
 whatever the arrival order, batch size, step counts or guidance scales."""
+import copy
 import random
 
 import pytest
@@ -103,3 +104,123 @@ def test_bad_requests_are_clear_errors(denoiser):
         engine.submit(Request(99, 1))
     with pytest.raises(ValueError, match="max_batch"):
         SamplingEngine(denoiser, "ddim", max_batch=0)
+
+
+# ----------------------------------------------------------------------- the service's API
+
+def _requests(specs):
+    return [Request(p, s, steps, w, request_id=i) for i, (p, s, steps, w) in enumerate(specs)]
+
+
+SPECS = [(0, 31, 4, 2.0), (3, 32, 5, 1.5), (7, 33, 3, 3.0), (1, 34, 5, 1.0), (5, 35, 4, 2.5)]
+
+
+def test_cancelling_an_active_request_leaves_the_others_unchanged(denoiser):
+    """Cancel a slot in the middle of the batch mid-way (the last slot moves into its hole, with
+    its device rows) and a queued request: every other image equals a run without them."""
+    engine = SamplingEngine(denoiser, "ddpm", max_batch=4)
+    for r in _requests(SPECS):
+        engine.submit(r)
+    images = engine.step()
+    images.update(engine.step())
+    assert engine.active_ids() == [0, 1, 2, 3] and engine.queued_ids() == [4]
+    assert engine.cancel(1) and engine.cancel(4)
+    assert engine.active_ids() == [0, 3, 2] and engine.queued_ids() == []
+    assert not engine.cancel(1) and not engine.cancel(99)
+    images.update(engine.run())
+    assert sorted(images) == [0, 2, 3]
+    reference = SamplingEngine(denoiser, "ddpm", max_batch=4).run([r for r in _requests(SPECS) if r.request_id in (0, 2, 3)])
+    for i in (0, 2, 3):
+        torch.testing.assert_close(images[i], reference[i], rtol=0, atol=1e-5)
+        torch.testing.assert_close(images[i], _one_request(denoiser, _requests(SPECS)[i], "ddpm"), rtol=0, atol=1e-4)
+
+
+class _FailsOnce(GuidedDenoiser):
+    """A denoiser whose model call raises once, on its `fail_at`-th call."""
+
+    def __init__(self, inner, fail_at):
+        super().__init__(inner.base, inner.guidance, inner.strength)
+        self.calls, self.fail_at = 0, fail_at
+
+    def branches(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().branches(*args, **kwargs)
+
+
+def test_abort_active_after_a_failed_step_keeps_the_queue_and_the_engine_usable(denoiser):
+    failing = _FailsOnce(denoiser, fail_at=2)
+    engine = SamplingEngine(failing, "ddim", max_batch=2)
+    for r in _requests(SPECS[:4]):
+        engine.submit(r)
+    engine.step()
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.step()
+    failed = engine.abort_active()
+    assert [r.request_id for r in failed] == [0, 1]
+    assert engine.active_ids() == [] and engine.queued_ids() == [2, 3]
+    images = engine.run()
+    assert sorted(images) == [2, 3]
+    for r in _requests(SPECS)[2:4]:
+        torch.testing.assert_close(images[r.request_id], _one_request(denoiser, r, "ddim"), rtol=0, atol=1e-4)
+    assert engine.abort_active() == []
+
+
+class _Bf16Outputs(GuidedDenoiser):
+    """The tiny base's outputs as a bf16 UNet (and G) would give them."""
+
+    def branches(self, *args, **kwargs):
+        eps, g = super().branches(*args, **kwargs)
+        return eps.to(torch.bfloat16), (g.to(torch.bfloat16) if g is not None else None)
+
+
+def test_16_bit_model_outputs_reach_the_fused_step_as_they_are(denoiser, monkeypatch):
+    """No upcast copy before the step: it reads bf16 eps and G outputs next to the fp32 state,
+    and the images equal those of the same outputs upcast first (the step's math is fp32)."""
+    from invdiff.sampling import engine as engine_module
+
+    seen = []
+    real = engine_module.ops.guided_step
+
+    def spy(x, eps_u, eps_c, g_u, g_c, coeffs, noise=None, out=None):
+        seen.append((x.dtype, eps_u.dtype, eps_c.dtype, g_u.dtype, g_c.dtype))
+        return real(x, eps_u, eps_c, g_u, g_c, coeffs, noise, out=out)
+
+    monkeypatch.setattr(engine_module.ops, "guided_step", spy)
+    narrow = _Bf16Outputs(denoiser.base, denoiser.guidance, denoiser.strength)
+    requests = _requests(SPECS[:3])
+    images = SamplingEngine(narrow, "ddim", max_batch=3).run(requests)
+    assert seen and all(d == (torch.float32,) + (torch.bfloat16,) * 4 for d in seen)
+
+    class Upcast(_Bf16Outputs):
+        def branches(self, *args, **kwargs):
+            eps, g = super().branches(*args, **kwargs)
+            return eps.float(), g.float()
+
+    upcast = SamplingEngine(Upcast(denoiser.base, denoiser.guidance, denoiser.strength), "ddim", max_batch=3).run(requests)
+    for r in requests:
+        torch.testing.assert_close(images[r.request_id], upcast[r.request_id], rtol=0, atol=1e-5)
+
+
+def test_a_bf16_frozen_unet_feeds_the_fused_step_in_bf16(denoiser, monkeypatch):
+    """A real bf16 UNet: its output reaches the step without an fp32 copy, G's output is rounded
+    to bf16 beside it, and the images stay within bf16 rounding of the fp32 model's."""
+    from invdiff.sampling import engine as engine_module
+
+    seen = []
+    real = engine_module.ops.guided_step
+
+    def spy(x, eps_u, eps_c, g_u, g_c, coeffs, noise=None, out=None):
+        seen.append((x.dtype, eps_c.dtype, None if g_c is None else g_c.dtype))
+        return real(x, eps_u, eps_c, g_u, g_c, coeffs, noise, out=out)
+
+    requests = _requests(SPECS[:3])
+    reference = SamplingEngine(denoiser, "ddim", max_batch=3).run(requests)
+    base = copy.deepcopy(denoiser.base)
+    base.unet.to(torch.bfloat16)
+    monkeypatch.setattr(engine_module.ops, "guided_step", spy)
+    images = SamplingEngine(GuidedDenoiser(base, denoiser.guidance, denoiser.strength), "ddim", max_batch=3).run(requests)
+    assert seen and all(d == (torch.float32, torch.bfloat16, torch.bfloat16) for d in seen), seen
+    for r in requests:
+        assert (images[r.request_id] - reference[r.request_id]).abs().max() < 0.1  # bf16 UNet, not a different model

@@ -109,13 +109,18 @@ class FrozenBase(torch.nn.Module):
         """The frozen UNet in its own dtype (a bf16/fp16 UNet next to an fp32 conditioner, as in
         benchmarks/e2e_models.py), fp32 out for G and the loss, as LatentDiffusionBase.eps. For an
         fp32 UNet every cast is a no-op, so its eps stays bit-identical."""
+        out = self.eps_native(sample, timestep, prompt_embeds)
+        return out.to(torch.promote_types(out.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
+
+    def eps_native(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """`eps` in the UNet's own dtype: what the sampling engine feeds the fused step, which
+        reads a bf16/fp16 model output next to its fp32 state (no fp32 copy)."""
         dtype = self.unet.dtype
         sample, prompt_embeds = sample.to(dtype), prompt_embeds.to(dtype)
         kwargs = {}
         if self.unet.config.class_embed_type == "identity":
             kwargs["class_labels"] = prompt_embeds[:, 0]
-        out = self.unet(sample, timestep, prompt_embeds, **kwargs).sample
-        return out.to(torch.promote_types(out.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
+        return self.unet(sample, timestep, prompt_embeds, **kwargs).sample
 
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)

@@ -178,8 +178,12 @@ class LatentDiffusionBase(FrozenBase):
 
     def eps(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """The frozen UNet in its own dtype (bf16/fp16 when loaded so); fp32 out for G and the loss."""
+        return self.eps_native(sample, timestep, prompt_embeds).float()
+
+    def eps_native(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """`eps` in the UNet's own dtype, for the sampling engine's fused step (FrozenBase.eps_native)."""
         dtype = self.unet.dtype
-        return self.unet(sample.to(dtype), timestep, prompt_embeds.to(dtype)).sample.float()
+        return self.unet(sample.to(dtype), timestep, prompt_embeds.to(dtype)).sample
 
     def check_resolution(self, resolution: int) -> None:
         if resolution % self.vae_factor:

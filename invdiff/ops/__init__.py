@@ -246,7 +246,10 @@ def guided_step(
     """One fused sampling step: CFG of the two branches, each combined with G, then the scheduler
     update, with per-sample coefficients (samples may sit at different timesteps and scales).
 
-    x, eps_uncond, eps_cond, g_uncond, g_cond, noise, out: (B, C, H, W) of one dtype;
+    x, eps_uncond, eps_cond, g_uncond, g_cond, noise, out: (B, C, H, W). The state (x, noise,
+    out) shares one dtype S, the model outputs (eps_*, g_*) one dtype M: M == S, or an fp32 state
+    with bf16/fp16 model outputs, read as they are (no upcast copy; the math is fp32). Any other
+    pair is one ValueError before dispatch.
     coeffs: (B, 16) float32 from `invdiff.sampling.step_coeffs` (plan_steps + guidance_columns).
     eps_uncond=None: no CFG; g_*=None: no guidance module; noise=None: no noise term.
     Returns x_prev (B, C, H, W), written into `out` when given (which may be x itself).

@@ -171,20 +171,44 @@ class Col(IntEnum):
 NUM_COEFFS = 16  # padded to 64 bytes a row, as in csrc/guided_step.h
 
 
+# The model outputs' dtype may be narrower than the sampler state's: an fp32 state (so that the
+# sample is not rounded to 16 bits every step) fed by a bf16/fp16 UNet, read as it is. Mirrors
+# supported_dtypes() in csrc/guided_step.h.
+NARROW_MODEL_DTYPES = {torch.float32: (torch.float16, torch.bfloat16)}
+
+
+def guided_step_dtypes_supported(state: torch.dtype, model: torch.dtype) -> bool:
+    """Whether guided_step takes model outputs in `model` with x/noise/out in `state`."""
+    return model == state or model in NARROW_MODEL_DTYPES.get(state, ())
+
+
 def check_guided_step_args(x, eps_uncond, eps_cond, g_uncond, g_cond, coeffs, noise=None, out=None) -> None:
-    """The checks every guided_step backend shares, as ValueErrors that name the fix."""
+    """The checks every guided_step backend shares, as ValueErrors that name the fix.
+
+    Two dtype groups: the state (x, noise, out) shares x's dtype S; the model outputs (eps_uncond,
+    eps_cond, g_uncond, g_cond) share eps_cond's dtype M; M == S, or S = fp32 and M in {bf16, fp16}.
+    """
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"guided_step: x must be (B, ...) with B >= 1, got {tuple(x.shape)}")
-    named = {"eps_uncond": eps_uncond, "eps_cond": eps_cond, "g_uncond": g_uncond, "g_cond": g_cond, "noise": noise, "out": out}
-    for name, t in named.items():
+    state = {"noise": noise, "out": out}
+    model = {"eps_uncond": eps_uncond, "g_cond": g_cond, "g_uncond": g_uncond}  # the order csrc checks them in
+    for name, t in {"eps_cond": eps_cond, **model, **state}.items():
         if t is None:
             continue
         if t.shape != x.shape:
             raise ValueError(f"guided_step: {name} has shape {tuple(t.shape)} but x has {tuple(x.shape)}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"guided_step: {name} is {t.dtype} but x is {x.dtype}; pass one dtype")
         if t.device != x.device:
             raise ValueError(f"guided_step: {name} is on {t.device} but x is on {x.device}")
+    for name, t in state.items():
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"guided_step: {name} is {t.dtype} but x is {x.dtype}; pass the state (x, noise, out) in one dtype")
+    for name, t in model.items():
+        if t is not None and t.dtype != eps_cond.dtype:
+            raise ValueError(f"guided_step: {name} is {t.dtype} but eps_cond is {eps_cond.dtype}; pass the model outputs "
+                             "(eps_uncond, eps_cond, g_uncond, g_cond) in one dtype")
+    if not guided_step_dtypes_supported(x.dtype, eps_cond.dtype):
+        raise ValueError(f"guided_step: the model outputs are {eps_cond.dtype} but x is {x.dtype}; the model outputs must be "
+                         "in x's dtype, or float16/bfloat16 with a float32 x (an fp32 sampler state fed by a 16-bit model)")
     if g_uncond is not None and eps_uncond is None:
         raise ValueError("guided_step: g_uncond was given without eps_uncond (no classifier-free guidance)")
     if eps_uncond is not None and g_cond is not None and g_uncond is None:
@@ -213,7 +237,8 @@ def guided_step(
     x, eps_*, g_*, noise: (B, C, H, W); coeffs: (B, 16) float32. Optional inputs are None:
     no eps_uncond means no classifier-free guidance, no g_* means no guidance module, no noise
     means NOISE_SCALE is ignored; `out` (x's shape and dtype, may be x itself) receives the
-    result. Math in fp32 (fp64 for fp64 inputs); returns x's dtype.
+    result. eps_* and g_* may be bf16/fp16 with an fp32 x (check_guided_step_args). Math in fp32
+    (fp64 for fp64 inputs); returns x's dtype.
     """
     acc = torch.promote_types(x.dtype, torch.float32)
     c = coeffs.to(acc).view(coeffs.shape[0], coeffs.shape[1], *([1] * (x.ndim - 1)))

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
 
+import numpy as np
 import torch
 
 from .. import ops
 from .spec import latent_shape, make_scheduler
-from .step_coeffs import NUM_COEFFS, StepPlan, UnsupportedScheduler, guidance_columns, plan_steps
+from .step_coeffs import NUM_COEFFS, Col, StepPlan, UnsupportedScheduler, guidance_columns, plan_steps
 
 
 @dataclass
@@ -43,8 +44,14 @@ class _Slot:
     generator: torch.Generator
     plan: Optional[StepPlan]  # None: the per-slot scheduler path
     scheduler: object = None  # that path's own scheduler (it may keep state between steps)
-    step: int = 0
-    extra: Dict = field(default_factory=dict)
+
+
+# The fused path's per-plan table is the guided step's coefficient table, (rows, NUM_COEFFS)
+# float32, with two of its padding columns (which the op never reads) holding what the model
+# needs at that step, so that one gather on the device gives every slot its timestep, input scale
+# and coefficient row.
+_SCALE_COL, _T_COL = 13, 14
+assert len(Col) <= _SCALE_COL < _T_COL < NUM_COEFFS, "the engine's columns must stay in the table's padding"
 
 
 class SamplingEngine:
@@ -56,7 +63,17 @@ class SamplingEngine:
     of a latent base and a clamp to [-1, 1] otherwise; height, width: the images' size in pixels
     (None: the UNet's native size; `sampling.latent_shape`). `submit` queues requests, `step` advances
     every occupied slot by one step and returns the finished images, `run` does both until the
-    queue is empty.
+    queue is empty; `cancel` drops one request, `abort_active` every active one (after `step`
+    raised); `queued_ids` / `active_ids` list them.
+
+    State. Occupied slots are packed at the front: slot i of n holds x[i]. The sample x is fp32
+    whatever the model's dtype (rounding it to bf16 every step would add up over the schedule);
+    the model's outputs go to the fused step in their own dtype. Per-slot numbers the device
+    needs every step live on the device, written once at admission: the slot's row in the
+    concatenated per-plan table (plan offset + step, advanced on the device), its guidance scale
+    and its prompt embedding. The host keeps only what its control flow needs, as numpy mirrors
+    known without a sync: steps done and total (which slots finish), rows (which draw noise),
+    and guidance scales (whether any slot needs the unconditional branch).
     """
 
     def __init__(self, denoiser, scheduler="ddim", max_batch: int = 64, device=None, eta: float = 0.0, dtype=None, postprocess=None,
@@ -71,7 +88,6 @@ class SamplingEngine:
         self.max_batch = max_batch
         self.shape = latent_shape(base, height, width)
         self.dtype = dtype or next(base.unet.parameters()).dtype
-        self._plans: Dict[int, StepPlan] = {}
         self._queue: List[Request] = []
         self._slots: List[_Slot] = []
         self._x = torch.empty((max_batch, *self.shape), device=self.device, dtype=torch.float32)
@@ -86,6 +102,23 @@ class SamplingEngine:
         self.postprocess = postprocess
         self.model_evaluations = 0  # UNet batches run, for throughput accounting
         self.slot_steps = 0  # image-steps done
+
+        # Plans, one per step count, concatenated into one device table (see _SCALE_COL).
+        self._plans: Dict[int, StepPlan] = {}
+        self._plan_offset: Dict[int, int] = {}
+        self._table = torch.zeros((0, NUM_COEFFS), device=self.device, dtype=torch.float32)
+        self._table_draws = np.zeros(0, dtype=bool)  # host: whether row r draws noise
+        self._t_dtype: Optional[torch.dtype] = None
+        # Per-slot device state (rows [0, n) are the occupied slots).
+        self._row = torch.zeros(max_batch, device=self.device, dtype=torch.long)
+        self._cfg = torch.ones(max_batch, device=self.device, dtype=torch.float32)
+        self._embeds: Optional[torch.Tensor] = None  # (max_batch, L, D), allocated at the first admission
+        self._null_embeds: Optional[torch.Tensor] = None  # (1, L, D): the unconditional prompt
+        # Host mirrors.
+        self._h_row = np.zeros(max_batch, dtype=np.int64)
+        self._h_step = np.zeros(max_batch, dtype=np.int64)
+        self._h_total = np.zeros(max_batch, dtype=np.int64)
+        self._h_cfg = np.ones(max_batch, dtype=np.float64)
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request) -> int:
@@ -109,25 +142,87 @@ class SamplingEngine:
     def active(self) -> int:
         return len(self._slots)
 
+    def queued_ids(self) -> List[int]:
+        """Ids of the requests waiting for a slot, in admission order."""
+        return [r.request_id for r in self._queue]
+
+    def active_ids(self) -> List[int]:
+        """Ids of the requests being sampled, in slot order."""
+        return [s.request.request_id for s in self._slots]
+
+    def cancel(self, request_id) -> bool:
+        """Drop a request: remove it from the queue, or free its slot (the slots behind it are
+        packed as when a request finishes). Returns whether it was found. The other requests'
+        images do not change: each depends on its own request only."""
+        for i, request in enumerate(self._queue):
+            if request.request_id == request_id:
+                del self._queue[i]
+                return True
+        for i, slot in enumerate(self._slots):
+            if slot.request.request_id == request_id:
+                self._remove([i])
+                return True
+        return False
+
+    def abort_active(self) -> List[Request]:
+        """Drop every active slot and return their requests (queued ones stay queued). For use
+        after `step` raised: the slots' state may be half-updated, so those requests failed;
+        the engine is usable afterwards."""
+        dropped = [slot.request for slot in self._slots]
+        self._slots = []
+        return dropped
+
     def _plan(self, steps: int) -> StepPlan:
+        """The plan of `steps` steps, its rows appended to the device table the first time."""
         if steps not in self._plans:
-            self._plans[steps] = plan_steps(self.scheduler, steps, self.eta, self.eta_below, self.t_switch)
+            plan = plan_steps(self.scheduler, steps, self.eta, self.eta_below, self.t_switch)
+            rows = plan.coeffs.to(torch.float32)  # the op's coefficients are float32 (as guided_step takes them)
+            rows[:, _SCALE_COL] = plan.input_scale.to(torch.float32)
+            stored = plan.timesteps.to(torch.float32)
+            if not torch.equal(stored.to(plan.timesteps.dtype), plan.timesteps):
+                # diffusers' timesteps are integers < 1000 (DDIM, DDPM) or fp32 (Euler): exact in fp32.
+                raise ValueError(f"the scheduler's timesteps ({plan.timesteps.dtype}) are not exact in float32")
+            rows[:, _T_COL] = stored
+            self._t_dtype = plan.timesteps.dtype
+            self._plan_offset[steps] = self._table.shape[0]
+            self._table = torch.cat([self._table, rows.to(self.device)])
+            self._table_draws = np.concatenate([self._table_draws, plan.draws_noise.numpy().astype(bool)])
+            self._plans[steps] = plan
         return self._plans[steps]
 
     def _admit(self) -> None:
+        first = len(self._slots)
         while self._queue and len(self._slots) < self.max_batch:
             request = self._queue.pop(0)
+            i = len(self._slots)
             gen = torch.Generator().manual_seed(int(request.seed))
             noise = torch.randn(self.shape, generator=gen)  # as sampling.initial_noise draws it
             if self.fused_reason is None:
                 plan, sched = self._plan(request.steps), None
-                sigma = plan.init_noise_sigma
+                sigma, total = plan.init_noise_sigma, plan.steps
+                self._h_row[i] = self._plan_offset[request.steps]
             else:
                 plan, sched = None, copy.deepcopy(self.scheduler)
                 sched.set_timesteps(request.steps, device=self.device)
-                sigma = sched.init_noise_sigma
-            self._x[len(self._slots)] = noise.to(self.device) * sigma
+                sigma, total = sched.init_noise_sigma, len(sched.timesteps)
+            self._x[i] = noise.to(self.device) * sigma
+            self._h_step[i], self._h_total[i] = 0, total
+            self._h_cfg[i] = float(request.guidance_scale)
             self._slots.append(_Slot(request, gen, plan, sched))
+        new = slice(first, len(self._slots))
+        if new.start == new.stop:
+            return
+        # One host-to-device copy per field for everything admitted in this step.
+        base = self.denoiser.base
+        ids = torch.tensor([int(s.request.prompt_id) for s in self._slots[new]], device=self.device)
+        embeds = base.prompt_embeds(ids)
+        if self._embeds is None:
+            self._embeds = torch.empty((self.max_batch, *embeds.shape[1:]), device=embeds.device, dtype=embeds.dtype)
+            self._null_embeds = base.prompt_embeds(torch.full_like(ids[:1], base.conditioner.null_id))
+        self._embeds[new] = embeds
+        self._row[new] = torch.from_numpy(self._h_row[new]).to(self.device)
+        # fp32, as the fused step's CFG_SCALE column and cfg_combine's per-sample scale take it.
+        self._cfg[new] = torch.from_numpy(self._h_cfg[new]).to(device=self.device, dtype=torch.float32)
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -140,79 +235,103 @@ class SamplingEngine:
             return {}
         x = self._x[:n]
         base = self.denoiser.base
+        expand = (slice(None),) + (None,) * len(self.shape)
         if self.fused_reason is None:
-            timesteps = torch.stack([s.plan.timesteps[s.step] for s in self._slots]).to(self.device)
-            scale = torch.tensor([float(s.plan.input_scale[s.step]) for s in self._slots], device=self.device)
-            model_in = x * scale.view(-1, 1, 1, 1)
+            coeffs = self._table[self._row[:n]]  # (n, NUM_COEFFS): the one gather of this step
+            timesteps = coeffs[:, _T_COL].to(self._t_dtype)
+            model_in = x * coeffs[:, _SCALE_COL][expand]
         else:
-            timesteps = torch.stack([s.scheduler.timesteps[s.step] for s in self._slots]).to(self.device)
+            coeffs = None
+            timesteps = torch.stack([s.scheduler.timesteps[int(self._h_step[i])] for i, s in enumerate(self._slots)]).to(self.device)
             model_in = torch.cat([s.scheduler.scale_model_input(x[i : i + 1], timesteps[i]) for i, s in enumerate(self._slots)])
-        scales = torch.tensor([float(s.request.guidance_scale) for s in self._slots], dtype=torch.float64)
-        use_cfg = bool((scales != 1.0).any())
-        ids = torch.tensor([int(s.request.prompt_id) for s in self._slots], device=self.device)
-        cond = base.prompt_embeds(ids)
+        use_cfg = bool((self._h_cfg[:n] != 1.0).any())
+        cond = self._embeds[:n]
         model_in = model_in.to(self.dtype)
         if use_cfg:
-            uncond = base.prompt_embeds(torch.full_like(ids, base.conditioner.null_id))
-            eps, g = self.denoiser.branches(torch.cat([model_in, model_in]), torch.cat([timesteps, timesteps]), torch.cat([uncond, cond]))
-            eps_u, eps_c = eps.float().chunk(2)
-            g_u, g_c = g.float().chunk(2) if g is not None else (None, None)
+            uncond = self._null_embeds.expand(n, *self._null_embeds.shape[1:])
+            eps, g = self.denoiser.branches(torch.cat([model_in, model_in]), torch.cat([timesteps, timesteps]), torch.cat([uncond, cond]), native=True)
+            eps, g = self._step_inputs(eps, g)
+            eps_u, eps_c = eps.chunk(2)
+            g_u, g_c = g.chunk(2) if g is not None else (None, None)
         else:
-            eps_c, g_c = self.denoiser.branches(model_in, timesteps, cond)
-            eps_c, g_c = eps_c.float(), (g_c.float() if g_c is not None else None)
+            eps_c, g_c = self._step_inputs(*self.denoiser.branches(model_in, timesteps, cond, native=True))
             eps_u = g_u = None
         self.model_evaluations += 1
         self.slot_steps += n
         if self.fused_reason is None:
-            self._fused_update(x, eps_u, eps_c, g_u, g_c, scales)
+            self._fused_update(x, eps_u, eps_c, g_u, g_c, coeffs)
         else:
-            self._scheduler_update(x, eps_u, eps_c, g_u, g_c, scales, timesteps)
+            self._scheduler_update(x, eps_u, eps_c, g_u, g_c, timesteps)
+        self._h_step[:n] += 1
         return self._retire()
 
-    def _fused_update(self, x, eps_u, eps_c, g_u, g_c, scales) -> None:
+    def _step_inputs(self, eps, g):
+        """The model outputs as the fused step takes them next to the fp32 state: in their own
+        dtype when it is fp32, bf16 or fp16 (no upcast copy: half the bytes the step reads for a
+        16-bit model), otherwise fp32; eps and G's output in one dtype (the wider of the two)."""
+        dtype = eps.dtype if g is None else torch.promote_types(eps.dtype, g.dtype)
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            dtype = torch.float32
+        return eps.to(dtype), (g.to(dtype) if g is not None else None)
+
+    def _fused_update(self, x, eps_u, eps_c, g_u, g_c, coeffs) -> None:
         n = x.shape[0]
-        coeffs = torch.stack([s.plan.coeffs[s.step] for s in self._slots])
         guidance = self.denoiser.guidance
         ratio = guidance.ratio if guidance is not None and g_c is not None else None
-        guidance_columns(coeffs, ratio, self.denoiser.strength, scales)
-        draws = [s.plan.draws_noise[s.step] for s in self._slots]
+        guidance_columns(coeffs, ratio, self.denoiser.strength, self._cfg[:n])  # on the device, in place
+        draws = self._table_draws[self._h_row[:n]]
         noise = None
-        if any(draws):
+        if draws.any():
             # One (1, C, H, W) draw per drawing slot from its own generator, exactly as diffusers'
             # randn_tensor draws for a list of generators; slots that do not draw get zeros.
             noise = torch.zeros((n, *self.shape))
-            for i, (slot, drawn) in enumerate(zip(self._slots, draws)):
-                if drawn:
-                    noise[i] = torch.randn((1, *self.shape), generator=slot.generator)[0]
+            for i in np.flatnonzero(draws):
+                noise[i] = torch.randn((1, *self.shape), generator=self._slots[i].generator)[0]
             noise = noise.to(self.device)
-        coeffs = coeffs.to(device=self.device, dtype=torch.float32)
         ops.guided_step(x, eps_u, eps_c, g_u, g_c, coeffs, noise, out=x)
-        for slot in self._slots:
-            slot.step += 1
+        self._row[:n] += 1
+        self._h_row[:n] += 1
 
-    def _scheduler_update(self, x, eps_u, eps_c, g_u, g_c, scales, timesteps) -> None:
+    def _scheduler_update(self, x, eps_u, eps_c, g_u, g_c, timesteps) -> None:
         guidance = self.denoiser.guidance
         if g_c is not None:
             eps_c = guidance.combine(eps_c, g_c, self.denoiser.strength)
             eps_u = guidance.combine(eps_u, g_u, self.denoiser.strength) if eps_u is not None else None
+        scales = self._cfg[: x.shape[0]]
         m = ops.cfg_combine(eps_u, eps_c, scales.to(eps_c)) if eps_u is not None else eps_c
         for i, slot in enumerate(self._slots):
             x[i : i + 1] = slot.scheduler.step(m[i : i + 1], timesteps[i], x[i : i + 1], generator=[slot.generator]).prev_sample
-            slot.step += 1
 
     def _retire(self) -> Dict[int, torch.Tensor]:
-        finished = [i for i, slot in enumerate(self._slots) if slot.step >= (slot.plan.steps if slot.plan is not None else len(slot.scheduler.timesteps))]
+        n = len(self._slots)
+        finished = np.flatnonzero(self._h_step[:n] >= self._h_total[:n]).tolist()
         if not finished:
             return {}
         images = self.postprocess(self._x[finished].clone())  # one batched decode for all that finished
         done = {self._slots[i].request.request_id: images[j].cpu() for j, i in enumerate(finished)}
-        for i in sorted(finished, reverse=True):
-            last = len(self._slots) - 1
-            if i != last:  # keep the occupied slots packed at the front: x[:n] stays a view
-                self._x[i] = self._x[last]
-                self._slots[i] = self._slots[last]
-            self._slots.pop()
+        self._remove(finished)
         return done
+
+    def _remove(self, indices: List[int]) -> None:
+        """Free the slots `indices`, moving the last occupied slots into the holes so that the
+        occupied ones stay packed at the front (x[:n] stays a view): every per-slot row moves
+        with its slot, on the device and in the host mirrors."""
+        order = list(range(len(self._slots)))
+        for i in sorted(indices, reverse=True):
+            last = order.pop()
+            if i < len(order):
+                order[i] = last
+        moved = [(dst, src) for dst, src in enumerate(order) if dst != src]
+        self._slots = [self._slots[src] for src in order]
+        if not moved:
+            return
+        dst, src = (list(v) for v in zip(*moved))
+        for host in (self._h_row, self._h_step, self._h_total, self._h_cfg):
+            host[dst] = host[src]
+        dst_d, src_d = torch.tensor(dst, device=self.device), torch.tensor(src, device=self.device)
+        # Every source sits behind the packed front and every destination in it: no overlap.
+        for dev in (self._x, self._row, self._cfg, self._embeds):
+            dev[dst_d] = dev[src_d]
 
     # ------------------------------------------------------------------ driving
     def run(self, requests: Iterable[Request] = (), progress: bool = False) -> Dict[int, torch.Tensor]:
@@ -221,9 +340,8 @@ class SamplingEngine:
 
         for r in requests:
             self.submit(r)
-        total = sum(r.steps for r in self._queue) + sum(
-            (s.plan.steps if s.plan is not None else len(s.scheduler.timesteps)) - s.step for s in self._slots
-        )
+        n = len(self._slots)
+        total = sum(r.steps for r in self._queue) + int((self._h_total[:n] - self._h_step[:n]).sum())
         results: Dict[int, torch.Tensor] = {}
         with tqdm(total=total, desc="sample", disable=not progress, unit="img-step") as bar:
             while self._queue or self._slots:

@@ -33,21 +33,30 @@ class GuidedDenoiser(torch.nn.Module):
         self.strength = strength
 
     @torch.no_grad()
-    def branches(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor):
+    def branches(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor, native: bool = False):
         """(eps_theta, G_psi's output or None), uncombined: the fused step combines them.
-        sample: (B, C, H, W); timestep: (B,); prompt_embeds: (B, L, D)."""
-        eps = self.base.eps(sample, timestep, prompt_embeds)
+        sample: (B, C, H, W); timestep: (B,); prompt_embeds: (B, L, D).
+
+        native=False: both in fp32 (or wider), as G and the combine take them. native=True: both in
+        the frozen UNet's dtype, for the engine's fused step, which reads a bf16/fp16 model output
+        next to its fp32 state: the UNet's output is not copied to fp32, and G's output is rounded
+        to that dtype (an error of the size the frozen output already carries). An fp32 UNet gives
+        the same tensors either way."""
+        raw = self.base.eps_native(sample, timestep, prompt_embeds)
+        eps = raw.to(torch.promote_types(raw.dtype, torch.float32))  # what G reads: a no-op for fp32
+        out = raw if native else eps
         if self.guidance is None or self.strength == 0.0:
-            return eps, None
+            return out, None
         rows = in_band(timestep, self.guidance.t_min, eps.shape[0])
         if bool(rows.all()):
-            return eps, self.guidance(sample, timestep, prompt_embeds, eps)
-        if not bool(rows.any()):
-            return eps, None  # outside G's band (guidance_band): the frozen model alone, G not run
-        t = timestep.reshape(-1).expand(eps.shape[0]) if timestep.numel() == 1 else timestep
-        g = torch.zeros_like(eps)
-        g[rows] = self.guidance(sample[rows], t[rows], prompt_embeds[rows], eps[rows]).to(g.dtype)
-        return eps, g
+            g = self.guidance(sample, timestep, prompt_embeds, eps)
+        elif not bool(rows.any()):
+            return out, None  # outside G's band (guidance_band): the frozen model alone, G not run
+        else:
+            t = timestep.reshape(-1).expand(eps.shape[0]) if timestep.numel() == 1 else timestep
+            g = torch.zeros_like(eps)
+            g[rows] = self.guidance(sample[rows], t[rows], prompt_embeds[rows], eps[rows]).to(g.dtype)
+        return out, g.to(out.dtype)
 
     @torch.no_grad()
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:

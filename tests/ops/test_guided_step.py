@@ -60,6 +60,60 @@ def test_matches_the_reference_for_every_input_combination(dtype, uncond, g, noi
     assert_close_to_ref(out, ref, same, atol=rounding_atol(dtype, float(ref.abs().max())), name="guided_step")
 
 
+MODEL_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _mixed(args, model_dtype):
+    """args with the model outputs (eps_*, g_*) in `model_dtype`; x and noise stay fp32."""
+    return {k: (v.to(model_dtype) if (v is not None and k.startswith(("eps_", "g_"))) else v) for k, v in args.items()}
+
+
+@pytest.mark.parametrize("model_dtype", MODEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("uncond, g, noise", list(itertools.product([True, False], repeat=3)))
+def test_16_bit_model_outputs_with_an_fp32_state(model_dtype, uncond, g, noise):
+    """What the engine sends: an fp32 x and noise, the UNet's (and G's) outputs in bf16/fp16 as they
+    come. The C++ path reads them as they are and matches the fp64 reference of the same inputs."""
+    args = _mixed(_inputs(5, (3, 7, 9), torch.float32, uncond, g, noise), model_dtype)
+    tensors = [v for k, v in args.items() if v is not None and k != "coeffs"]
+    assert ops.select_backend("guided_step", tensors, [args["coeffs"]]).name == "cpp"
+    out = ops.guided_step(**args)
+    same = reference.guided_step(**args)
+    ref = reference.guided_step(**{k: (v.double() if (v is not None and k != "coeffs") else v) for k, v in args.items()})
+    assert out.dtype == torch.float32
+    assert_close_to_ref(out, ref, same, atol=rounding_atol(torch.float32, float(ref.abs().max())), name="guided_step")
+
+
+@pytest.mark.parametrize("model_dtype", MODEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_16_bit_model_outputs_in_place_on_an_odd_row(model_dtype):
+    """out=x (the engine's call) with a row size that is not a multiple of any vector width."""
+    args = _mixed(_inputs(3, (1, 5, 7), torch.float32), model_dtype)
+    ref = reference.guided_step(**{k: (v.double() if (v is not None and k != "coeffs") else v) for k, v in args.items()})
+    same = reference.guided_step(**args)
+    x = args["x"].clone()
+    returned = ops.guided_step(**{**args, "x": x}, out=x)
+    assert returned.data_ptr() == x.data_ptr()
+    assert_close_to_ref(x, ref, same, atol=rounding_atol(torch.float32, float(ref.abs().max())), name="guided_step out=x")
+
+
+# (x's dtype, the model outputs' dtype) pairs no backend takes: a narrower state than the model,
+# or two different 16-bit types, or fp64 next to fp32 (the reference alone runs fp64, and only
+# with fp64 everywhere).
+REFUSED_PAIRS = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float16, torch.bfloat16),
+                 (torch.bfloat16, torch.float16), (torch.float32, torch.float64), (torch.float64, torch.float32)]
+
+
+@pytest.mark.parametrize("state, model", REFUSED_PAIRS, ids=lambda d: str(d).replace("torch.", ""))
+def test_unsupported_dtype_pairs_are_one_clear_error(state, model):
+    args = _inputs(2, (3, 4, 4), torch.float32)
+    args = {k: (v if v is None or k == "coeffs" else v.to(model if k.startswith(("eps_", "g_")) else state))
+            for k, v in args.items()}
+    with pytest.raises(ValueError, match="model outputs must be in x's dtype, or float16/bfloat16 with a float32 x"):
+        ops.guided_step(**args)
+    if torch.float64 not in (state, model):  # the extension names its own dtypes for fp64
+        with pytest.raises(RuntimeError, match="model outputs must be in x's dtype"):
+            C_OPS.guided_step(*args.values())
+
+
 def test_batch_of_one_and_large_rows():
     args = _inputs(1, (4, 64, 64), torch.float32)
     torch.testing.assert_close(ops.guided_step(**args), reference.guided_step(**args), rtol=1e-6, atol=1e-5)
@@ -163,6 +217,9 @@ def _good():
 BAD = {
     "shape": (lambda a: a.update(eps_cond=a["eps_cond"][:, :2].contiguous()), "eps_cond has shape"),
     "dtype": (lambda a: a.update(eps_uncond=a["eps_uncond"].half()), "eps_uncond is"),
+    "g_dtype": (lambda a: a.update(g_cond=torch.randn(2, 3, 4, 4, dtype=torch.bfloat16),
+                                   g_uncond=torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)), "g_cond is .* but eps_cond"),
+    "noise_dtype": (lambda a: a.update(noise=torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)), "noise is .* but x is"),
     "coeff_width": (lambda a: a.update(coeffs=torch.zeros(2, 8)), "coeffs must be"),
     "coeff_dtype": (lambda a: a.update(coeffs=torch.zeros(2, NUM_COEFFS, dtype=torch.float64)), "coeffs must be"),
     "coeff_rows": (lambda a: a.update(coeffs=torch.zeros(3, NUM_COEFFS)), "coeffs must be"),
@@ -234,4 +291,24 @@ def test_extension_built_for_another_torch_is_refused():
 
     with pytest.warns(RuntimeWarning, match="built against torch 1.0.0"):
         module, reason = _ext.load_extension(importer=lambda name: Stale())
+    assert module is None and "rebuild" in reason
+
+
+def test_extension_built_from_older_sources_is_refused():
+    """A _C from before the mixed-dtype step (no or another argument-block version) would
+    refuse the 16-bit model outputs the engine now sends: the reference path takes over."""
+    real, _ = _ext.extension()
+    assert real.build_info()["abi_version"] == _ext.ABI_VERSION
+
+    class Old:
+        def build_info(self):
+            info = dict(real.build_info())
+            del info["abi_version"]
+            return info
+
+        def coeff_layout(self):
+            return real.coeff_layout()
+
+    with pytest.warns(RuntimeWarning, match="argument-block version None"):
+        module, reason = _ext.load_extension(importer=lambda name: Old())
     assert module is None and "rebuild" in reason
