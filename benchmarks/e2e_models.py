@@ -28,10 +28,11 @@ class OfficialG(torch.nn.Module):
 
     def __init__(self, frozen_unet):
         super().__init__()
-        from diffusers import UNet2DConditionModel
+        import copy
 
-        self.unet = UNet2DConditionModel(**dict(frozen_unet.config))
-        self.unet.load_state_dict(frozen_unet.state_dict())
+        # A copy, not a new UNet loaded with the frozen weights: at SD 1.5 size a fresh UNet's
+        # random init alone took seconds of the GPU check's budget.
+        self.unet = copy.deepcopy(frozen_unet).train().requires_grad_(True)
         torch.nn.init.zeros_(self.unet.conv_out.weight)
         torch.nn.init.zeros_(self.unet.conv_out.bias)
         self.ratio = 2.0
@@ -58,6 +59,19 @@ class _TextTable(torch.nn.Module):
         return self.table[ids]
 
 
+def latent_shape(config: str) -> Tuple[int, int, int]:
+    """(C, H, W) of one sample of the config's frozen UNet, without building it."""
+    if config == "small":
+        import json
+
+        from invdiff.demo import shipped_base
+
+        with open(os.path.join(shipped_base(0.9), "unet", "config.json")) as f:
+            cfg = json.load(f)
+        return cfg["in_channels"], cfg["sample_size"], cfg["sample_size"]
+    return 4, 64, 64
+
+
 def build(config: str, device: str, frozen_dtype: torch.dtype = torch.float32) -> Tuple[FrozenBase, int]:
     """(frozen base on `device`, number of prompts)."""
     if config == "small":
@@ -77,6 +91,35 @@ def build(config: str, device: str, frozen_dtype: torch.dtype = torch.float32) -
     base.unet.to(device=device, dtype=frozen_dtype)
     base.conditioner.to(device)
     return base.freeze(), prompts
+
+
+SD15_BANK_N = 1000  # samples the sd15 config's bank is built for (it has no dataset of its own)
+
+
+def dataset_size(config: str) -> int:
+    """N for the bank's build: small, the colored-digits train split the shipped base was
+    trained on (what `invdiff debias` builds the bank for); sd15, SD15_BANK_N."""
+    if config == "small":
+        from invdiff.data import colored_digits
+
+        return len(colored_digits("train", p=0.9))
+    return SD15_BANK_N
+
+
+def dataset(config: str, n: int):
+    """n training samples for the config's frozen base: small, the first n of the colored-digits
+    train split; sd15, random 4 x 64 x 64 latents with 10 prompts (the bank's cost does not
+    depend on their values)."""
+    if config == "small":
+        from invdiff.data import colored_digits
+
+        data = colored_digits("train", p=0.9)
+        return data.subset(torch.arange(min(n, len(data))))
+    from invdiff.data.base import DiffusionDataset
+
+    gen = torch.Generator().manual_seed(0)
+    return DiffusionDataset(images=torch.randn(n, 4, 64, 64, generator=gen), prompt_ids=torch.arange(n) % 10,
+                            prompts=[f"prompt {i}" for i in range(10)], sample_ids=torch.arange(n), name="sd15-random-latents")
 
 
 def official_g(base: FrozenBase, device: str) -> OfficialG:
