@@ -5,7 +5,11 @@
 
 Every provider makes the same images (prompts, seeds, DDIM steps, CFG scale) in batches of --batch:
   official         both UNets every step (frozen + full-size G copy), both CFG branches through
-                   the wrapper, eager combine + CFG, then diffusers' scheduler.step (fp32);
+                   the wrapper, eager combine + CFG, then diffusers' scheduler.step; the frozen
+                   UNet in invdiff's dtype (bf16 on a GPU) and TF32 on, like invdiff: the
+                   denominator of "x official";
+  official-fp32    the same in fp32 as published, no TF32 (GPU only: on the CPU both are fp32,
+                   the same run); an extra row, not the denominator;
   invdiff static   invdiff.sampling.sample: the continuous-batching engine with every request
                    present at t = 0, the lightweight G_psi, the fused guided step (bf16 frozen
                    UNet on a GPU);
@@ -17,7 +21,6 @@ reaches (UNet forward FLOPs x 2 branches x steps x images / time / peak).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -70,7 +73,7 @@ def main(argv=None):
     fast_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     base32, prompts = build(args.config, device, torch.float32)
     base_fast, _ = build(args.config, device, fast_dtype)
-    g_off = official_g(base32, device)
+    g_off = official_g(base32, device)  # G stays fp32 in both official rows, as invdiff's G does
     g_inv = invdiff_g(base_fast, device)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, prompts, (args.images,), generator=gen)
@@ -87,9 +90,13 @@ def main(argv=None):
             torch.cuda.synchronize()
         return args.images / (time.perf_counter() - start)
 
-    def run_official(warm):
-        n = args.batch if warm else args.images
-        official_sample(base32, g_off, ids[:n], seeds[:n], args.steps, args.scale, args.batch, device)
+    def run_official(base, tf32):
+        def fn(warm):
+            if device == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+            n = args.batch if warm else args.images
+            official_sample(base, g_off, ids[:n], seeds[:n], args.steps, args.scale, args.batch, device)
+        return fn
 
     def run_static(denoiser):
         def fn(warm):
@@ -97,7 +104,11 @@ def main(argv=None):
             sample(denoiser, ids[:n], seeds[:n], args.steps, args.scale, "ddim", batch_size=args.batch, progress=False, device=device)
         return fn
 
-    results = {"official": timed(run_official)}
+    results = {"official": timed(run_official(base_fast, tf32=True))}
+    if fast_dtype != torch.float32:
+        results["official-fp32"] = timed(run_official(base32, tf32=False))
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # invdiff's setting, and the like-for-like official's
     results["invdiff static"] = timed(run_static(GuidedDenoiser(base_fast, g_inv)))
     results["ceiling"] = timed(run_static(GuidedDenoiser(base_fast, None)))
     # Arrivals at twice the static capacity (requests per second = images per second).
@@ -118,9 +129,10 @@ def main(argv=None):
         print(f"{name:15s} {rate:8.2f} img/s  {rate / results['official']:5.2f} x official  "
               f"{100 * rate / results['ceiling']:5.1f}% of ceiling  {100 * used / peak:5.1f}% of matmul peak")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": args.config, "device": device, "args": vars(args), "unet_gflops_per_image": flops / 1e9,
-                       "peak_flops": peak, "rows": rows}, f, indent=1)
+        from benchmarks.common import write_json
+
+        write_json(args.json, {"config": args.config, "device": device, "args": vars(args), "unet_gflops_per_image": flops / 1e9,
+                               "peak_flops": peak, "x_official_is": "like-for-like (same frozen dtype, TF32 on a GPU)", "rows": rows})
     return rows
 
 
