@@ -1,20 +1,34 @@
 """Shared setup for the kernel benchmarks: input factories, providers, timing and byte accounting.
 
-Used by bench_invariant_loss.py, bench_guidance_combine.py (the command-line scripts that print
-tables) and test_bench_kernels.py (the pytest-benchmark suite of `make bench`), so all three time
-the same inputs through the same providers.
+Used by bench_invariant_loss.py, bench_guidance_combine.py, bench_guided_step.py (the
+command-line scripts that print tables and write JSON for gpu_check.sh) and the pytest-benchmark
+suites of `make bench`, so all of them time the same inputs through the same providers.
 
 Providers:
   reference-eager  invdiff.ops.reference in eager PyTorch (the oracle, about ten kernels);
   torch.compile    the same reference through torch.compile (Inductor fuses what it can);
   triton           the fused kernels of invdiff.kernels (CUDA only: the CPU interpreter is a
-                   test vehicle, not a performance path, and is never timed).
+                   test vehicle, not a performance path, and is timed only by --dry).
 Modes: forward, backward (the backward alone, from a kept graph) and full (forward + backward).
+
+Columns of a measured row (CUDA; see `measure`):
+  us        kernel time: triton.testing.do_bench, CUDA events around each call, L2 flushed
+            between calls; launch gaps the GPU waits through are included;
+  graph_us  the same calls replayed from one CUDA graph (do_bench_cudagraph): the GPU time
+            without Python or launch overhead (L2 not flushed, so small inputs may hit L2);
+  wall_us   per-call wall time of back-to-back calls, synchronised at the end: what a Python
+            caller pays, custom-op dispatch and autograd bookkeeping included;
+  GB/s      this design's traffic (`bytes`) over `us`;
+  % copy    a device copy moving the same number of bytes, timed the same way, over `us`:
+            100% means the kernel streams its bytes as fast as a plain copy of that size;
+  % SOL     the copy time of the *minimum* traffic (`min_bytes`: each input read once, each
+            output written once) over `us`: how close the op is to what any design could reach.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -26,6 +40,19 @@ import torch
 PROVIDERS = ("reference-eager", "torch.compile", "triton")
 MODES = ("forward", "backward", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Set by `configure` (bench_main's --dry): tiny CPU runs that exercise every code path of the
+# GPU benchmarks (the Triton provider in the interpreter, torch.compile through Dynamo only)
+# without timing anything meaningful. gpu_check.sh's dry run uses it.
+DRY = {"enabled": False}
+
+# do_bench's budget per point, in ms. Short: gpu_check.sh times about 150 points in its minutes.
+WARMUP_MS, REP_MS, GRAPH_REP_MS = 10, 40, 10
+
+
+def configure(dry: bool) -> None:
+    """Switch the module into (or out of) the dry mode described at DRY."""
+    DRY["enabled"] = dry
 
 
 @dataclass(frozen=True)
@@ -46,7 +73,8 @@ class Shape:
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """The min step's tensors: frozen eps, G's output g (requires grad), target, weights (B, K)."""
+    """The min step's tensors: frozen eps, G's output g (requires grad), target, all
+    (B, C, H, W) in `dtype`, and weights (B, K) float32."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     dims = (shape.batch, shape.channels, shape.size, shape.size)
     eps = torch.randn(dims, generator=gen).to(device=device, dtype=dtype)
@@ -59,7 +87,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str, seed: int = 0) ->
 def provider_unavailable(provider: str, device: str) -> Optional[str]:
     """Why `provider` cannot be timed on `device`, or None."""
     if provider == "triton":
-        if device != "cuda":
+        if device != "cuda" and not (DRY["enabled"] and os.environ.get("TRITON_INTERPRET") == "1"):
             return "triton is timed on CUDA only (the CPU interpreter is a test vehicle)"
         from invdiff.kernels import unavailable_reason
 
@@ -67,13 +95,29 @@ def provider_unavailable(provider: str, device: str) -> Optional[str]:
     return None
 
 
-def _compiled(fn: Callable, cache: Dict) -> Callable:
-    if fn not in cache:
-        cache[fn] = torch.compile(fn, dynamic=False)
-    return cache[fn]
+def _raise_recompile_limit() -> None:
+    # Each (shape, dtype) is its own static graph, and the guided step's reference is compiled
+    # for 2 schedulers x 3 batches x 2 dtypes: past Dynamo's default limit of 8 graphs per
+    # function it would silently fall back to eager and the "torch.compile" column would lie.
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
 
 
 _COMPILE_CACHE: Dict = {}
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile(fn) with static shapes, once per function. In --dry mode the graph goes
+    through Dynamo only (backend "eager"): the tracing path is exercised in seconds, not the
+    minutes Inductor's C++ codegen takes on a CPU."""
+    if fn not in _COMPILE_CACHE:
+        _raise_recompile_limit()
+        backend = "eager" if DRY["enabled"] else "inductor"
+        _COMPILE_CACHE[fn] = torch.compile(fn, dynamic=False, backend=backend)
+    return _COMPILE_CACHE[fn]
 
 
 def op_for(provider: str, reference_fn: Callable, triton_fn: Callable) -> Callable:
@@ -81,7 +125,7 @@ def op_for(provider: str, reference_fn: Callable, triton_fn: Callable) -> Callab
     if provider == "reference-eager":
         return reference_fn
     if provider == "torch.compile":
-        return _compiled(reference_fn, _COMPILE_CACHE)
+        return compiled(reference_fn)
     if provider == "triton":
         return triton_fn
     raise ValueError(f"unknown provider {provider!r}; known: {PROVIDERS}")
@@ -122,21 +166,46 @@ def mode_runner(mode: str, forward: Callable[[], torch.Tensor], grad_inputs: Lis
     raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
 
 
-def time_ms(fn: Callable[[], None], device: str, warmup: int = 5, reps: int = 20) -> float:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], None], device: str) -> float:
     """Median milliseconds per call: triton.testing.do_bench (CUDA events, L2 flushed between
-    calls) on CUDA, wall-clock median on the CPU."""
+    calls) on CUDA, the wall-clock median elsewhere."""
     if device == "cuda":
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return float(do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"))
+    return wall_ms(fn, device)
+
+
+def graph_ms(fn: Callable[[], None], device: str) -> Optional[float]:
+    """Median milliseconds per call replayed from a CUDA graph (triton's do_bench_cudagraph);
+    None off CUDA. Raises if `fn` cannot be captured (a host sync, another stream)."""
+    if device != "cuda":
+        return None
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=GRAPH_REP_MS, return_mode="median"))
+
+
+def wall_ms(fn: Callable[[], None], device: str) -> float:
+    """Per-call wall time in ms of back-to-back calls, synchronised once per sample: the time a
+    Python caller sees, with dispatch and launch overhead included (a median over samples)."""
+    calls, samples, warmup = (1, 1, 0) if DRY["enabled"] else (20, 5, 3)
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(reps):
+    _sync(device)
+    times = []
+    for _ in range(samples):
         start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3 / calls)
+    return statistics.median(times)
 
 
 def peak_memory_mb(fn: Callable[[], None], device: str) -> Optional[float]:
@@ -151,31 +220,52 @@ def peak_memory_mb(fn: Callable[[], None], device: str) -> Optional[float]:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-_COPY_BANDWIDTH: Dict[str, float] = {}
+_COPY_MS: Dict[Tuple[str, int], float] = {}
 
 
-def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
-    """Measured device-to-device copy bandwidth in GB/s, counting bytes read and written: the
-    practical ceiling for a memory-bound kernel on this machine."""
-    if device not in _COPY_BANDWIDTH:
-        n = nbytes // 4 if device == "cuda" else (64 << 20) // 4
-        src = torch.empty(n, dtype=torch.float32, device=device).normal_()
+def copy_ms(nbytes: int, device: str) -> float:
+    """Time of a device-to-device copy whose traffic (bytes read + bytes written) is `nbytes`,
+    timed like the kernels (time_ms): the practical ceiling for a memory-bound op that moves
+    that many bytes. Size-matched, since at small sizes launch latency, not bandwidth, bounds a
+    copy too; cached per size."""
+    key = (device, int(nbytes))
+    if key not in _COPY_MS:
+        half = max(1, int(nbytes) // 2)
+        src = torch.empty(half, dtype=torch.uint8, device=device).random_(0, 255)
         dst = torch.empty_like(src)
-        ms = time_ms(lambda: dst.copy_(src), device)
-        _COPY_BANDWIDTH[device] = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
-    return _COPY_BANDWIDTH[device]
+        _COPY_MS[key] = time_ms(lambda: dst.copy_(src), device)
+    return _COPY_MS[key]
 
 
-def measure(fn: Callable[[], None], ideal_bytes: int, device: str) -> Dict[str, Optional[float]]:
-    """ms, achieved GB/s on the ideal bytes, % of measured copy bandwidth, peak memory (MB)."""
+def measure(fn: Callable[[], None], design_bytes: int, min_bytes: int, device: str, graph: bool = True) -> Dict:
+    """One row's measured columns (see the module doc): ms, graph_ms, wall_ms, gbs, pct_copy,
+    pct_sol, peak_mb, with bytes and min_bytes. `graph=False` leaves graph_ms out with the reason
+    in graph_note; a capture that fails is recorded in graph_note too, never raised."""
+    row: Dict = {"bytes": int(design_bytes), "min_bytes": int(min_bytes)}
+    fn()  # compile (torch.compile, a Triton JIT) outside every timed region, even the dry run's one call
+    _sync(device)
     ms = time_ms(fn, device)
-    gbs = ideal_bytes / (ms * 1e-3) / 1e9
-    return {
-        "ms": ms,
-        "gbs": gbs,
-        "pct_copy": 100.0 * gbs / copy_bandwidth_gbs(device),
-        "peak_mb": peak_memory_mb(fn, device),
-    }
+    row["ms"] = ms
+    row["gbs"] = design_bytes / (ms * 1e-3) / 1e9
+    row["pct_copy"] = 100.0 * copy_ms(design_bytes, device) / ms
+    row["pct_sol"] = 100.0 * copy_ms(min_bytes, device) / ms
+    row["wall_ms"] = wall_ms(fn, device)
+    row["graph_ms"] = None
+    if device != "cuda":
+        row["graph_note"] = "no CUDA graphs off CUDA"
+    elif not graph:
+        row["graph_note"] = "not captured"
+    else:
+        try:
+            row["graph_ms"] = graph_ms(fn, device)
+        except Exception as err:  # one column lost, not the run: say why in the JSON
+            row["graph_note"] = f"capture failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            try:
+                torch.cuda.synchronize()
+            except Exception:
+                pass
+    row["peak_mb"] = peak_memory_mb(fn, device)
+    return row
 
 
 def format_table(rows: List[Dict], columns: List[Tuple[str, str]]) -> str:
@@ -196,68 +286,91 @@ def format_table(rows: List[Dict], columns: List[Tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def with_microseconds(row: Dict) -> Dict:
+    """The row with us / graph_us / wall_us and MB columns for printing (the JSON keeps ms)."""
+    shown = dict(row)
+    for ms_key, us_key in (("ms", "us"), ("graph_ms", "graph_us"), ("wall_ms", "wall_us")):
+        if row.get(ms_key) is not None:
+            shown[us_key] = row[ms_key] * 1e3
+    for key in ("bytes", "min_bytes"):
+        if row.get(key) is not None:
+            shown[key.replace("bytes", "mb")] = row[key] / 1e6
+    return shown
+
+
 TABLE_COLUMNS = [
     ("op", "op"), ("shape", "shape"), ("dtype", "dtype"), ("mode", "mode"), ("provider", "provider"),
-    ("ms", "ms"), ("gbs", "GB/s"), ("pct_copy", "% copy BW"), ("peak_mb", "peak MB"),
-    ("vs_eager", "x eager"), ("vs_compile", "x compile"),
+    ("us", "us"), ("graph_us", "graph us"), ("wall_us", "wall us"),
+    ("mb", "MB moved"), ("min_mb", "min MB"), ("gbs", "GB/s"), ("pct_copy", "% copy"), ("pct_sol", "% SOL"),
+    ("peak_mb", "peak MB"), ("vs_eager", "x eager"), ("vs_compile", "x compile"),
 ]
 
 
-def add_ratios(rows: List[Dict]) -> None:
-    """Speed-up of each row over reference-eager and torch.compile at the same op/shape/dtype/mode,
-    from the times measured side by side in this run."""
+def add_ratios(rows: List[Dict], eager: str = "reference-eager", compile_: str = "torch.compile") -> None:
+    """Speed-up of each row over the eager and torch.compile providers at the same
+    op/shape/dtype/mode (kernel time `ms`), from the times measured side by side in this run."""
     key = lambda r: (r["op"], r["shape"], r["dtype"], r["mode"])  # noqa: E731
-    by_key = {}
+    by_key: Dict = {}
     for r in rows:
         by_key.setdefault(key(r), {})[r["provider"]] = r.get("ms")
     for r in rows:
         peers = by_key[key(r)]
-        for provider, column in (("reference-eager", "vs_eager"), ("torch.compile", "vs_compile")):
+        for provider, column in ((eager, "vs_eager"), (compile_, "vs_compile")):
             if r.get("ms") and peers.get(provider):
                 r[column] = peers[provider] / r["ms"]
 
 
-def bench_main(description: str, run_grid: Callable, argv=None, ratios: Callable = None) -> List[Dict]:
+def bench_main(description: str, run_grid: Callable, argv=None, ratios: Callable = None, defaults: Optional[Dict] = None) -> List[Dict]:
     """The command line the bench scripts share: parse the grid, run it, add the speed-up columns
     (`ratios`, default add_ratios), print the table (and the skipped providers with their
-    reasons), and optionally write JSON for gpu_summary.py."""
+    reasons), and optionally write JSON for gpu_check.sh. `defaults` overrides argparse defaults
+    (e.g. a script's own device choice). --dry: tiny CPU sizes, see DRY."""
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
-    parser.add_argument("--batches", nargs="+", type=int, default=[64, 256] if cuda else [64])
+    parser.add_argument("--batches", nargs="+", type=int, default=[16, 64, 1024] if cuda else [64])
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--size", type=int, default=64 if cuda else 32)
     parser.add_argument("--groups", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--providers", nargs="+", help="default: all of the script's providers")
+    parser.add_argument("--dry", action="store_true",
+                        help="exercise every code path at tiny CPU sizes (times nothing meaningful): gpu_check.sh's dry run")
     parser.add_argument("--json", help="also write the rows here")
+    if defaults:
+        parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    configure(args.dry)
+    if args.dry:
+        args.device = "cpu"
     shapes = [Shape(b, args.channels, args.size, args.groups) for b in args.batches]
     rows = []
     for row in run_grid(shapes, args.dtypes, args.modes, args.providers, args.device):
         print(f"  {row}", file=sys.stderr, flush=True)
         rows.append(row)
     (ratios or add_ratios)(rows)
-    print(format_table([r for r in rows if "ms" in r], TABLE_COLUMNS))
+    print(format_table([with_microseconds(r) for r in rows if "ms" in r], TABLE_COLUMNS))
     for r in rows:
         if "skipped" in r:
             print(f"skipped {r['op']} {r['provider']} {r['mode']} {r['dtype']}: {r['skipped']}")
+        if r.get("graph_note", "").startswith("capture failed"):
+            print(f"no graph time for {r['op']} {r['provider']} {r['mode']} {r['dtype']} {r['shape']}: {r['graph_note']}")
     if args.json:
-        with open(args.json, "w") as f:
-            device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-            json.dump({"device": device, "rows": rows}, f, indent=1)
+        device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        write_json(args.json, {"device": device, "dry": args.dry, "rows": rows})
     return rows
 
 
-def measured_row(row: Dict, provider: str, device: str, setup: Callable[[], Tuple[Callable, int]]) -> Dict:
-    """Fill `row` with the measurement of setup()'s step, or with why the provider is skipped."""
+def measured_row(row: Dict, provider: str, device: str, setup: Callable[[], Tuple[Callable, int, int]], graph: bool = True) -> Dict:
+    """Fill `row` with the measurement of setup()'s (step, design bytes, minimum bytes), or with
+    why the provider is skipped."""
     why = provider_unavailable(provider, device)
     if why:
         row["skipped"] = why
     else:
-        run, ideal = setup()
-        row.update(measure(run, ideal, device))
+        run, design, minimum = setup()
+        row.update(measure(run, design, minimum, device, graph=graph))
     return row
 
 

@@ -52,3 +52,21 @@ def tiny_sd(tmp_path_factory):
 def tiny_sd_data(tmp_path_factory):
     """A biased two-prompt imagefolder of 16-pixel images (tests/utils.write_tiny_imagefolder)."""
     return write_tiny_imagefolder(str(tmp_path_factory.mktemp("sd_data") / "data"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """INVDIFF_HYPOTHESIS_MAX_EXAMPLES=N caps every Hypothesis test at N examples.
+
+    benchmarks/gpu_check.sh runs the interpreter-tested kernel suite on a lent GPU, where the
+    minutes are few; the fuzz tests pin their own max_examples (a profile cannot lower an explicit
+    setting), so the cap is applied to each collected test's settings here."""
+    cap = os.environ.get("INVDIFF_HYPOTHESIS_MAX_EXAMPLES")
+    if not cap:
+        return
+    from hypothesis import settings
+
+    for item in items:
+        test = getattr(item, "obj", None)
+        current = getattr(test, "_hypothesis_internal_use_settings", None)
+        if current is not None and current.max_examples > int(cap):
+            test._hypothesis_internal_use_settings = settings(current, max_examples=int(cap))

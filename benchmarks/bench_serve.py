@@ -1,0 +1,224 @@
+"""Load benchmark of `invdiff serve`: Poisson arrivals of mixed requests at rising rates, up to
+overload, against the offline engine on the same requests.
+
+    python benchmarks/bench_serve.py                                  # the shipped p=0.9 base, CPU
+    python benchmarks/bench_serve.py --model DIR --rates 0.5 1 2 4 --json out.json
+
+Traffic goes to 127.0.0.1 only and is bounded (--requests per rate). Requests mix steps
+(8/12/16), guidance scale (1 or 2) and num (1, 2 or 4 images), as a production queue sees them.
+
+  offline   the same requests, all present at t = 0, through one SamplingEngine with the
+            server's --max-batch (what `invdiff sample` does): the throughput ceiling.
+  service   `invdiff serve` in its own process; an asyncio client sends each rate's requests
+            at Poisson arrival times (rate = a multiple of the offline capacity, in images/s).
+Reported per rate: images/s delivered, p50/p99 latency of the answered requests, and how each
+request ended (it must be 200 with its images or 429). The goal (issue 15): at the overloaded
+rates the service delivers >= 0.9 of the offline engine's images/s on the requests it served.
+"""
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GOAL = 0.9
+
+
+def workload(n: int, seed: int) -> List[Dict]:
+    rng = random.Random(seed)
+    return [{"prompt": f"digit {rng.randrange(10)}", "num": rng.choice([1, 2, 4]), "seed": rng.randrange(2**31),
+             "steps": rng.choice([8, 12, 16]), "guidance_scale": rng.choice([1.0, 2.0])} for _ in range(n)]
+
+
+def offline_images_per_s(model: str, requests: List[Dict], max_batch: int, threads: int) -> float:
+    """Every image of `requests` through one engine, all queued at t = 0 (after a warm-up)."""
+    import torch
+
+    from invdiff.runs import load_model
+    from invdiff.sampling import GuidedDenoiser, Request, SamplingEngine, below_band_eta
+
+    torch.set_num_threads(threads)
+    base, guidance = load_model(model)
+    denoiser = GuidedDenoiser(base, guidance, 1.0)
+    eta_below, t_switch = below_band_eta(denoiser, "ddim", None, None)
+    engine = SamplingEngine(denoiser, "ddim", max_batch=max_batch, eta_below=eta_below, t_switch=t_switch)
+    engine.run([Request(0, 0, steps=2, guidance_scale=2.0)])  # warm-up
+    images = []
+    for r in requests:
+        prompt_id = int(base.conditioner.prompt_ids([r["prompt"]])[0])
+        images += [Request(prompt_id, r["seed"] + i, r["steps"], r["guidance_scale"]) for i in range(r["num"])]
+    start = time.perf_counter()
+    engine.run(images)
+    return len(images) / (time.perf_counter() - start)
+
+
+async def drive(url: str, requests: List[Dict], rate_images: float, seed: int) -> Dict:
+    """Send `requests` at Poisson arrivals of `rate_images` images/s; how each one ended."""
+    import httpx
+
+    rng = random.Random(seed)
+    mean_num = sum(r["num"] for r in requests) / len(requests)
+    rate_requests = rate_images / mean_num
+    results = []
+
+    async def one(client, body, at):
+        await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+        sent = time.perf_counter()
+        try:
+            reply = await client.post(f"{url}/v1/images", json=body)
+            status = reply.status_code
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        results.append({"status": status, "num": body["num"], "sent": sent - start, "done": time.perf_counter() - start,
+                        "steps": body["steps"]})
+
+    arrivals, t = [], 0.0
+    for _ in requests:
+        t += rng.expovariate(rate_requests)
+        arrivals.append(t)
+    limits = httpx.Limits(max_connections=len(requests), max_keepalive_connections=len(requests))
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, body, at) for body, at in zip(requests, arrivals)))
+    served = [r for r in results if r["status"] == 200]
+    latencies = sorted(r["done"] - r["sent"] for r in served)
+    span = max(r["done"] for r in served) - min(r["sent"] for r in served) if served else float("nan")
+
+    def pct(q):
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
+
+    ended = {}
+    for r in results:
+        ended[str(r["status"])] = ended.get(str(r["status"]), 0) + 1
+    return {"rate_images_per_s": rate_images, "requests": len(requests), "ended": ended,
+            "served_images": sum(r["num"] for r in served), "images_per_s": sum(r["num"] for r in served) / span if served else 0.0,
+            "p50_s": pct(0.50), "p99_s": pct(0.99), "served_ids": [i for i, r in enumerate(results) if r["status"] == 200],
+            "results": results}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, max_batch: int, max_queue: int, threads: int):
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen([sys.executable, "-m", "invdiff.cli", "serve", "--model", model, "--port", str(port),
+                             "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--max-images-per-request", "4"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"invdiff serve exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("invdiff serve was not ready within 120 s")
+
+
+def main(argv=None):
+    from invdiff.demo import shipped_base
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model folder (None: the shipped p=0.9 base)")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 0.8, 1.2, 2.0, 4.0],
+                        help="arrival rates as multiples of the offline capacity (images/s)")
+    parser.add_argument("--requests", type=int, default=48, help="requests per rate")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-queue", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server and of the offline engine")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json")
+    parser.add_argument("--plot", help="write images/s and p50/p99 latency against the arrival rate here (PNG)")
+    args = parser.parse_args(argv)
+    model = args.model or shipped_base()
+
+    calibration = workload(args.requests, args.seed + 999)
+    capacity = offline_images_per_s(model, calibration, args.max_batch, args.threads)
+    print(f"offline engine: {capacity:.2f} images/s (max batch {args.max_batch}, {args.threads} threads)", flush=True)
+    proc, url = start_server(model, args.max_batch, args.max_queue, args.threads)
+    rows = []
+    try:
+        for k, factor in enumerate(args.rates):
+            requests = workload(args.requests, args.seed + k)
+            row = asyncio.run(drive(url, requests, factor * capacity, args.seed + k))
+            row["factor"] = factor
+            rows.append(row)
+            print(f"  rate {factor:4.2f}x: {row['images_per_s']:.2f} images/s, p50 {row['p50_s']:.2f} s, "
+                  f"p99 {row['p99_s']:.2f} s, ended {row['ended']}", flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    # The same requests offline: what the service served at each overloaded rate.
+    for k, row in enumerate(rows):
+        served = [workload(args.requests, args.seed + k)[i] for i in row["served_ids"]]
+        row["offline_images_per_s"] = offline_images_per_s(model, served, args.max_batch, args.threads) if served else float("nan")
+        row["vs_offline"] = row["images_per_s"] / row["offline_images_per_s"]
+        row["only_200_or_429"] = set(row["ended"]) <= {"200", "429"}
+    print(f"\n== invdiff serve on {model} (CPU), max batch {args.max_batch}, max queue {args.max_queue}; "
+          f"goal: >= {GOAL} of the offline engine's images/s at overload ==")
+    print(f"{'rate':>6s} {'req/s':>6s} {'images/s':>9s} {'offline':>8s} {'x offline':>9s} {'p50 s':>6s} {'p99 s':>6s}  ended")
+    for row in rows:
+        overloaded = row["factor"] >= 1.0
+        verdict = ("ok" if row["vs_offline"] >= GOAL else "MISS") if overloaded else "-"
+        mean_num = sum(r["num"] for r in row["results"]) / len(row["results"])
+        print(f"{row['factor']:5.2f}x {row['rate_images_per_s'] / mean_num:6.2f} {row['images_per_s']:9.2f} "
+              f"{row['offline_images_per_s']:8.2f} {row['vs_offline']:8.3f}{' ' + verdict if overloaded else '':>5s} "
+              f"{row['p50_s']:6.2f} {row['p99_s']:6.2f}  {row['ended']}")
+    ok = all(r["only_200_or_429"] for r in rows)
+    print(f"every request ended as images (200) or 429: {'yes' if ok else 'NO'}")
+    if args.json:
+        from benchmarks.common import write_json
+
+        write_json(args.json, {"model": model, "device": "cpu", "max_batch": args.max_batch, "max_queue": args.max_queue,
+                               "threads": args.threads, "offline_capacity_images_per_s": capacity, "goal": GOAL,
+                               "rows": [{k: v for k, v in r.items() if k not in ("results", "served_ids")} for r in rows]})
+    if args.plot:
+        plot(rows, capacity, args.plot)
+    return 0 if ok else 1
+
+
+def plot(rows: List[Dict], capacity: float, path: str) -> None:
+    """Throughput and latency against the offered load: where the service saturates and what
+    queueing costs before it refuses work."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    offered = [r["rate_images_per_s"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot(offered, [r["images_per_s"] for r in rows], "o-", label="service (delivered)")
+    left.plot(offered, offered, ":", color="gray", label="offered")
+    left.axhline(capacity, color="C1", ls="--", label="offline engine")
+    left.axhline(0.9 * capacity, color="C1", ls=":", label="goal 0.9 x offline")
+    left.set(xlabel="offered load (images/s)", ylabel="images/s", title="throughput")
+    left.legend(fontsize=7)
+    right.plot(offered, [r["p50_s"] for r in rows], "o-", label="p50")
+    right.plot(offered, [r["p99_s"] for r in rows], "s-", label="p99")
+    right.set(xlabel="offered load (images/s)", ylabel="seconds", title="latency of answered requests")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
