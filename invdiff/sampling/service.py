@@ -417,6 +417,14 @@ def _png_bytes(images) -> List[bytes]:
     return out
 
 
+async def _client_gone(request) -> None:
+    """Returns when the ASGI server reports that the client disconnected."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 def create_app(settings: ServeSettings, worker: Optional[EngineWorker] = None):
     """The FastAPI app. `worker`: an EngineWorker whose model is loaded (None: load it at startup,
     as a Ray Serve replica does). The worker thread starts with the app and drains at shutdown."""
@@ -507,18 +515,21 @@ def create_app(settings: ServeSettings, worker: Optional[EngineWorker] = None):
         except ServiceError as exc:
             return error(exc.status, str(exc), exc.retry_after)
         waiting = asyncio.wrap_future(job.future)
+        # Watch the client without polling: the body is read, so the next ASGI message is the
+        # disconnect (a client that closed or timed out), which frees the job's slots at once.
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            while True:  # watch the client: one that went away frees its slots at once
-                done, _ = await asyncio.wait({waiting}, timeout=0.2)
-                if done:
-                    break
-                if await request.is_disconnected():
-                    w.cancel(job)
-                    metrics.requests.labels("499").inc()  # nginx's "client closed request"
-                    return Response(status_code=499)
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # Ray Serve cancels the handler when its client leaves
             w.cancel(job)
             raise
+        finally:
+            if not gone.done():
+                gone.cancel()
+        if not waiting.done():
+            w.cancel(job)
+            metrics.requests.labels("499").inc()  # nginx's "client closed request"
+            return Response(status_code=499)
         try:
             result = waiting.result()
         except ServiceError as exc:
