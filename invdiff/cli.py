@@ -361,7 +361,7 @@ def cmd_serve(args) -> None:
     settings = ServeSettings(model=args.model, base=args.base, device=args.device, max_batch=args.max_batch,
                              max_queue=args.max_queue, max_images_per_request=args.max_images_per_request,
                              attention=args.attention, frozen_dtype=args.frozen_dtype, eta_below_band=args.eta_below_band,
-                             drain_seconds=args.drain_seconds)
+                             drain_seconds=args.drain_seconds, engine_process=not args.engine_in_process)
     if args.ray:
         from .sampling.ray_serve import run
 
@@ -505,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta-below-band", type=finite_float, default=None, help="as for sample")
     p.add_argument("--drain-seconds", type=finite_float, default=30.0,
                    help="on SIGTERM, finish in-flight requests for at most this long")
+    p.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine as a thread of the server's process (default: a process of its own, so that "
+                        "HTTP work never holds the GIL the sampling loop needs)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (starts Ray, or joins RAY_ADDRESS)")
     p.add_argument("--replicas", type=positive_int, default=1, help="--ray: replicas (one per GPU)")
     p.add_argument("--gpus-per-replica", type=finite_float, default=None, help="--ray: GPUs per replica (None: 1 on CUDA, else 0)")

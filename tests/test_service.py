@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from invdiff.cli import main
-from invdiff.sampling.service import EngineWorker, Metrics, ServeSettings, create_app
+from invdiff.sampling.service import Metrics, ServeSettings, create_app, make_worker
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(settings: ServeSettings):
-    """uvicorn serving create_app(settings) in a thread; yields (base url, the engine worker)."""
+    """uvicorn serving create_app(settings) in a thread; yields (base url, the engine worker:
+    an EngineProcess by default, an EngineWorker thread with engine_process=False)."""
     import uvicorn
 
-    worker = EngineWorker(settings, Metrics(settings.max_batch))
+    worker = make_worker(settings, Metrics(settings.max_batch))
     worker.load()
     app = create_app(settings, worker)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
@@ -133,10 +134,10 @@ def test_endpoints_and_the_same_pixels_as_invdiff_sample(tiny_run, tmp_path):
 
 
 def test_a_stable_diffusion_folder_serves_any_prompt_and_bounds_its_prompt_table(tiny_sd, monkeypatch):
-    from invdiff.sampling import service
+    from invdiff.sampling import worker as worker_module
 
-    monkeypatch.setattr(service, "PROMPT_TABLE_LIMIT", 2)
-    with running_server(ServeSettings(model=tiny_sd, max_batch=2)) as (url, worker):
+    monkeypatch.setattr(worker_module, "PROMPT_TABLE_LIMIT", 2)
+    with running_server(ServeSettings(model=tiny_sd, max_batch=2, engine_process=False)) as (url, worker):
         def image(prompt):
             reply = httpx.post(f"{url}/v1/images", json={"prompt": prompt, "num": 1, "seed": 3, "steps": 2}, timeout=120)
             assert reply.status_code == 200, reply.text
@@ -237,24 +238,27 @@ def test_a_full_queue_is_429_with_retry_after_and_accepted_requests_finish(tiny_
         assert worker.queue_depth() == 0
 
 
-def test_a_client_that_goes_away_frees_its_slots(tiny_run):
+@pytest.mark.parametrize("engine_process", [True, False])
+def test_a_client_that_goes_away_frees_its_slots(tiny_run, engine_process):
     run, _ = tiny_run
-    with running_server(ServeSettings(model=run, max_batch=4)) as (url, worker):
+    with running_server(ServeSettings(model=run, max_batch=4, engine_process=engine_process)) as (url, worker):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/images", json={"prompt": "digit 3", "num": 4, "steps": 1000, "seed": 0}, timeout=1.0)
         wait_for(lambda: metric(url, "invdiff_slots_occupied") == 0 and worker.queue_depth() == 0,
                  timeout=10, what="the slots freed")
-        engine = worker._engines[("ddim", 1.0)]
-        done = engine.slot_steps
-        assert done < 4 * 1000  # stopped well before the images finished
-        time.sleep(0.3)
-        assert engine.slot_steps == done  # and nothing samples them any more
+        if not engine_process:  # the engine's own counters are in this process
+            engine = worker._engines[("ddim", 1.0)]
+            done = engine.slot_steps
+            assert done < 4 * 1000  # stopped well before the images finished
+            time.sleep(0.3)
+            assert engine.slot_steps == done  # and nothing samples them any more
+        assert metric(url, "invdiff_images_total") == 0  # the cancelled images were never delivered
         assert httpx.post(f"{url}/v1/images", json={"prompt": "digit 3", "steps": 2}, timeout=30).status_code == 200
 
 
 def test_a_worker_exception_is_500_for_its_requests_and_the_service_keeps_serving(tiny_run):
     run, _ = tiny_run
-    with running_server(ServeSettings(model=run)) as (url, worker):
+    with running_server(ServeSettings(model=run, engine_process=False)) as (url, worker):
         base = worker.base
         poisoned = int(base.conditioner.prompt_ids(["digit 9"])[0])
         original = base.prompt_embeds
@@ -271,6 +275,30 @@ def test_a_worker_exception_is_500_for_its_requests_and_the_service_keeps_servin
         assert httpx.post(f"{url}/v1/images", json={"prompt": "digit 2", "num": 2, "steps": 3}, timeout=30).status_code == 200
         assert metric(url, "invdiff_slots_occupied") == 0 and worker.queue_depth() == 0
         assert metric(url, 'invdiff_requests_total{status="500"}') == 1
+
+
+def test_the_engine_runs_in_a_process_of_its_own_and_its_death_is_a_500(tiny_run):
+    run, _ = tiny_run
+    with running_server(ServeSettings(model=run, max_batch=2)) as (url, worker):
+        from invdiff.sampling.engine_process import EngineProcess
+
+        assert isinstance(worker, EngineProcess) and worker._process.pid != os.getpid()
+        thread, result = _post_in_background(url, {"prompt": "digit 3", "num": 2, "steps": 1000, "seed": 0}, timeout=60)
+        wait_for(lambda: metric(url, "invdiff_slots_occupied") == 2, what="the request sampling in the engine process")
+        os.kill(worker._process.pid, signal.SIGKILL)  # out of memory, a crash in native code, ...
+        thread.join()
+        assert result == [500]
+        reply = httpx.post(f"{url}/v1/images", json={"prompt": "digit 3", "steps": 2}, timeout=30)
+        assert reply.status_code == 500 and "engine process exited unexpectedly" in reply.json()["detail"]
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and "engine process exited" in ready.json()["detail"]
+
+
+def test_a_model_that_fails_to_load_in_the_engine_process_is_one_error(tmp_path, capsys):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    assert main(["serve", "--model", str(bad)]) == 2
+    assert "is neither an invdiff base model, a run folder nor a Stable Diffusion folder" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ SIGTERM

@@ -234,7 +234,6 @@ class SamplingEngine:
         if n == 0:
             return {}
         x = self._x[:n]
-        base = self.denoiser.base
         expand = (slice(None),) + (None,) * len(self.shape)
         if self.fused_reason is None:
             coeffs = self._table[self._row[:n]]  # (n, NUM_COEFFS): the one gather of this step

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Optional
 
-from .service import EngineWorker, Metrics, ServeSettings, create_app
+from .service import Metrics, ServeSettings, create_app, make_worker
 
 
 def deployment(settings: ServeSettings, replicas: int = 1, gpus_per_replica: Optional[float] = None,
@@ -34,7 +34,7 @@ def deployment(settings: ServeSettings, replicas: int = 1, gpus_per_replica: Opt
     class InvDiffReplica:
         def __init__(self, fields: Dict):
             self.settings = ServeSettings(**fields)
-            self.worker = EngineWorker(self.settings, Metrics(self.settings.max_batch))
+            self.worker = make_worker(self.settings, Metrics(self.settings.max_batch))
             self.worker.load()
 
         def __serve_build_asgi_app__(self):
@@ -56,7 +56,8 @@ def app_builder(args: Dict[str, str]):
     unknown = sorted(set(args) - set(fields))
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown}; known: replicas, gpus_per_replica, cpus_per_replica, {sorted(fields)}")
-    casts = {"max_batch": int, "max_queue": int, "max_images_per_request": int, "drain_seconds": float, "eta_below_band": float}
+    casts = {"max_batch": int, "max_queue": int, "max_images_per_request": int, "drain_seconds": float, "eta_below_band": float,
+             "engine_process": lambda v: v.lower() in ("1", "true", "yes")}
     settings = ServeSettings(**{k: casts.get(k, str)(v) for k, v in args.items()})
     return deployment(settings, replicas, float(gpus) if gpus is not None else None, cpus)
 

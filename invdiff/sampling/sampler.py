@@ -10,7 +10,7 @@ tested against and as the eager baseline of the benchmarks.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from diffusers import DDIMScheduler
@@ -20,7 +20,7 @@ from ..models.base import FrozenBase
 from ..models.guidance import GuidanceModule, in_band
 from ..ops import cfg_combine
 from .engine import Request, SamplingEngine
-from .spec import latent_shape, make_scheduler
+from .spec import make_scheduler
 
 
 class GuidedDenoiser(torch.nn.Module):

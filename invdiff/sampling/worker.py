@@ -1,0 +1,366 @@
+"""The engine worker behind `invdiff serve`: one thread that owns the model and the device.
+
+HTTP handlers (service.py) never touch torch: they hand jobs to the worker, which takes new images
+into free engine slots between steps, drops cancelled ones, fails only the requests a failed step
+touched, and resolves each job's future with its images. engine_process.py runs the same worker
+in a process of its own.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+log = logging.getLogger("invdiff.serve")
+
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit seeds; image i uses seed + i
+MAX_STEPS = 1000
+MAX_GUIDANCE_SCALE = 50.0
+MAX_STRENGTH = 10.0
+PROMPT_TABLE_LIMIT = 4096  # prompts a text-encoder model's table holds before it is reset when idle
+
+
+class ServiceError(Exception):
+    """A request the service ends with an HTTP error: `status` and a message for the caller."""
+
+    def __init__(self, status: int, message: str, retry_after: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+@dataclass
+class ServeSettings:
+    """What `invdiff serve` was started with (plain data: it travels to Ray Serve replicas)."""
+
+    model: str
+    base: Optional[str] = None
+    device: Optional[str] = None  # None: cuda if available, else cpu
+    max_batch: int = 16  # engine slots: images sampled together
+    max_queue: int = 64  # images waiting for a slot; beyond it a request gets 429
+    max_images_per_request: int = 16
+    attention: str = "sdpa"
+    frozen_dtype: str = "fp32"
+    eta_below_band: Optional[float] = None  # as `invdiff sample --eta-below-band`
+    drain_seconds: float = 30.0  # SIGTERM: finish in-flight requests for at most this long
+    # The engine in a process of its own (engine_process.py), so that HTTP work never holds the
+    # GIL its sampling loop needs; False keeps it a thread of the server's process.
+    engine_process: bool = True
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_queue", "max_images_per_request"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_images_per_request > self.max_queue:
+            raise ValueError(f"max_images_per_request ({self.max_images_per_request}) cannot exceed "
+                             f"max_queue ({self.max_queue}): such a request could never be queued")
+        if self.frozen_dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"frozen_dtype must be fp32, bf16 or fp16, got {self.frozen_dtype!r}")
+        if not (self.drain_seconds >= 0 and math.isfinite(self.drain_seconds)):
+            raise ValueError(f"drain_seconds must be a finite number >= 0, got {self.drain_seconds}")
+
+
+@dataclass
+class ImageJob:
+    """One HTTP request: `num` images of one prompt, image i from seed + i.
+    images: filled by the worker, (C, H, W) float in [-1, 1] on the CPU."""
+
+    prompt: str
+    num: int
+    seed: int
+    steps: int
+    guidance_scale: float
+    strength: float
+    scheduler: str
+    created: float = field(default_factory=time.perf_counter)
+    job_id: int = -1
+    images: List = field(default_factory=list)
+    done: int = 0
+    started: Optional[float] = None  # when its first image took a slot
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own (several services, as in the
+    tests, do not collide in the global one)."""
+
+    def __init__(self, max_batch: int):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("invdiff_queue_depth", "images accepted and waiting for an engine slot", registry=r)
+        self.slots_occupied = Gauge("invdiff_slots_occupied", "engine slots sampling an image now", registry=r)
+        self.slots_total = Gauge("invdiff_slots_total", "engine slots (--max-batch)", registry=r)
+        self.slots_total.set(max_batch)
+        self.images_per_second = Gauge("invdiff_images_per_second", "images finished per second over the last 10 s", registry=r)
+        self.images = Counter("invdiff_images", "images delivered", registry=r)
+        self.requests = Counter("invdiff_requests", "requests answered, by HTTP status", ["status"], registry=r)
+        buckets = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+        self.latency = Histogram("invdiff_request_latency_seconds", "accepted request to its last image", buckets=buckets, registry=r)
+        self.queue_wait = Histogram("invdiff_queue_wait_seconds", "accepted request to its first image taking a slot",
+                                    buckets=buckets, registry=r)
+        self.step_seconds = Histogram("invdiff_step_seconds", "one engine step (UNet batch and the fused update)",
+                                      buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class EngineWorker:
+    """The one thread that owns the model and the device.
+
+    One `SamplingEngine` per (scheduler, strength) that requests ask for (engines differ in their
+    schedule and combine coefficients), created on first use and stepped in turn; each image of a
+    job is one engine request. Handlers talk to it only through `submit` and `cancel`, which put
+    a message in the inbox; the worker applies them between steps.
+    """
+
+    def __init__(self, settings: ServeSettings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self._inbox: "queue.Queue[Tuple[str, ImageJob]]" = queue.Queue()
+        self._lock = threading.Lock()  # guards the counters handlers read
+        self._outstanding = 0  # images accepted and not yet delivered, failed or cancelled
+        self._occupied = 0
+        self._step_rate = 0.0  # image-steps per second, smoothed: for Retry-After
+        self._finished_at: List[float] = []
+        self._ids = itertools.count()
+        self._jobs: Dict[int, ImageJob] = {}
+        self._owner: Dict[int, Tuple[ImageJob, int, Tuple[str, float]]] = {}  # engine request id -> (job, image index, engine key)
+        self._engines: Dict[Tuple[str, float], object] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._deadline: Optional[float] = None
+        # Called with a count whenever images leave the worker (delivered, failed or cancelled):
+        # an EngineProcess tells its parent, which keeps the queue depth that 429s are decided on.
+        self.on_released: Optional[Callable[[int], None]] = None
+        self.ready = threading.Event()
+        self.load_error: Optional[BaseException] = None
+        self.base = self.guidance = None
+        self.size: Tuple[Optional[int], Optional[int]] = (None, None)
+        self.known_prompts: Optional[frozenset] = None  # None: any prompt (a text encoder)
+        self.num_train_timesteps = MAX_STEPS
+
+    # ----------------------------------------------------------------- loading (caller's thread)
+    def load(self) -> None:
+        """Load the model (before the server takes requests: a bad folder fails the start)."""
+        import torch
+
+        from ..models.conditioner import PromptEmbedding
+        from ..models.sd import set_attention
+        from ..runs import load_model, sampling_size
+
+        s = self.settings
+        device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.size = sampling_size(s.model)
+        base, guidance = load_model(s.model, s.base, frozen_dtype=s.frozen_dtype)
+        self.attention = set_attention(base.unet, s.attention)
+        self.base = base.to(device)
+        self.guidance = guidance.to(device) if guidance is not None else None
+        self.device = device
+        if isinstance(base.conditioner, PromptEmbedding):
+            self.known_prompts = frozenset(base.conditioner.config.prompts)
+        self.num_train_timesteps = int(base.scheduler.config.num_train_timesteps)
+
+    # ----------------------------------------------------------------- handler side (any thread)
+    def queue_depth(self) -> int:
+        with self._lock:
+            return max(0, self._outstanding - self._occupied)
+
+    def submit(self, job: ImageJob) -> ImageJob:
+        """Accept `job` or raise ServiceError(429) when its images would overflow the queue."""
+        with self._lock:
+            waiting = self._outstanding - self._occupied
+            if self._stop.is_set():
+                raise ServiceError(503, "the server is shutting down; retry on another replica")
+            if waiting + job.num > self.settings.max_queue:
+                raise ServiceError(429, f"the queue is full ({waiting} images waiting, --max-queue {self.settings.max_queue}); "
+                                        "retry later", retry_after=self._retry_after(waiting + job.num, job.steps))
+            self._outstanding += job.num
+            if job.job_id < 0:  # an EngineProcess numbers its jobs itself
+                job.job_id = next(self._ids)
+        self._inbox.put(("submit", job))
+        return job
+
+    def cancel(self, job: ImageJob) -> None:
+        """The client went away: free the job's slots and drop its queued images."""
+        self._inbox.put(("cancel", job))
+
+    def _retry_after(self, waiting_images: int, steps: int) -> int:
+        # When this many images' steps would be done at the measured rate; at least 1 s.
+        rate = self._step_rate or 1.0
+        return int(min(300, max(1, math.ceil(waiting_images * steps / rate))))
+
+    # ----------------------------------------------------------------- the worker thread
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="invdiff-engine-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, deadline_seconds: float) -> None:
+        """Stop taking jobs; finish what is in flight for at most `deadline_seconds`, then fail
+        the rest with 503 and end the thread."""
+        self._deadline = time.perf_counter() + deadline_seconds
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            self._warm_up()
+        except BaseException as exc:  # readyz reports it; every request fails with it
+            log.exception("warm-up failed")
+            self.load_error = exc
+        self.ready.set()
+        while True:
+            busy = any(e.pending or e.active for e in self._engines.values())
+            if not busy:
+                self._trim_prompt_table()
+            self._drain_inbox(block=not busy)
+            if self._stop.is_set() and (not self._jobs or time.perf_counter() >= self._deadline):
+                break
+            for key, engine in list(self._engines.items()):
+                if engine.pending or engine.active:
+                    self._step(key, engine)
+        for job in list(self._jobs.values()):
+            self._fail(job, ServiceError(503, "the server shut down before this request finished"))
+
+    def _trim_prompt_table(self) -> None:
+        # A text encoder's table keeps one (L, D) row per prompt ever asked for (118 KB in fp16 at
+        # SD 1.5's 77 x 768). When no sample holds a prompt id, ids can be handed out afresh.
+        conditioner = self.base.conditioner if self.base is not None else None
+        if hasattr(conditioner, "reset_prompts") and len(conditioner.prompts) > PROMPT_TABLE_LIMIT:
+            conditioner.reset_prompts()
+
+    def _warm_up(self) -> None:
+        # One 1-step image through the default engine: loads kernels (Triton, the C++ step) and
+        # allocates the engine's buffers before readyz says yes.
+        if self.load_error is not None:
+            raise self.load_error
+        from .engine import Request
+
+        engine = self._engine(("ddim", 1.0))
+        prompt = sorted(self.known_prompts)[0] if self.known_prompts else ""
+        prompt_id = int(self.base.conditioner.prompt_ids([prompt])[0])
+        engine.run([Request(prompt_id, 0, steps=1, guidance_scale=1.0, request_id=-1)])
+
+    def _engine(self, key: Tuple[str, float]):
+        if key not in self._engines:
+            from .engine import SamplingEngine
+            from .sampler import GuidedDenoiser, below_band_eta
+
+            scheduler, strength = key
+            denoiser = GuidedDenoiser(self.base, self.guidance, strength)
+            eta_below, t_switch = below_band_eta(denoiser, scheduler, self.settings.eta_below_band, None)
+            self._engines[key] = SamplingEngine(denoiser, scheduler, max_batch=self.settings.max_batch, device=self.device,
+                                                eta_below=eta_below, t_switch=t_switch, height=self.size[0], width=self.size[1])
+        return self._engines[key]
+
+    def _drain_inbox(self, block: bool) -> None:
+        from .engine import Request
+
+        while True:
+            try:
+                kind, job = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if kind == "submit":
+                if self.load_error is not None:
+                    self._fail(job, ServiceError(500, f"the model failed to warm up: {type(self.load_error).__name__}: {self.load_error}"))
+                    continue
+                try:
+                    prompt_id = int(self.base.conditioner.prompt_ids([job.prompt])[0])  # here: an SD table grows
+                    key = (job.scheduler, float(job.strength))
+                    engine = self._engine(key)
+                except Exception as exc:
+                    self._fail(job, ServiceError(500, f"could not start the request: {type(exc).__name__}: {exc}"))
+                    continue
+                self._jobs[job.job_id] = job
+                job.images = [None] * job.num
+                for i in range(job.num):
+                    rid = next(self._ids)
+                    self._owner[rid] = (job, i, key)
+                    engine.submit(Request(prompt_id, job.seed + i, job.steps, job.guidance_scale, request_id=rid))
+            elif kind == "cancel" and job.job_id in self._jobs:
+                self._drop(job)
+                self._count_done(job.num - job.done)
+
+    def _step(self, key, engine) -> None:
+        start = time.perf_counter()
+        before = engine.slot_steps
+        try:
+            finished = engine.step()
+        except Exception as exc:  # the images in this batch fail; the service keeps serving
+            log.exception("engine step failed")
+            failed = {r.request_id for r in engine.abort_active()}
+            error = ServiceError(500, f"sampling failed in the worker: {type(exc).__name__}: {exc}")
+            for job in {self._owner[rid][0].job_id: self._owner[rid][0] for rid in failed if rid in self._owner}.values():
+                self._fail(job, error)
+            self._update_occupancy()
+            return
+        elapsed = time.perf_counter() - start
+        self.metrics.step_seconds.observe(elapsed)
+        if elapsed > 0:
+            rate = (engine.slot_steps - before) / elapsed
+            self._step_rate = rate if not self._step_rate else 0.8 * self._step_rate + 0.2 * rate
+        now = time.perf_counter()
+        for rid in engine.active_ids():
+            job = self._owner[rid][0]
+            if job.started is None:
+                job.started = now
+                self.metrics.queue_wait.observe(now - job.created)
+        for rid, image in finished.items():
+            owner = self._owner.pop(rid, None)
+            if owner is None:
+                continue
+            job, i, _ = owner
+            job.images[i] = image
+            job.done += 1
+            self._count_done(1)
+            self._finished_at.append(now)
+            if job.done == job.num:
+                del self._jobs[job.job_id]
+                self.metrics.latency.observe(now - job.created)
+                self.metrics.images.inc(job.num)
+                job.future.set_result(job.images)
+        self._finished_at = [t for t in self._finished_at if t > now - 10.0]
+        self.metrics.images_per_second.set(len(self._finished_at) / 10.0)
+        self._update_occupancy()
+
+    def _update_occupancy(self) -> None:
+        occupied = sum(e.active for e in self._engines.values())
+        with self._lock:
+            self._occupied = occupied
+        self.metrics.slots_occupied.set(occupied)
+        self.metrics.queue_depth.set(self.queue_depth())
+
+    def _count_done(self, images: int) -> None:
+        with self._lock:
+            self._outstanding -= images
+        if self.on_released is not None:
+            self.on_released(images)
+
+    def _drop(self, job: ImageJob) -> None:
+        """Remove the job's images from the engines (queued or in a slot)."""
+        self._jobs.pop(job.job_id, None)
+        for rid in [rid for rid, (owner, _, _) in self._owner.items() if owner is job]:
+            _, _, key = self._owner.pop(rid)
+            self._engines[key].cancel(rid)
+        self._update_occupancy()
+
+    def _fail(self, job: ImageJob, error: ServiceError) -> None:
+        if job.job_id in self._jobs:
+            self._drop(job)
+        self._count_done(job.num - job.done)
+        if not job.future.done():
+            job.future.set_exception(error)
