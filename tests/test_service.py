@@ -233,6 +233,9 @@ def test_a_full_queue_is_429_with_retry_after_and_accepted_requests_finish(tiny_
         assert refused.status_code == 429
         assert int(refused.headers["retry-after"]) >= 1
         assert "queue is full" in refused.json()["detail"]
+        # Shed before the body is read: even a malformed request gets the 429, not a 422.
+        shed = httpx.post(f"{url}/v1/images", content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+        assert shed.status_code == 429 and int(shed.headers["retry-after"]) >= 1
         first.join(), second.join()
         assert first_result == [200] and second_result == [200]  # accepted work is never dropped
         assert worker.queue_depth() == 0
@@ -366,3 +369,14 @@ def test_ray_serve_two_replicas_on_local_ray(tiny_run):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_the_serve_run_builder_reads_its_arguments(tiny_run):
+    from ray.serve import Application
+
+    from invdiff.sampling.ray_serve import app_builder
+
+    app = app_builder({"model": tiny_run[0], "replicas": "2", "max_batch": "4", "engine_process": "false", "device": "cpu"})
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['batch'\]"):
+        app_builder({"model": tiny_run[0], "batch": "4"})

@@ -29,7 +29,7 @@ import signal
 import threading
 from typing import Dict, Optional
 
-from .worker import EngineWorker, ImageJob, Metrics, ServeSettings, ServiceError
+from .worker import EngineWorker, ImageJob, Metrics, ServeSettings, ServiceError, retry_after_seconds
 
 # ImageJob fields that travel to the child (the future and the images do not).
 _JOB_FIELDS = ("prompt", "num", "seed", "steps", "guidance_scale", "strength", "scheduler", "job_id")
@@ -113,15 +113,17 @@ class EngineProcess:
                 raise ServiceError(500, f"the engine failed: {self.load_error}")
             waiting = self._submitted - self._released - self._occupied
             if waiting + job.num > self.settings.max_queue:
-                rate = self._step_rate or 1.0
-                retry = int(min(300, max(1, -(-(waiting + job.num) * job.steps // rate))))
                 raise ServiceError(429, f"the queue is full ({waiting} images waiting, --max-queue {self.settings.max_queue}); "
-                                        "retry later", retry_after=retry)
+                                        "retry later", retry_after=self.retry_after(waiting + job.num, job.steps))
             self._submitted += job.num
             job.job_id = next(self._ids)
             self._jobs[job.job_id] = job
         self._send(("submit", {name: getattr(job, name) for name in _JOB_FIELDS}))
         return job
+
+    def retry_after(self, waiting_images: int, steps: int = 25) -> int:
+        """As EngineWorker.retry_after, from the step rate the child reports."""
+        return retry_after_seconds(waiting_images, steps, self._step_rate)
 
     def cancel(self, job: ImageJob) -> None:
         """The client went away: the child frees the job's slots (and reports them released)."""

@@ -26,6 +26,13 @@ MAX_STRENGTH = 10.0
 PROMPT_TABLE_LIMIT = 4096  # prompts a text-encoder model's table holds before it is reset when idle
 
 
+def retry_after_seconds(waiting_images: int, steps: int, image_steps_per_s: float) -> int:
+    """A 429's Retry-After: when `waiting_images` images of `steps` steps would be done at the
+    measured rate (1 image-step/s before any step was measured); between 1 and 300 s."""
+    rate = image_steps_per_s or 1.0
+    return int(min(300, max(1, math.ceil(waiting_images * steps / rate))))
+
+
 class ServiceError(Exception):
     """A request the service ends with an HTTP error: `status` and a message for the caller."""
 
@@ -184,7 +191,7 @@ class EngineWorker:
                 raise ServiceError(503, "the server is shutting down; retry on another replica")
             if waiting + job.num > self.settings.max_queue:
                 raise ServiceError(429, f"the queue is full ({waiting} images waiting, --max-queue {self.settings.max_queue}); "
-                                        "retry later", retry_after=self._retry_after(waiting + job.num, job.steps))
+                                        "retry later", retry_after=self.retry_after(waiting + job.num, job.steps))
             self._outstanding += job.num
             if job.job_id < 0:  # an EngineProcess numbers its jobs itself
                 job.job_id = next(self._ids)
@@ -195,10 +202,10 @@ class EngineWorker:
         """The client went away: free the job's slots and drop its queued images."""
         self._inbox.put(("cancel", job))
 
-    def _retry_after(self, waiting_images: int, steps: int) -> int:
-        # When this many images' steps would be done at the measured rate; at least 1 s.
-        rate = self._step_rate or 1.0
-        return int(min(300, max(1, math.ceil(waiting_images * steps / rate))))
+    def retry_after(self, waiting_images: int, steps: int = 25) -> int:
+        """Seconds until `waiting_images` images of `steps` steps would be done at the measured
+        step rate (Retry-After of a 429); at least 1, at most 300."""
+        return retry_after_seconds(waiting_images, steps, self._step_rate)
 
     # ----------------------------------------------------------------- the worker thread
     def start(self) -> None:
