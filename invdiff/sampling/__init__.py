@@ -6,10 +6,13 @@ the offline job and the HTTP service.
     engine.py       SamplingEngine: continuous batching of requests on the device
     sampler.py      GuidedDenoiser, sample (the engine), sample_unfused (the plain loop)
     job.py          `invdiff sample --prompts`: the resumable offline job
-    service.py      `invdiff serve`: the engine behind a FastAPI app (and Ray Serve)
+    worker.py       the serving engine's worker thread (admission, cancellation, failures)
+    engine_process.py  that worker in a process of its own
+    service.py      `invdiff serve`: the FastAPI app around a worker
+    ray_serve.py    the app as a Ray Serve deployment
 
-Imports run one way (spec, step_coeffs -> engine -> sampler -> job, service), so there is no
-cycle; tests/test_sampling_imports.py checks it. The names below load their module on first use
+Imports run one way (spec, step_coeffs -> engine -> sampler -> job, worker -> engine_process ->
+service -> ray_serve), so there is no cycle; tests/test_sampling_imports.py checks it. The names below load their module on first use
 (PEP 562), so `import invdiff.sampling.step_coeffs` does not import diffusers' pipelines.
 """
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Why a process: the HTTP side (parsing, validation, 429s, PNG and base64 encoding) runs Python
 for every request, and in the worker's process it would hold the GIL that the sampling loop
-needs between its torch calls. Measured on the CPU with short requests, the in-process worker
-delivered 0.76 of the offline engine's images/s under overload; the engine alone, without HTTP,
-delivered 1.07 (benchmarks/RESULTS.md). A spawned process has its own interpreter, so HTTP work
-costs the engine nothing while a core is free.
+needs between its torch calls. On the CPU with short requests the in-process worker delivered
+about three quarters of the offline engine's images/s under overload, while the same worker
+without HTTP kept the offline rate. A spawned process has its own interpreter, so HTTP work costs
+the engine nothing while a core is free (benchmarks/RESULTS.md, "invdiff serve under load").
 
 The parent keeps admission control (the queue depth that 429s are decided on) and the futures
 the handlers await; the child owns the model and the device and runs an `EngineWorker`. They talk
