@@ -2,6 +2,8 @@
 scheduler.step, and its input checks, dispatch, registration and guarded load."""
 import copy
 import itertools
+import os
+import zlib
 
 import pytest
 import torch
@@ -145,6 +147,9 @@ def _diffusers_schedulers():
 SCHEDULERS = dict(_diffusers_schedulers())
 
 
+SEED_OFFSET = int(os.environ.get("INVDIFF_TEST_SEED_OFFSET", "0"))  # other draws, for checking the tolerance
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_each_sample_matches_diffusers_step_at_its_own_timestep(name, eta):
@@ -158,7 +163,9 @@ def test_each_sample_matches_diffusers_step_at_its_own_timestep(name, eta):
         return
     steps, batch, shape = 10, 6, (3, 8, 8)
     plan = plan_steps(scheduler, steps, eta)
-    gen = torch.Generator().manual_seed(hash(name) % 1000)
+    # zlib.crc32, not hash(): str hashes change with every process (PYTHONHASHSEED), which made
+    # this test draw new inputs on each run.
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) % 1000 + SEED_OFFSET)
     k = torch.randint(0, steps, (batch,), generator=gen)
     scales = torch.rand(batch, generator=gen, dtype=torch.float64) * 6
     x = torch.randn(batch, *shape, generator=gen) * 2
@@ -186,8 +193,12 @@ def test_each_sample_matches_diffusers_step_at_its_own_timestep(name, eta):
         kwargs = {"eta": eta, "generator": torch.Generator().manual_seed(seeds[i])} if is_ddim else {
             "generator": torch.Generator().manual_seed(seeds[i])}
         expected = sched.step(m, t, x[i : i + 1], **kwargs).prev_sample
-        # Euler with sigma_max ~ 1e1..1e4 cancels x against x0 in fp32: allow the ulp of |x|.
-        atol = 1e-5 + 4 * torch.finfo(torch.float32).eps * float(x[i].abs().max()) * float(plan.coeffs[k[i], Col.PREV_FROM_X].abs() + 1)
+        # Euler with sigma_max ~ 1e1..1e4 cancels x against x0 (and sigma * m) in fp32: allow a few
+        # ulps of each term that enters x_prev, |x| times its coefficient and |m| times m's.
+        c = plan.coeffs[k[i]].abs()
+        m_coeff = float(c[Col.PREV_FROM_X0] * c[Col.X0_FROM_M] + c[Col.PREV_FROM_EPS] * (c[Col.EPS_FROM_M] + c[Col.EPS_FROM_X0] * c[Col.X0_FROM_M]))
+        ulp = torch.finfo(torch.float32).eps
+        atol = 1e-5 + 4 * ulp * (float(x[i].abs().max()) * float(c[Col.PREV_FROM_X] + 1) + float(m.abs().max()) * m_coeff)
         torch.testing.assert_close(fused[i : i + 1], expected, rtol=1e-5, atol=atol, msg=lambda msg: f"{name} row {i} (step {int(k[i])}): {msg}")
 
 
