@@ -25,7 +25,6 @@ is free.
 """
 import argparse
 import asyncio
-import json
 import os
 import random
 import signal
@@ -59,15 +58,14 @@ def offline_rates(model: str, requests: List[Dict], max_batch: int, threads: int
     import torch
 
     from invdiff.runs import load_model
-    from invdiff.sampling import GuidedDenoiser, Request, SamplingEngine, below_band_eta
+    from invdiff.sampling import GuidedDenoiser, Request, sampling_engine
 
     torch.set_num_threads(threads)
     base, guidance = load_model(model)
     denoiser = GuidedDenoiser(base, guidance, 1.0)
-    eta_below, t_switch = below_band_eta(denoiser, "ddim", None, None)
     wall, cpu = [], []
     for _ in range(repeats):
-        engine = SamplingEngine(denoiser, "ddim", max_batch=max_batch, eta_below=eta_below, t_switch=t_switch)
+        engine = sampling_engine(denoiser, "ddim", max_batch)
         engine.run([Request(0, 0, steps=2, guidance_scale=2.0)])  # warm-up
         images = []
         for r in requests:

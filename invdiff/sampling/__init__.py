@@ -25,7 +25,7 @@ _EXPORTS = {
     "plan_steps": "step_coeffs", "guidance_columns": "step_coeffs",
     "Request": "engine", "SamplingEngine": "engine",
     "GuidedDenoiser": "sampler", "sample": "sampler", "sample_unfused": "sampler", "prompts_to_ids": "sampler",
-    "below_band_eta": "sampler", "initial_noise": "sampler", "STOCHASTIC_BELOW_BAND": "sampler",
+    "below_band_eta": "sampler", "sampling_engine": "sampler", "initial_noise": "sampler", "STOCHASTIC_BELOW_BAND": "sampler",
     "run_sample_job": "job", "read_prompts": "job", "load_samples": "job",
 }
 

@@ -29,7 +29,7 @@ import signal
 import threading
 from typing import Dict, Optional
 
-from .worker import EngineWorker, ImageJob, Metrics, ServeSettings, ServiceError, retry_after_seconds
+from .worker import EngineWorker, ImageJob, Metrics, ServeSettings, ServiceError, queue_full_message, retry_after_seconds
 
 # ImageJob fields that travel to the child (the future and the images do not).
 _JOB_FIELDS = ("prompt", "num", "seed", "steps", "guidance_scale", "strength", "scheduler", "job_id")
@@ -113,8 +113,8 @@ class EngineProcess:
                 raise ServiceError(500, f"the engine failed: {self.load_error}")
             waiting = self._submitted - self._released - self._occupied
             if waiting + job.num > self.settings.max_queue:
-                raise ServiceError(429, f"the queue is full ({waiting} images waiting, --max-queue {self.settings.max_queue}); "
-                                        "retry later", retry_after=self.retry_after(waiting + job.num, job.steps))
+                raise ServiceError(429, queue_full_message(waiting, self.settings.max_queue),
+                                   retry_after=self.retry_after(waiting + job.num, job.steps))
             self._submitted += job.num
             job.job_id = next(self._ids)
             self._jobs[job.job_id] = job

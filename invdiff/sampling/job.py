@@ -254,8 +254,8 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
     from ..models.sd import set_attention
     from ..report import save_png, to_uint8
     from ..runs import load_model, sampling_size
-    from .engine import Request, SamplingEngine
-    from .sampler import GuidedDenoiser, below_band_eta
+    from .engine import Request
+    from .sampler import GuidedDenoiser, sampling_engine
 
     rank, world = init_from_env()
     items = read_prompts(prompts_file, num, seed, guidance_scale)
@@ -288,9 +288,7 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
     prompts = sorted({it.prompt for it in items})
     id_of = dict(zip(prompts, base.conditioner.prompt_ids(prompts).tolist()))
     denoiser = GuidedDenoiser(base, guidance, strength)
-    eta_below, t_switch = below_band_eta(denoiser, scheduler, eta_below, None)
-    engine = SamplingEngine(denoiser, scheduler, max_batch=batch_size, eta_below=eta_below, t_switch=t_switch,
-                            height=height, width=width)
+    engine = sampling_engine(denoiser, scheduler, batch_size, eta_below=eta_below, height=height, width=width)
     for it in mine:
         engine.submit(Request(id_of[it.prompt], it.seed, steps, it.guidance_scale, request_id=it.item_id))
 

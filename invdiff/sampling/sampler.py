@@ -106,6 +106,17 @@ def initial_noise(shape, seeds: Sequence[int]):
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
 
 
+def sampling_engine(denoiser: GuidedDenoiser, scheduler: str = "ddim", max_batch: int = 64, *, device=None, eta: float = 0.0,
+                    eta_below: Optional[float] = None, band_start: Optional[int] = None,
+                    height: Optional[int] = None, width: Optional[int] = None) -> SamplingEngine:
+    """The engine `sample`, `invdiff sample --prompts` and `invdiff serve` all sample with: the
+    per-step eta of `below_band_eta` and the given image size. Building it in one place is what
+    keeps their images equal for the same request."""
+    eta_below, t_switch = below_band_eta(denoiser, scheduler, eta_below, band_start)
+    return SamplingEngine(denoiser, scheduler, max_batch=max_batch, device=device, eta=eta, eta_below=eta_below,
+                          t_switch=t_switch, height=height, width=width)
+
+
 @torch.no_grad()
 def sample(
     denoiser: GuidedDenoiser,
@@ -136,9 +147,8 @@ def sample(
         raise ValueError(f"{len(seeds)} seeds for {prompt_ids.numel()} prompts")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    eta_below, t_switch = below_band_eta(denoiser, scheduler, eta_below, band_start)
-    engine = SamplingEngine(denoiser, scheduler, max_batch=batch_size, device=device, eta=eta, eta_below=eta_below, t_switch=t_switch,
-                            height=height, width=width)
+    engine = sampling_engine(denoiser, scheduler, batch_size, device=device, eta=eta, eta_below=eta_below, band_start=band_start,
+                             height=height, width=width)
     requests = [Request(int(p), int(s), steps, guidance_scale, request_id=i) for i, (p, s) in enumerate(zip(prompt_ids.tolist(), seeds))]
     images = engine.run(requests, progress=progress)
     return torch.stack([images[i] for i in range(len(requests))])

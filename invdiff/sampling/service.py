@@ -32,7 +32,7 @@ import time
 from typing import List, Literal, Optional
 
 from .spec import SCHEDULERS
-from .worker import SEED_LIMIT, MAX_GUIDANCE_SCALE, MAX_STEPS, MAX_STRENGTH, EngineWorker, ImageJob, Metrics, ServeSettings, ServiceError  # noqa: F401
+from .worker import SEED_LIMIT, MAX_GUIDANCE_SCALE, MAX_STEPS, MAX_STRENGTH, EngineWorker, ImageJob, Metrics, ServeSettings, ServiceError, queue_full_message  # noqa: F401
 
 log = logging.getLogger("invdiff.serve")
 SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"  # which replica answered: for logs and load balancing checks
@@ -112,8 +112,7 @@ class ShedWhenFull:
         if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/images"
                 and worker is not None and worker.ready.is_set() and worker.queue_depth() >= self.max_queue):
             waiting = worker.queue_depth()
-            body = json.dumps({"detail": f"the queue is full ({waiting} images waiting, --max-queue {self.max_queue}); "
-                                         "retry later"}).encode()
+            body = json.dumps({"detail": queue_full_message(waiting, self.max_queue)}).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                        (b"retry-after", str(worker.retry_after(waiting)).encode())]
             self.metrics.requests.labels("429").inc()

@@ -33,6 +33,10 @@ def retry_after_seconds(waiting_images: int, steps: int, image_steps_per_s: floa
     return int(min(300, max(1, math.ceil(waiting_images * steps / rate))))
 
 
+def queue_full_message(waiting: int, max_queue: int) -> str:
+    return f"the queue is full ({waiting} images waiting, --max-queue {max_queue}); retry later"
+
+
 class ServiceError(Exception):
     """A request the service ends with an HTTP error: `status` and a message for the caller."""
 
@@ -190,8 +194,8 @@ class EngineWorker:
             if self._stop.is_set():
                 raise ServiceError(503, "the server is shutting down; retry on another replica")
             if waiting + job.num > self.settings.max_queue:
-                raise ServiceError(429, f"the queue is full ({waiting} images waiting, --max-queue {self.settings.max_queue}); "
-                                        "retry later", retry_after=self.retry_after(waiting + job.num, job.steps))
+                raise ServiceError(429, queue_full_message(waiting, self.settings.max_queue),
+                                   retry_after=self.retry_after(waiting + job.num, job.steps))
             self._outstanding += job.num
             if job.job_id < 0:  # an EngineProcess numbers its jobs itself
                 job.job_id = next(self._ids)
@@ -262,14 +266,12 @@ class EngineWorker:
 
     def _engine(self, key: Tuple[str, float]):
         if key not in self._engines:
-            from .engine import SamplingEngine
-            from .sampler import GuidedDenoiser, below_band_eta
+            from .sampler import GuidedDenoiser, sampling_engine
 
             scheduler, strength = key
-            denoiser = GuidedDenoiser(self.base, self.guidance, strength)
-            eta_below, t_switch = below_band_eta(denoiser, scheduler, self.settings.eta_below_band, None)
-            self._engines[key] = SamplingEngine(denoiser, scheduler, max_batch=self.settings.max_batch, device=self.device,
-                                                eta_below=eta_below, t_switch=t_switch, height=self.size[0], width=self.size[1])
+            self._engines[key] = sampling_engine(GuidedDenoiser(self.base, self.guidance, strength), scheduler,
+                                                 self.settings.max_batch, device=self.device,
+                                                 eta_below=self.settings.eta_below_band, height=self.size[0], width=self.size[1])
         return self._engines[key]
 
     def _drain_inbox(self, block: bool) -> None:
