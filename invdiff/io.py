@@ -4,15 +4,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from contextlib import contextmanager
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
-import torch
+if TYPE_CHECKING:  # torch only in annotations: the command line reads files with this module before importing torch
+    import torch
 
 
-class CheckpointError(RuntimeError):
-    """A missing, corrupt or mismatched checkpoint or run folder."""
+from .errors import CheckpointError  # noqa: F401 (torch-free home; re-exported)
 
 
 def path_inside(folder: str, name: str) -> Optional[str]:
@@ -61,7 +60,9 @@ def apply_umask(path: str) -> None:
 
 
 def _unique_sibling(directory: str, prefix: str) -> str:
-    return os.path.join(directory, f"{prefix}{os.getpid()}.{uuid.uuid4().hex[:12]}")
+    from .outputs import temporary_name
+
+    return temporary_name(directory, prefix)
 
 
 @contextmanager
@@ -147,19 +148,30 @@ def read_json(path: str, what: str) -> Dict:
 
 
 @contextmanager
-def staged_directory(final: str):
+def staged_directory(final: str, kind: Optional[str] = None):
     """Build a whole output folder next to `final` and swap it in only when complete.
 
     If `final` already exists its content is replaced only after the new one is fully written,
-    so an interrupted run leaves the previous output untouched.
+    so an interrupted run leaves the previous output untouched. kind: the output's kind
+    (outputs.KIND_NAMES); when given, the folder gets invdiff's marker listing what was written,
+    which is what lets a later `--overwrite` replace it (outputs.check_output_folder). Staging
+    folders that a killed process left beside `final` are removed first (outputs.sweep_stale_temporaries).
     """
+    from .outputs import sweep_stale_temporaries, write_marker
+
+    if os.path.islink(final):  # the swap would replace the link and leave its target as it was
+        raise CheckpointError(f"{final!r} is a symbolic link; write to the folder it points to instead")
     parent = os.path.dirname(os.path.abspath(final)) or "."
     os.makedirs(parent, exist_ok=True)
+    prefix = "." + os.path.basename(os.path.abspath(final)) + ".partial."
+    sweep_stale_temporaries(parent, prefix)
     # Not tempfile.mkdtemp, which makes the folder 0700 (and the swapped-in output with it).
-    stage = _unique_sibling(parent, "." + os.path.basename(os.path.abspath(final)) + ".partial.")
+    stage = _unique_sibling(parent, prefix)
     os.mkdir(stage)
     try:
         yield stage
+        if kind is not None:
+            write_marker(stage, kind, os.listdir(stage))
         apply_umask(stage)  # what save_pretrained wrote through safetensors is 0600
         if os.path.isdir(final):
             old = stage + ".old"

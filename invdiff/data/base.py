@@ -14,8 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 
-class DataError(ValueError):
-    """Bad user data: an empty folder, missing files, mixed sizes, a bad bias level."""
+from ..errors import DataError  # noqa: F401 (torch-free home; re-exported)
 
 
 @dataclasses.dataclass

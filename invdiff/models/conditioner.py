@@ -15,9 +15,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 
-class UnknownPromptError(KeyError):
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0])
+from ..errors import UnknownPromptError  # noqa: F401 (torch-free home; re-exported)
 
 
 class PromptEmbedding(ModelMixin, ConfigMixin):
