@@ -183,7 +183,10 @@ class InvDiffPipeline(DiffusionPipeline):
         G_psi from `guidance/` (diffusers does not know invdiff's classes; a LoRA G attaches its
         adapters to the loaded UNet, so it comes second). Every weights folder is checked first.
         A run folder that refers to its base loads the frozen components from the base, from
-        `base` if given (the base moved), once its content hash matches the run's record."""
+        `base` if given (the base moved), once its content hash matches the run's record. A hub id
+        loads only where the user allowed downloads (hub.py); else it is "does not exist"."""
+        from .errors import CheckpointError
+        from .hub import does_not_exist_message, downloads_allowed, looks_like_hub_id
         from .io import require_safetensors
         from .models.base_reference import refers_to_base, resolve_base
         from .models.sd import SD_WEIGHTED_COMPONENTS
@@ -198,6 +201,10 @@ class InvDiffPipeline(DiffusionPipeline):
         elif base is not None:
             raise ValueError(f"{path!r} is no run folder that refers to its base model: a base to load it with "
                              "(base=, invdiff sample --base) applies only to those")
+        if not os.path.exists(source) and not (looks_like_hub_id(source) and downloads_allowed()):
+            raise CheckpointError(does_not_exist_message(source, "pipeline folder"))
+        # Nothing may retry over the network unless the user allowed downloads.
+        kwargs.setdefault("local_files_only", not downloads_allowed())
         for component in SD_WEIGHTED_COMPONENTS:
             if os.path.isdir(os.path.join(source, component)):  # else a hub id, or diffusers names what is missing
                 require_safetensors(os.path.join(source, component), f"the pipeline's {component}")

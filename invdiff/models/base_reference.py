@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 from ..io import PICKLED_WEIGHTS, CheckpointError, read_json
 from .sd import SD_COMPONENTS
 
-RUN_META = "invdiff_run.json"
+from ..model_folders import RUN_META  # noqa: E402 (torch-free home; re-exported)
 REFERENCE_KEY = "base_reference"
 _CHUNK = 16 << 20  # bytes read per hashing step: large reads, bounded memory
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -92,11 +92,7 @@ def describe_hub_base(hub_id: str) -> Optional[Dict]:
     return {"hub_id": hub_id, "revision": revision} if _COMMIT.fullmatch(revision) else None
 
 
-def refers_to_base(path: str) -> bool:
-    """A run folder that records its base rather than holding it: invdiff_run.json without the
-    base's files (a --copy-base SD run has model_index.json, an embedded run has base/)."""
-    return (os.path.isfile(os.path.join(path, RUN_META)) and not os.path.isfile(os.path.join(path, "model_index.json"))
-            and not os.path.isdir(os.path.join(path, "base")))
+from ..model_folders import refers_to_base  # noqa: E402,F401 (torch-free home, for the CLI; re-exported)
 
 
 def read_base_reference(run_dir: str) -> Dict:
@@ -145,16 +141,40 @@ def check_local_base(folder: str, reference: Dict, run_dir: str) -> None:
             "(invdiff sample --base DIR, or base=DIR in Python), or make the run again")
 
 
+def cached_hub_base(hub_id: str, revision: str, run_dir: str) -> str:
+    """The snapshot folder of `hub_id` at commit `revision` in the local hub cache, for a run
+    folder that refers to a hub base. Never downloads, whatever downloads are allowed: the run
+    folder chose that id, not the user. Not in the cache (or only some of its parts): a one-line
+    CheckpointError that says how to proceed."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(hub_id, "model_index.json", revision=revision)
+    except ValueError as exc:  # an id or revision the hub library refuses (HFValidationError)
+        raise CheckpointError(f"run folder {run_dir!r} names the hub base {hub_id!r} at {revision!r} in its {RUN_META}, "
+                              f"which is no valid hub id and revision ({exc}); the run folder is damaged") from exc
+    snapshot = os.path.dirname(cached) if isinstance(cached, str) else None
+    if snapshot is None or not all(os.path.isdir(os.path.join(snapshot, part)) for part in SD_COMPONENTS):
+        raise CheckpointError(
+            f"run {run_dir!r} refers to its base as the hub model {hub_id!r} at commit {revision}, which is not "
+            f"{'all ' if snapshot else ''}in the local hub cache ({constants.HF_HUB_CACHE}), and invdiff does not "
+            "download a model a run folder names: download it yourself "
+            f"(hf download {hub_id} --revision {revision}), or point HF_HUB_CACHE at a cache that holds it")
+    return snapshot
+
+
 def resolve_base(run_dir: str, base: Optional[str] = None) -> Tuple[str, Optional[str]]:
-    """(where to load the base of `run_dir` from, the hub revision to load or None), after checking
-    it against the run's reference. `base`: the base at a new place (a local folder), checked
-    the same way. A missing base or a changed one is a CheckpointError."""
+    """(the local folder to load the base of `run_dir` from, None), after checking it against the
+    run's reference. `base`: the base at a new place (a local folder), checked the same way. A
+    base the run names by hub id loads from its snapshot in the local hub cache, never from the
+    network (see cached_hub_base). A missing base or a changed one is a CheckpointError. The
+    second item, once a hub revision to load, is always None now: kept for the callers."""
     reference = read_base_reference(run_dir)
     if not _is_local(reference):
         if base is not None:
             raise ValueError(f"run {run_dir!r} refers to the hub id {reference['hub_id']!r} at commit "
                              f"{reference['revision']}, not to a folder: it loads from the hub cache, and base= does not apply")
-        return reference["hub_id"], reference["revision"]
+        return cached_hub_base(reference["hub_id"], reference["revision"], run_dir), None
     folder = reference["path"] if base is None else base
     if not os.path.isdir(folder):
         given = "given as its base" if base is not None else "which it refers to as its base"

@@ -1,7 +1,7 @@
 """Stable Diffusion class models as the frozen base: UNet + VAE + CLIP text encoder, in latent space.
 
 A diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/,
-model_index.json), or a hub id where the network allows it, loads as a `LatentDiffusionBase`.
+model_index.json), or a hub id where the user allowed downloads (hub.py), loads as a `LatentDiffusionBase`.
 It offers the interface the rest of invdiff uses for the embedded model (`eps`, `prompt_embeds`,
 `conditioner.null_id`, `scheduler`, `save_pretrained`), so the max step, the min step and the
 samplers run unchanged on latents. What is frozen is computed once and cached:
@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..hub import does_not_exist_message, downloads_allowed
+from ..hub import looks_like_hub_id as reads_as_hub_id
 from ..io import CheckpointError, apply_umask, atomic_path, atomic_write_json, require_safetensors
 from .base import FrozenBase
 
@@ -27,23 +29,17 @@ ATTENTION_BACKENDS = ("sdpa", "xformers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class AttentionBackendError(RuntimeError):
-    pass
+from ..errors import AttentionBackendError  # noqa: F401 (torch-free home; re-exported)
 
 
-def is_sd_folder(path: str) -> bool:
-    """A diffusers pipeline folder (it has model_index.json)."""
-    return os.path.isfile(os.path.join(path, "model_index.json"))
-
-
-def vae_downsampling_factor(vae_config) -> int:
-    """Pixels per latent cell along a side of an AutoencoderKL with this config (a dict or the
-    model's config): 2 ** (number of down blocks - 1)."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+from ..model_folders import is_sd_folder, vae_downsampling_factor  # noqa: F401,E402 (torch-free home; re-exported)
 
 
 def looks_like_hub_id(path: str) -> bool:
-    return not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/"))
+    """`path` is a hub id invdiff may load: it reads as one (hub.looks_like_hub_id) and downloads
+    are allowed (hub.downloads_allowed). Otherwise False, so that a caller deciding whether
+    `path` is a Stable Diffusion base answers that it does not exist."""
+    return reads_as_hub_id(path) and downloads_allowed()
 
 
 def set_attention(unet, backend: str = "sdpa") -> str:
@@ -278,19 +274,28 @@ class LatentDiffusionBase(FrozenBase):
                 )
             for component in SD_WEIGHTED_COMPONENTS:
                 require_safetensors(os.path.join(path, component), f"the Stable Diffusion {component}")
+            # A damaged config is one line naming the file and key, not a diffusers traceback.
+            from ..model_folders import read_unet_config, read_vae_factor
+
+            read_unet_config(os.path.join(path, "unet"), need_sample_size=False)
+            read_vae_factor(os.path.join(path, "vae"))
         elif not looks_like_hub_id(path):
-            raise CheckpointError(f"base model {path!r} does not exist (a local folder or a hub id like org/name)")
+            raise CheckpointError(does_not_exist_message(path, "base model"))
         torch_dtype = DTYPES[dtype]
+        # Nothing may retry over the network unless the user allowed downloads (hub.py).
+        offline = not downloads_allowed()
         try:
-            unet = load_in_dtype(UNet2DConditionModel, path, "unet", torch_dtype, revision)
-            vae = load_in_dtype(AutoencoderKL, path, "vae", torch_dtype, revision)
+            unet = load_in_dtype(UNet2DConditionModel, path, "unet", torch_dtype, revision, local_files_only=offline)
+            vae = load_in_dtype(AutoencoderKL, path, "vae", torch_dtype, revision, local_files_only=offline)
             text_encoder = CLIPTextModel.from_pretrained(
-                path, subfolder="text_encoder", torch_dtype=torch_dtype, use_safetensors=True, revision=revision
+                path, subfolder="text_encoder", torch_dtype=torch_dtype, use_safetensors=True, revision=revision,
+                local_files_only=offline,
             )
-            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
+            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision, local_files_only=offline)
             # The training noise schedule, whatever sampler the folder ships (often PNDM); the
             # shipped config is kept for saving, so a pipeline folder keeps the base's own sampler.
-            shipped_scheduler = dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision))
+            shipped_scheduler = dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision,
+                                                               local_files_only=offline))
             scheduler = DDPMScheduler.from_config(shipped_scheduler)
         except Exception as exc:  # offline hub id, corrupt weights, wrong classes
             where = "folder" if local else "hub id (no network here? pass a local folder)"
@@ -356,13 +361,15 @@ def read_safetensors_in_dtype(path: str, dtype: torch.dtype) -> Dict[str, torch.
     return out
 
 
-def load_in_dtype(model_cls, path: str, subfolder: str, dtype: torch.dtype, revision: Optional[str] = None):
+def load_in_dtype(model_cls, path: str, subfolder: str, dtype: torch.dtype, revision: Optional[str] = None,
+                  local_files_only: bool = True):
     """`model_cls.from_pretrained(path, subfolder=..., torch_dtype=dtype)`, safetensors only, for a
     diffusers model. In a narrower dtype than fp32, a local folder's single weights file is read
     with `read_safetensors_in_dtype` into a model built on the meta device, so the fp32 weights
     are never whole in memory; the result is the same model, bit for bit. Anything this cannot
     load exactly (a hub id, sharded weights, names diffusers renames for old checkpoints, modules
-    kept in fp32) goes through diffusers' own loader."""
+    kept in fp32) goes through diffusers' own loader, from local files only unless `local_files_only`
+    is False (the user allowed downloads)."""
     from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
     folder = os.path.join(path, subfolder)
@@ -379,7 +386,8 @@ def load_in_dtype(model_cls, path: str, subfolder: str, dtype: torch.dtype, revi
         if model is not None and not any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
             model.register_to_config(_name_or_path=path)
             return model.eval()
-    return model_cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True, revision=revision)
+    return model_cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True, revision=revision,
+                                     local_files_only=local_files_only)
 
 
 def check_cross_attention(unet, text_encoder) -> None:

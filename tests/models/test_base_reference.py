@@ -12,12 +12,12 @@ import invdiff.models.base_reference as base_reference
 from invdiff.cli import build_parser, main
 from invdiff.io import CheckpointError
 from invdiff.models.base_reference import REFERENCE_KEY, check_local_base, describe_local_base, file_sha256
-from invdiff.models.sd import LatentDiffusionBase
+from invdiff.models.sd import SD_COMPONENTS, LatentDiffusionBase
 from invdiff.pipeline import InvDiffPipeline
 from invdiff.runs import load_model
 
 # What a run folder that refers to its base holds: what the run made, nothing of the base.
-RUN_FILES = ["README.md", "environments.safetensors", "guidance/config.json",
+RUN_FILES = [".invdiff-output.json", "README.md", "environments.safetensors", "guidance/config.json",
              "guidance/diffusion_pytorch_model.safetensors", "invdiff_run.json", "losses.safetensors", "train_log.json"]
 
 
@@ -203,15 +203,20 @@ def test_a_hub_id_base_is_referred_to_by_the_commit_it_was_loaded_at(tmp_path, m
     from invdiff.models.base_reference import describe_hub_base, resolve_base
 
     commit = "0123456789abcdef0123456789abcdef01234567"
-    cached = {"org/name": f"/cache/models--org--name/snapshots/{commit}/model_index.json"}
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename: cached.get(repo_id))
+    snapshot = tmp_path / "models--org--name" / "snapshots" / commit
+    for part in SD_COMPONENTS:
+        (snapshot / part).mkdir(parents=True)
+    cached = {"org/name": str(snapshot / "model_index.json")}
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo_id, filename, revision=None: cached.get(repo_id))
     reference = describe_hub_base("org/name")
     assert reference == {"hub_id": "org/name", "revision": commit}
     assert describe_hub_base("org/not-cached") is None  # debias then copies the base instead
     run = tmp_path / "run"
     run.mkdir()
     (run / "invdiff_run.json").write_text(json.dumps({REFERENCE_KEY: reference}))
-    assert resolve_base(str(run)) == ("org/name", commit)
+    # Loaded from its snapshot in the local hub cache, never downloaded (tests/test_offline.py).
+    assert resolve_base(str(run)) == (str(snapshot), None)
     with pytest.raises(ValueError, match="base= does not apply"):
         resolve_base(str(run), base=str(tmp_path))
 

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from invdiff.sampling.job import prompt_dirname
 from invdiff.io import CheckpointError
 from invdiff.models.guidance import GuidanceModule
 from invdiff.models.sd import AttentionBackendError, LatentDiffusionBase, latent_dataset, set_attention
@@ -303,7 +304,7 @@ def test_full_loop_debias_sample_evaluate_in_latent_space(tiny_sd, tiny_sd_data,
     assert meta["attention"].startswith("sdpa") and meta["base_reference"]["path"] == os.path.abspath(tiny_sd)
     samples = str(tmp_path / "samples")
     assert main(["sample", "--model", run, "--prompt", "a blue square", "--num", "2", "--steps", "3", "--out", samples]) == 0
-    assert len(os.listdir(os.path.join(samples, "a_blue_square"))) == 2
+    assert len(os.listdir(os.path.join(samples, prompt_dirname("a blue square")))) == 2
     assert main(["evaluate", "--images", samples, "--out", str(tmp_path / "eval.json")]) == 0
     pipe = InvDiffPipeline.from_pretrained(run)
     assert pipe.guidance is not None and pipe.guidance.ratio == 2.0
@@ -365,12 +366,22 @@ def test_debias_with_lora_guidance_gives_a_loadable_pipeline(tiny_sd, tiny_sd_da
 def test_an_unreachable_hub_id_is_a_clear_error(monkeypatch):
     import huggingface_hub.constants
 
-    # What this machine is: nothing can be downloaded. (The env var is read at import time.)
+    import invdiff.hub
+
+    # Offline by default: a hub id is not tried at all unless downloads are allowed (invdiff/hub.py).
+    # (An earlier command line in this process may have allowed them: as the library finds it.)
+    monkeypatch.setattr(invdiff.hub, "_allowed_by_flag", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(CheckpointError, match="does not exist; invdiff is offline by default.*--allow-download"):
+        LatentDiffusionBase.from_pretrained("nobody/no-such-model")
+    with pytest.raises(CheckpointError, match="does not exist$"):
+        LatentDiffusionBase.from_pretrained("./no/such/folder")
+    # Allowed (HF_HUB_OFFLINE=0), on a machine where nothing can be downloaded: the hub library's
+    # own switch, read at import time, stands for that.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CheckpointError, match="hub id .* pass a local folder"):
         LatentDiffusionBase.from_pretrained("nobody/no-such-model")
-    with pytest.raises(CheckpointError, match="does not exist"):
-        LatentDiffusionBase.from_pretrained("./no/such/folder")
 
 
 def test_latent_loss_pass_runs_the_unet_at_the_min_step_batch_size(tiny_sd, tiny_sd_data, tmp_path, monkeypatch):
