@@ -66,12 +66,12 @@ def load_base(path: str, config: Optional[DebiasConfig] = None, device=None) -> 
 
 
 def check_output_dir(out: str, meta: Dict, overwrite: bool = False) -> None:
-    """Refuse to write over a folder that holds something else, or a run with other settings."""
-    if not os.path.exists(out) or overwrite:
-        return
-    if not os.path.isdir(out):
-        raise FileExistsError(f"{out!r} exists and is not a folder")
-    if not os.listdir(out):
+    """Refuse to write over a folder that invdiff did not make as a run (outputs.py: with or
+    without `overwrite`), or, without `overwrite`, a run with other settings."""
+    from .outputs import check_output_folder
+
+    check_output_folder(out, "run", overwrite)
+    if not os.path.exists(out) or overwrite or not os.listdir(out):
         return
     existing = os.path.join(out, RUN_META)
     if not os.path.isfile(existing):
@@ -278,7 +278,7 @@ def debias(
     if rank != 0:  # DDP keeps G identical on every rank: the main process writes the run
         barrier()
         return result
-    with staged_directory(out) as stage:
+    with staged_directory(out, kind="run") as stage:
         if latent:  # InvDiffPipeline.from_pretrained loads the run folder, with or without a copy of its base
             from .pipeline import save_pipeline_folder, save_referring_folder
 
@@ -301,45 +301,7 @@ def debias(
     return result
 
 
-def sampling_size(path: str, height: Optional[int] = None, width: Optional[int] = None) -> Tuple[int, int]:
-    """(height, width) in pixels to sample the model folder at `path` at, read from its config
-    files alone (nothing is loaded, so a bad size costs nothing): each as given, else the size a
-    debias run trained at (its invdiff_run.json), else the model's native size (the UNet's
-    sample_size times the VAE's downsampling factor). A size that is not a multiple of that factor
-    is a ValueError. A path that is no model folder is passed through for load_model to name."""
-    from .models.sd import is_sd_folder, vae_downsampling_factor
-    from .sampling.spec import check_image_size
-
-    if refers_to_base(path):  # the run records its VAE factor: its base need not be found (or read) yet
-        meta = read_json(os.path.join(path, RUN_META), "run metadata")
-        unet_dir, factor = None, meta.get("vae_factor") if isinstance(meta, dict) else None
-        if not isinstance(factor, int) or not isinstance(meta.get("resolution"), int):
-            raise CheckpointError(f"run metadata at {os.path.join(path, RUN_META)} lacks the run's resolution or "
-                                  "vae_factor; the run folder is damaged")
-    elif is_sd_folder(path):
-        unet_dir, factor = os.path.join(path, "unet"), vae_downsampling_factor(
-            read_json(os.path.join(path, "vae", "config.json"), "the VAE's config"))
-    elif os.path.isfile(os.path.join(path, RUN_META)):
-        unet_dir, factor = os.path.join(path, "base", "unet"), 1
-    elif os.path.isdir(os.path.join(path, "unet")):
-        unet_dir, factor = os.path.join(path, "unet"), 1
-    else:
-        return height, width
-    trained = None
-    if os.path.isfile(os.path.join(path, RUN_META)):
-        meta = read_json(os.path.join(path, RUN_META), "run metadata")
-        meta = meta if isinstance(meta, dict) else {}
-        data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
-        trained = meta.get("resolution") or data.get("resolution")  # older runs: the --resolution asked for
-    if trained:
-        default = int(trained)
-    else:
-        default = int(read_json(os.path.join(unet_dir, "config.json"), "the UNet's config")["sample_size"]) * factor
-    height = default if height is None else height
-    width = default if width is None else width
-    check_image_size(height, factor, "height")
-    check_image_size(width, factor, "width")
-    return height, width
+from .model_folders import sampling_size  # noqa: E402,F401 (torch-free home, for the CLI; re-exported)
 
 
 def load_model(path: str, base: Optional[str] = None, frozen_dtype: str = "fp32") -> Tuple[FrozenBase, Optional[GuidanceModule]]:

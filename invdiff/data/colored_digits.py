@@ -7,12 +7,14 @@ is only a quality reference. Everything is a pure function of (seed, p, A, resol
 """
 from __future__ import annotations
 
+import numbers
 from typing import Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..limits import check_fits_in_memory, check_image_side
 from .base import DataError, DiffusionDataset
 
 # Saturated, well-separated stroke colours; the colour predictor in metrics.py measures against
@@ -30,6 +32,7 @@ PALETTE = torch.tensor(
 COLOR_NAMES = ["red", "green", "blue", "yellow", "magenta", "cyan"]
 NUM_DIGITS = 10
 EVAL_FRACTION = 0.2
+MIN_RESOLUTION = 8
 
 
 def digit_prompts() -> list:
@@ -46,11 +49,30 @@ def check_bias(p: float, num_colors: int) -> None:
         )
 
 
+def check_resolution(resolution) -> int:
+    """`resolution` (the side the digits are rendered at) as an int: an integer from
+    MIN_RESOLUTION to limits.MAX_IMAGE_SIDE, else a one-line DataError / ValueError. Checked
+    before anything is rendered: a side of 60000 pixels would allocate until a MemoryError."""
+    if isinstance(resolution, bool) or not isinstance(resolution, numbers.Integral):
+        raise DataError(f"resolution must be an integer >= {MIN_RESOLUTION}, got {resolution!r}")
+    if resolution < MIN_RESOLUTION:
+        raise DataError(f"resolution must be >= {MIN_RESOLUTION}, got {resolution}")
+    check_image_side(int(resolution), "--resolution")
+    return int(resolution)
+
+
 def _digit_intensity(resolution: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(N, 1, R, R) stroke intensity in [0, 1] and (N,) digit labels, from sklearn's 8x8 digits."""
+    """(N, 1, R, R) stroke intensity in [0, 1] and (N,) digit labels, from sklearn's 8x8 digits.
+    A resolution whose data this machine cannot hold is a ValueError before any is rendered."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    n = len(digits.images)
+    # fp32: the strokes of every digit (N, 1, R, R), and the images a split renders from them
+    # (at most N, 3 channels): about the peak of either benchmark's build.
+    check_fits_in_memory(n * (1 + 3) * resolution * resolution * 4,
+                         f"the digits at --resolution {resolution} ({n} images of {resolution}x{resolution})",
+                         hint="lower --resolution")
     raw = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
     if resolution != 8:
         raw = F.interpolate(raw, size=(resolution, resolution), mode="bilinear", align_corners=False)
@@ -104,8 +126,7 @@ def colored_digits(
     check_bias(p, num_colors)
     if split not in ("train", "eval"):
         raise DataError(f"split must be 'train' or 'eval', got {split!r}")
-    if resolution < 8:
-        raise DataError(f"resolution must be >= 8, got {resolution}")
+    resolution = check_resolution(resolution)
     intensity, labels = _digit_intensity(resolution)
     train_idx, eval_idx = _split(labels, seed)
     idx = train_idx if split == "train" else eval_idx

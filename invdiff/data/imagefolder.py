@@ -29,11 +29,20 @@ import numpy as np
 import torch
 
 from ..io import path_inside
+from ..limits import MAX_IMAGE_SIDE, check_fits_in_memory, check_image_side
 from .base import DataError, DiffusionDataset
 
 METADATA = "metadata.jsonl"
 CROP_SEED = 0  # the fixed seed of the per-sample crop offsets when center_crop=False
 MIN_RESOLUTION = 8
+# PIL modes whose convert("RGB") is faithful: 8 bits a channel, with a palette, alpha, CMYK or
+# YCbCr. PIL opens a 16-bit RGB(A) or grey+alpha PNG as RGB(A), keeping each sample's high byte
+# (floor(v / 256), within one level of round(v / 257)), so those load here too.
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+# 16-bit greyscale (PNG, TIFF), which convert("RGB") clips at 255: mid-grey 32768 would load as
+# white. Scaled to 8 bits here instead.
+SIXTEEN_BIT_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_MODE_NAMES = {"F": "32-bit floating-point", "I": "32-bit integer", "LAB": "CIE L*a*b*", "HSV": "HSV"}
 
 
 def _read_metadata(root: str) -> Tuple[List[Dict], List[str]]:
@@ -80,6 +89,7 @@ def _check_options(resolution, center_crop, random_flip) -> None:
             raise DataError(f"resolution must be an integer >= {MIN_RESOLUTION} (or None to keep the images' own size), got {resolution!r}")
         if resolution < MIN_RESOLUTION:
             raise DataError(f"resolution must be >= {MIN_RESOLUTION}, got {int(resolution)}")
+        check_image_side(int(resolution), "--resolution")
     for label, value in (("center_crop", center_crop), ("random_flip", random_flip)):
         if not isinstance(value, (bool, np.bool_)):
             raise DataError(f"{label} must be True or False, got {value!r}")
@@ -119,13 +129,42 @@ def _open_image(path: str, name: str, root: str):
         raise DataError(f"{name!r} in {root!r} is not a readable image: {exc}") from exc
 
 
+def _is_sixteen_bit_grey(im) -> bool:
+    # Older Pillows open a 16-bit greyscale PNG as "I"; a PNG holds at most 16 bits a sample, so
+    # there "I" is unambiguous. Elsewhere (a 32-bit TIFF) its range is unknown.
+    return im.mode in SIXTEEN_BIT_GREY_MODES or (im.mode == "I" and im.format == "PNG")
+
+
+def _check_mode(im, name: str, root: str) -> None:
+    """A DataError of one line, naming the file and its PIL mode, for an image invdiff cannot
+    bring to 8 bits a channel unambiguously (32-bit float or integer, L*a*b*, ...)."""
+    if im.mode in EIGHT_BIT_MODES or _is_sixteen_bit_grey(im):
+        return
+    kind = _MODE_NAMES.get(im.mode, "mode " + im.mode)
+    raise DataError(f"{name!r} in {root!r} is a {kind} image (PIL mode {im.mode!r}), which invdiff cannot scale to "
+                    "8 bits a channel unambiguously; save it as an 8- or 16-bit RGB or greyscale PNG")
+
+
+def _to_rgb(im, name: str, root: str):
+    """`im` as an 8-bit RGB PIL image. 16-bit greyscale is scaled, round(v / 257), where PIL's
+    convert("RGB") would clip it at 255; a mode that cannot be scaled is a DataError."""
+    from PIL import Image
+
+    _check_mode(im, name, root)
+    if not _is_sixteen_bit_grey(im):
+        return im.convert("RGB")
+    values = np.clip(np.asarray(im).astype(np.int32), 0, 65535)  # "I;16B" is big-endian, "I" int32
+    grey = ((values + 128) // 257).astype(np.uint8)  # round(v / 257): v = 257k + 128.5 never ties
+    return Image.fromarray(grey).convert("RGB")
+
+
 def _load_rgb(path: str, name: str, root: str, index: int, resolution: Optional[int], center_crop: bool) -> np.ndarray:
     """The image at `path` (listed as `name` in `root`'s metadata) as (H, W, 3) uint8, resized and
     cropped when `resolution` is set."""
     from PIL import Image
 
     with _open_image(path, name, root) as im:
-        im = im.convert("RGB")
+        im = _to_rgb(im, name, root)
         if resolution is not None:
             w, h = resized_size(im.width, im.height, resolution)
             if (w, h) != im.size:
@@ -152,7 +191,11 @@ class ImageFiles:
         return len(self.paths)
 
     def load(self, rows: Sequence[int]) -> torch.Tensor:
-        """(len(rows), 3, size, size) fp32 in [-1, 1]: the images of those rows, decoded from their files."""
+        """(len(rows), 3, size, size) fp32 in [-1, 1]: the images of those rows, decoded from their
+        files. Rows this machine's memory cannot hold are a ValueError before any is decoded."""
+        hint = "lower --resolution" if self.resolution is not None else "pass --resolution N to resize the images smaller"
+        check_fits_in_memory(len(rows) * 3 * self.size * self.size * 4,
+                             f"{len(rows)} images of {self.size}x{self.size} from {self.root!r} (fp32)", hint)
         out = torch.empty((len(rows), 3, self.size, self.size), dtype=torch.float32)
         for k, row in enumerate(int(r) for r in rows):
             arr = _load_rgb(self.paths[row], self.names[row], self.root, self.positions[row], self.resolution, self.center_crop)
@@ -249,6 +292,10 @@ def imagefolder(
     center_crop: crop at the centre; False crops at a per-sample offset that is random-looking
     but fixed (seeded by CROP_SEED and the sample index), so loading is deterministic.
     random_flip: not applied here; recorded as `dataset.random_flip` for the training loop.
+    A side past limits.MAX_IMAGE_SIDE (resolution or the images' own), and an image whose mode
+    cannot be brought to 8 bits a channel (16-bit greyscale is scaled; 32-bit float is refused),
+    are one-line errors here, before any pixel is decoded; so are rows the machine's memory
+    cannot hold as fp32, when they are decoded (ImageFiles.load).
     """
     _check_options(resolution, center_crop, random_flip)
     if resolution is not None:
@@ -261,10 +308,20 @@ def imagefolder(
     if missing:
         raise DataError(f"{len(missing)} file(s) listed in {METADATA} are missing, e.g. {missing[:3]}")
     sizes = {}  # (height, width) after loading -> the first file of that size
+    largest_resize = (0, "")  # the most pixels a file is resized to before its crop, and that file
     for r, path in zip(rows, files):
         with _open_image(path, r["file_name"], root) as im:  # the header only
             width, height = im.size
+            _check_mode(im, r["file_name"], root)
         sizes.setdefault((height, width) if resolution is None else (resolution, resolution), r["file_name"])
+        if resolution is not None:
+            resized = resized_size(width, height, resolution)
+            largest_resize = max(largest_resize, (resized[0] * resized[1], r["file_name"]))
+    if largest_resize[0]:
+        # A narrow image's longer side grows with the shorter one: 10 x 100000 pixels resized to
+        # 4096 would be 4096 x 40960000 (RGBX, 4 bytes a pixel in PIL) before it is cropped.
+        check_fits_in_memory(largest_resize[0] * 4, f"resizing {largest_resize[1]!r} in {root!r} to --resolution {resolution} "
+                             "on its shorter side", "lower --resolution, or crop that image nearer to a square first")
     hint = "pass --resolution N (resolution=N in Python) to resize and crop every image to N x N"
     if len(sizes) > 1:
         desc = ", ".join(f"{h}x{w} (e.g. {name})" for (h, w), name in sizes.items())
@@ -275,6 +332,9 @@ def imagefolder(
     if h < MIN_RESOLUTION:  # their own size becomes the model's resolution: the same floor as resolution=N
         raise DataError(f"images are {h}x{w} (e.g. {name}), smaller than {MIN_RESOLUTION}x{MIN_RESOLUTION}, "
                         f"the smallest resolution invdiff trains at; {hint} (N >= {MIN_RESOLUTION})")
+    if h > MAX_IMAGE_SIDE:  # the same cap as resolution=N
+        raise DataError(f"images are {h}x{w} (e.g. {name}), larger than invdiff's cap of {MAX_IMAGE_SIDE} pixels a side "
+                        f"(invdiff/limits.py); {hint} (N <= {MAX_IMAGE_SIDE})")
     image_files = ImageFiles(root=root, names=tuple(r["file_name"] for r in rows), paths=tuple(files),
                              positions=tuple(range(len(rows))), resolution=resolution, size=h, center_crop=center_crop)
     prompts = sorted({r["text"] for r in rows})

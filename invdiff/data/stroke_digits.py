@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import DataError, DiffusionDataset
-from .colored_digits import NUM_DIGITS, _assign_colors, _digit_intensity, _split, check_bias, digit_prompts
+from .colored_digits import NUM_DIGITS, _assign_colors, _digit_intensity, _split, check_bias, check_resolution, digit_prompts
 
 THICKNESS_NAMES = ["thin", "thick"]
 
@@ -33,6 +33,7 @@ def stroke_digits(split: str = "train", p: float = 0.9, resolution: int = 16, se
     check_bias(p, 2)
     if split not in ("train", "eval"):
         raise DataError(f"split must be 'train' or 'eval', got {split!r}")
+    resolution = check_resolution(resolution)
     intensity, labels = _digit_intensity(resolution)
     train_idx, eval_idx = _split(labels, seed)
     idx = train_idx if split == "train" else eval_idx

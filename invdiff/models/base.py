@@ -15,10 +15,9 @@ from typing import Dict, Optional
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from ..io import CheckpointError, apply_umask, atomic_write_json, read_json, require_safetensors
+from ..io import CheckpointError, apply_umask, atomic_write_json, require_safetensors
+from ..model_folders import BASE_META, read_json_object, read_unet_config  # BASE_META: re-exported
 from .conditioner import PromptEmbedding
-
-BASE_META = "invdiff_base.json"
 
 
 def base_unet_config(resolution: int = 16, channels: int = 3, widths=(16, 32, 64), embedding_dim: int = 64) -> Dict:
@@ -136,7 +135,10 @@ class FrozenBase(torch.nn.Module):
         for part in ("unet", "conditioner", "scheduler"):
             if not os.path.isdir(os.path.join(directory, part)):
                 raise CheckpointError(f"{directory!r} is not an invdiff base model: missing {part}/")
-        meta = read_json(os.path.join(directory, BASE_META), what="base model metadata")
+        meta = read_json_object(os.path.join(directory, BASE_META), what="base model metadata")
+        # Checked before diffusers reads it: a damaged UNet config is one line naming the file and
+        # the key, not a diffusers traceback, nor a bad size found only when sampling.
+        read_unet_config(os.path.join(directory, "unet"))
         require_safetensors(os.path.join(directory, "unet"), "the base model's UNet")
         require_safetensors(os.path.join(directory, "conditioner"), "the base model's conditioner")
         try:
@@ -144,5 +146,6 @@ class FrozenBase(torch.nn.Module):
             conditioner = PromptEmbedding.from_pretrained(os.path.join(directory, "conditioner"), use_safetensors=True)
             scheduler = DDPMScheduler.from_pretrained(os.path.join(directory, "scheduler"))
         except Exception as exc:  # corrupt safetensors, truncated json, ...
-            raise CheckpointError(f"could not load the base model in {directory!r}: {exc}") from exc
+            # One line: diffusers' messages may span several.
+            raise CheckpointError(f"could not load the base model in {directory!r}: {' '.join(str(exc).split())}") from exc
         return cls(unet, conditioner, scheduler, meta)

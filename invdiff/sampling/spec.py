@@ -14,6 +14,8 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 
+from ..model_folders import check_image_size, check_sample_size  # noqa: F401 (check_image_size: re-exported)
+
 if TYPE_CHECKING:
     from ..models.base import FrozenBase
 
@@ -32,24 +34,17 @@ def make_scheduler(name: str, base_config):
     return SCHEDULERS[name].from_config(base_config)
 
 
-def check_image_size(pixels: int, factor: int, name: str = "height") -> None:
-    """A sampled image's height or width must be a whole number of latent cells (`factor` pixels
-    each, the VAE's downsampling factor; 1 in pixel space): ValueError otherwise."""
-    if pixels < 1 or pixels % factor:
-        nearest = max(factor, pixels // factor * factor)
-        raise ValueError(f"{name} {pixels} is not a multiple of the VAE's downsampling factor {factor}; "
-                         f"use a multiple of {factor} (e.g. {nearest})")
-
-
 def latent_shape(base: "FrozenBase", height: Optional[int] = None, width: Optional[int] = None) -> Tuple[int, int, int]:
     """(C, h, w) of the sample the sampler draws for height x width pixel images: divided by the
-    VAE's factor for a latent base, as is in pixel space. None: the UNet's native sample_size."""
+    VAE's factor for a latent base, as is in pixel space. None: the UNet's native sample_size (an
+    integer, or a [height, width] pair)."""
     cfg = base.unet.config
     factor = getattr(base, "vae_factor", 1)
+    native = check_sample_size(cfg.sample_size, "the UNet's config: 'sample_size'")  # (h, w): diffusers takes either
     sizes = []
-    for name, pixels in (("height", height), ("width", width)):
+    for side, (name, pixels) in enumerate((("height", height), ("width", width))):
         if pixels is None:
-            sizes.append(int(cfg.sample_size))
+            sizes.append(native[side])
         else:
             check_image_size(int(pixels), factor, name)
             sizes.append(int(pixels) // factor)

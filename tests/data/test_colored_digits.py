@@ -178,3 +178,68 @@ def test_load_dataset_colored_digits():
     ds = load_dataset("colored-digits", split="train", bias=0.8, num_colors=3, resolution=8, seed=2)
     assert ds.info == {"split": "train", "p": 0.8, "num_colors": 3, "resolution": 8, "seed": 2}
     assert torch.equal(ds.images, colored_digits("train", p=0.8, num_colors=3, resolution=8, seed=2).images)
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution bounds: a side past limits.MAX_IMAGE_SIDE, or data the memory cannot hold, is one
+# line before anything is rendered (a side of 60000 pixels used to allocate until MemoryError)
+# ---------------------------------------------------------------------------------------------
+import importlib  # noqa: E402
+import time  # noqa: E402
+
+from invdiff.data.stroke_digits import stroke_digits  # noqa: E402
+
+# By module name: invdiff.data's attribute `colored_digits` is the function of that name.
+colored_digits_module = importlib.import_module("invdiff.data.colored_digits")
+
+
+@pytest.fixture()
+def no_rendering(monkeypatch):
+    """Resizing the 8x8 digits, the first allocation at the asked size, fails the test."""
+    class Forbidden:
+        @staticmethod
+        def interpolate(*args, **kwargs):
+            raise AssertionError("the digits were rendered before the resolution was checked")
+
+    monkeypatch.setattr(colored_digits_module, "F", Forbidden)
+
+
+@pytest.mark.parametrize("build", [
+    lambda r: colored_digits("train", resolution=r),
+    lambda r: stroke_digits("train", resolution=r),
+    lambda r: load_dataset("colored-digits", resolution=r),
+], ids=["colored_digits", "stroke_digits", "load_dataset"])
+def test_a_resolution_past_the_cap_is_refused_at_once(no_rendering, build):
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        build(60_000)
+    assert str(info.value) == "--resolution is 60000 pixels; invdiff's cap is 4096 (invdiff/limits.py)"
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("build", [
+    lambda r: colored_digits("eval", resolution=r),
+    lambda r: stroke_digits("eval", resolution=r),
+], ids=["colored_digits", "stroke_digits"])
+def test_data_the_memory_cannot_hold_is_refused_before_rendering(no_rendering, monkeypatch, build):
+    import invdiff.limits
+
+    monkeypatch.setattr(invdiff.limits, "available_memory_bytes", lambda: 64 << 20)  # 64 MB free
+    with pytest.raises(ValueError) as info:
+        build(128)  # 1797 digits x (1 + 3) channels x 128 x 128 x 4 bytes: 471 MB
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("the digits at --resolution 128 (1797 images of 128x128) would need 449.2 MB")
+    assert msg.endswith("; lower --resolution")
+
+
+@pytest.mark.parametrize("resolution, msg", [
+    ("16", "resolution must be an integer >= 8, got '16'"),
+    (16.0, "resolution must be an integer >= 8, got 16.0"),
+    (True, "resolution must be an integer >= 8, got True"),
+    (4, "resolution must be >= 8, got 4"),
+])
+def test_a_resolution_that_is_no_integer_is_a_data_error(resolution, msg):
+    for build in (colored_digits, stroke_digits):
+        with pytest.raises(DataError) as info:
+            build("train", resolution=resolution)
+        assert str(info.value) == msg

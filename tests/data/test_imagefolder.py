@@ -482,3 +482,153 @@ def test_a_truncated_image_is_a_data_error_when_decoded(tmp_path):
     assert ds.load_images(torch.tensor([0])).shape == (1, 3, 8, 8)
     with pytest.raises(DataError, match=r"'cut\.png'.*not a readable image"):
         ds.images
+
+
+# ---------------------------------------------------------------------------------------------
+# size bounds: a side past limits.MAX_IMAGE_SIDE, or pixels the memory cannot hold, is one line
+# before they are allocated
+# ---------------------------------------------------------------------------------------------
+import time  # noqa: E402
+import zlib  # noqa: E402
+
+import invdiff.data.imagefolder as imagefolder_module  # noqa: E402
+import invdiff.limits  # noqa: E402
+from invdiff.limits import MAX_IMAGE_SIDE  # noqa: E402
+
+
+@pytest.fixture()
+def no_decoding(monkeypatch):
+    """Decoding any image's pixels fails the test."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pixels were decoded before their size was checked")
+
+    monkeypatch.setattr(imagefolder_module, "_load_rgb", forbidden)
+
+
+def test_a_resolution_past_the_cap_is_refused_at_once(folder, no_decoding):
+    start = time.perf_counter()
+    for load in (lambda: imagefolder(str(folder), resolution=60_000),
+                 lambda: load_dataset(str(folder), resolution=60_000)):
+        with pytest.raises(ValueError) as info:
+            load()
+        assert str(info.value) == "--resolution is 60000 pixels; invdiff's cap is 4096 (invdiff/limits.py)"
+    assert time.perf_counter() - start < 1.0
+    assert imagefolder(str(folder), resolution=MAX_IMAGE_SIDE).resolution == MAX_IMAGE_SIDE  # the cap itself is allowed
+
+
+def test_images_larger_than_the_cap_need_a_resolution(tmp_path):
+    side = MAX_IMAGE_SIDE + 4
+    Image.new("1", (side, side)).save(tmp_path / "big.png")  # 1 bit a pixel: a small file, quick to write
+    _write_metadata(tmp_path, [{"file_name": "big.png", "text": "t"}])
+    with pytest.raises(DataError, match=rf"images are {side}x{side} \(e\.g\. big\.png\), larger than invdiff's cap "
+                                        rf"of {MAX_IMAGE_SIDE} pixels a side .*--resolution N"):
+        imagefolder(str(tmp_path))
+
+
+@pytest.mark.parametrize("resolution, hint", [(None, "pass --resolution N to resize the images smaller"),
+                                              (8, "lower --resolution")])
+def test_pixels_the_memory_cannot_hold_are_refused_before_decoding(folder, monkeypatch, resolution, hint):
+    """Loading reads headers only; the whole (N, 3, R, R) fp32 tensor is checked against the free
+    memory when it is asked for, before it is allocated or any image decoded. A batch of rows
+    that fits still loads."""
+    monkeypatch.setattr(invdiff.limits, "available_memory_bytes", lambda: 2000)  # a budget of 1600 bytes
+    ds = imagefolder(str(folder), resolution=resolution)  # 4 images of 3x8x8 fp32: 3072 bytes, 768 each
+    assert ds.load_images(torch.tensor([1])).shape == (1, 3, 8, 8)
+    monkeypatch.setattr(imagefolder_module, "_load_rgb", lambda *a: pytest.fail("decoded before the check"))
+    with pytest.raises(ValueError) as info:
+        ds.images
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"4 images of 8x8 from {str(folder)!r} (fp32) would need 3.0 KB of memory")
+    assert msg.endswith(hint)
+
+
+def test_a_narrow_image_resized_past_the_memory_is_refused_when_loading(tmp_path, no_decoding, monkeypatch):
+    """resolution=N resizes the shorter side to N: the longer side of an 8 x 20000 strip grows
+    with it (4096 x 10240000 pixels, 168 GB in PIL) before the crop."""
+    Image.new("L", (8, 20_000)).save(tmp_path / "strip.png")
+    _write_metadata(tmp_path, [{"file_name": "strip.png", "text": "t"}])
+    monkeypatch.setattr(invdiff.limits, "available_memory_bytes", lambda: 8 << 30)  # 8 GB free
+    with pytest.raises(ValueError, match=r"resizing 'strip\.png' in .* to --resolution 4096 on its shorter side would "
+                                         r"need 156\.2 GB.*; lower --resolution, or crop that image"):
+        imagefolder(str(tmp_path), resolution=4096)
+    assert imagefolder(str(tmp_path), resolution=8).resolution == 8  # 8 x 20000: 640 kB
+
+
+# ---------------------------------------------------------------------------------------------
+# bit depth: 16-bit images are scaled to 8 bits, not clipped; modes that cannot be scaled are
+# refused naming the file and the mode
+# ---------------------------------------------------------------------------------------------
+
+
+def _png16(path, samples, color_type):
+    """A 16-bit PNG written byte by byte (PIL cannot write 16-bit RGB): samples (H, W) grey
+    (color_type 0) or (H, W, 3) RGB (color_type 2)."""
+    import struct
+
+    samples = np.asarray(samples, dtype=">u2")
+    height, width = samples.shape[:2]
+    raw = b"".join(b"\x00" + samples[y].tobytes() for y in range(height))  # filter 0 on each row
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _eight_bit(values):
+    """round(v / 257) in [-1, 1], as the loaded tensor holds it."""
+    return torch.tensor(np.round(np.asarray(values) / 257.0), dtype=torch.float32) / 127.5 - 1.0
+
+
+def test_a_16_bit_greyscale_png_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 128, 129, 32768], [257 * 100, 40000, 65280, 65535]] * 4, dtype=np.uint16)
+    values = np.tile(values, (1, 2))  # 8 x 8
+    Image.fromarray(values).save(tmp_path / "pil.png")  # PIL writes mode "I;16"
+    _png16(tmp_path / "raw.png", values, color_type=0)  # big-endian samples, as any tool writes them
+    Image.fromarray(values).save(tmp_path / "grey.tiff")
+    names = ["pil.png", "raw.png", "grey.tiff"]
+    assert {Image.open(tmp_path / n).mode for n in names} <= {"I;16", "I;16B", "I;16L"}
+    _write_metadata(tmp_path, [{"file_name": n, "text": "t"} for n in names])
+    ds = imagefolder(str(tmp_path))
+    expected = _eight_bit(values).expand(3, 8, 8)
+    for i, name in enumerate(names):
+        torch.testing.assert_close(ds.images[i], expected, rtol=0, atol=0, msg=name)
+    assert round((float(ds.images[0, 0, 0, 3]) + 1) * 127.5) == 128  # mid-grey 32768 is 128, not white (255)
+
+
+def test_a_16_bit_greyscale_png_resizes_like_its_8_bit_self(tmp_path):
+    Image.fromarray(np.full((16, 24), 32768, dtype=np.uint16)).save(tmp_path / "sixteen.png")
+    Image.new("L", (24, 16), 128).save(tmp_path / "eight.png")
+    _write_metadata(tmp_path, [{"file_name": "sixteen.png", "text": "t"}, {"file_name": "eight.png", "text": "t"}])
+    images = imagefolder(str(tmp_path), resolution=8).images
+    assert torch.equal(images[0], images[1])
+
+
+def test_a_48_bit_rgb_png_loads_within_one_level_of_its_scaled_values(tmp_path):
+    """PIL opens a 16-bit RGB PNG as 8-bit RGB keeping each sample's high byte, floor(v / 256):
+    never more than one level from round(v / 257), and mid-grey stays mid-grey."""
+    values = np.zeros((8, 8, 3), dtype=np.uint16)
+    values[..., 0], values[..., 1], values[..., 2] = 32768, 65535, 300
+    values[4:] = 65280
+    _png16(tmp_path / "rgb48.png", values, color_type=2)
+    _write_metadata(tmp_path, [{"file_name": "rgb48.png", "text": "t"}])
+    loaded = imagefolder(str(tmp_path)).images[0]
+    expected = _eight_bit(values).permute(2, 0, 1)
+    assert float((loaded - expected).abs().max()) <= 1 / 127.5 + 1e-6
+    assert loaded[:, 0, 0].tolist() == _eight_bit([32768, 65535, 300]).tolist()
+
+
+@pytest.mark.parametrize("array, mode, kind", [
+    (np.full((8, 8), 0.5, dtype=np.float32), "F", "32-bit floating-point"),
+    (np.full((8, 8), 70000, dtype=np.int32), "I", "32-bit integer"),
+])
+def test_modes_that_cannot_be_scaled_are_refused_naming_file_and_mode(tmp_path, no_decoding, array, mode, kind):
+    Image.fromarray(array).save(tmp_path / "odd.tiff")
+    assert Image.open(tmp_path / "odd.tiff").mode == mode
+    _write_metadata(tmp_path, [{"file_name": "odd.tiff", "text": "t"}])
+    with pytest.raises(DataError) as info:
+        imagefolder(str(tmp_path), resolution=8)
+    assert str(info.value) == (f"'odd.tiff' in {str(tmp_path)!r} is a {kind} image (PIL mode {mode!r}), which invdiff "
+                               "cannot scale to 8 bits a channel unambiguously; save it as an 8- or 16-bit RGB or "
+                               "greyscale PNG")
