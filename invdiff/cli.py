@@ -2,7 +2,8 @@
 
 Every command answers bad input with one line on stderr and exit code 2, checked before any
 compute, and writes its outputs atomically, so a failed or interrupted command leaves what was
-there before untouched. Ctrl-C exits with one line and code 130.
+there before untouched. Ctrl-C exits with one line and code 130, SIGTERM likewise with 143.
+Output folders follow invdiff/outputs.py: only invdiff's own are replaced, one writer at a time.
 
 Nothing heavy is imported at module level: `invdiff --help` and argument errors must answer in
 well under a second, and torch plus diffusers take ~10 s to import on a small CPU.
@@ -14,9 +15,13 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 from typing import Dict, List, Optional
 
+from .limits import MAX_BATCH_SIZE, MAX_IMAGE_SIDE, MAX_IMAGES_PER_PROMPT, SEED_LIMIT, check_fits_in_memory
+from .outputs import check_output_file, check_output_folder, check_writable, output_lock
 
 class _Parser(argparse.ArgumentParser):
     """argparse with every flag's default in --help, and usage errors as one line (exit 2)."""
@@ -55,53 +60,50 @@ def int_at_least(minimum: int):
     return parse
 
 
+def int_in_range(minimum: int, maximum: int, why: str = ""):
+    """argparse type: an integer in [minimum, maximum]; `why` names where the cap comes from."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be in [{minimum}, {maximum}]{why}, got {value}")
+        return value
+
+    parse.__name__ = f"int in [{minimum}, {maximum}]"
+    return parse
+
+
 positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
-
-
-def check_output_path(path: str, flag: str = "--out", folder: bool = True) -> None:
-    """Refuse an output path that cannot be written, before any compute is spent.
-
-    Outputs are built beside their final place and renamed onto it (io.staged_directory,
-    io.atomic_path), so the nearest existing parent folder must be writable. A folder output may
-    not be an existing file, and a file output may not be an existing folder.
-    """
-    target = os.path.abspath(path)
-    if os.path.exists(target):
-        if folder and not os.path.isdir(target):
-            raise FileExistsError(f"{flag} {path!r} is an existing file, not a folder")
-        if not folder and os.path.isdir(target):
-            raise FileExistsError(f"{flag} {path!r} is an existing folder, not a file")
-    parent = os.path.dirname(target)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise FileExistsError(f"{flag} {path!r} lies under {parent!r}, which is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {path!r}: cannot write in {parent!r} (permission denied)")
+# Sizes have documented caps (invdiff/limits.py), checked here before anything is loaded.
+batch_size_int = int_in_range(1, MAX_BATCH_SIZE, " (invdiff/limits.py)")
+image_side_int = int_in_range(1, MAX_IMAGE_SIDE, " pixels (invdiff/limits.py)")
+images_per_prompt_int = int_in_range(1, MAX_IMAGES_PER_PROMPT, " (invdiff/limits.py; a --prompts job takes more)")
+# torch.Generator.manual_seed takes [0, 2**64); a negative seed would wrap onto a positive one.
+seed_int = int_in_range(0, SEED_LIMIT - 1, " (2**64 - 1)")
+data_seed_int = int_in_range(0, 2**63 - 1, " (2**63 - 1)")  # colored digits offsets it
 
 
 def check_model_path(path: str, flag: str) -> None:
-    """A model folder that does not exist is named as such (not 'not a model folder')."""
-    if not os.path.exists(path) and not _looks_like_hub_id(path):
-        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+    """A model folder that does not exist is named as such (not 'not a model folder'), at once:
+    a hub id is taken only with --allow-download (invdiff/hub.py)."""
+    from .hub import check_model_source
 
-
-def _looks_like_hub_id(path: str) -> bool:
-    # Same rule as models.sd.looks_like_hub_id, without importing diffusers to apply it.
-    return path.count("/") == 1 and not path.startswith((".", "/"))
+    check_model_source(path, flag)
 
 
 def _add_data_args(p: argparse.ArgumentParser, default_bias: float = 0.9) -> None:
     p.add_argument("--data", default="colored-digits", help="'colored-digits' (embedded) or an imagefolder path")
     p.add_argument("--bias", type=finite_float, default=default_bias, help="colored-digits: majority-colour share p in [1/A, 1]")
     p.add_argument("--num-colors", type=positive_int, default=2, help="colored-digits: number of stroke colours A")
-    p.add_argument("--resolution", type=positive_int, default=None,
+    p.add_argument("--resolution", type=image_side_int, default=None,
                    help="colored-digits: image size (None: 16); imagefolder: resize the shorter side to it and crop a square "
                         "(None: the images' own size)")
     p.add_argument("--no-center-crop", action="store_true", help="imagefolder: crop at a fixed per-image position instead of the center")
     p.add_argument("--random-flip", action="store_true", help="imagefolder: flip training images horizontally at random")
-    p.add_argument("--data-seed", type=int, default=0, help="colored-digits: split and colouring seed")
+    p.add_argument("--data-seed", type=data_seed_int, default=0, help="colored-digits: split and colouring seed")
 
 
 def _load_data(args, split: str = "train"):
@@ -123,9 +125,14 @@ def _data_spec(args) -> Dict:
 
 
 def cmd_train_base(args) -> None:
-    check_output_path(args.out)
+    check_output_folder(args.out, "base", args.overwrite)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise FileExistsError(f"{args.out!r} is not empty; choose another --out or pass --overwrite")
+        raise FileExistsError(f"{args.out!r} holds a base model; choose another --out or pass --overwrite to replace it")
+    with output_lock(args.out):
+        _train_base(args)
+
+
+def _train_base(args) -> None:
     from .io import staged_directory
     from .training import BaseTrainConfig, train_base
 
@@ -136,7 +143,7 @@ def cmd_train_base(args) -> None:
     cfg = BaseTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     model = train_base(dataset, cfg)
     if rank == 0:  # DDP keeps the weights identical on every rank
-        with staged_directory(args.out) as stage:
+        with staged_directory(args.out, kind="base") as stage:
             model.save_pretrained(stage)
         print(f"saved base model to {args.out} (final loss {model.meta['final_loss']:.4f})")
     barrier()
@@ -169,9 +176,19 @@ def debias_config_from_args(args):
 
 def cmd_debias(args) -> None:
     check_model_path(args.base, "--base")
-    check_output_path(args.out)
+    check_output_folder(args.out, "run", args.overwrite)
     if args.checkpoint_dir:
-        check_output_path(args.checkpoint_dir, "--checkpoint-dir")
+        check_writable(args.checkpoint_dir, "--checkpoint-dir", folder=True)
+        if os.path.isdir(args.checkpoint_dir) and os.listdir(args.checkpoint_dir) and not os.path.isfile(
+                os.path.join(args.checkpoint_dir, "run.json")):
+            # Checkpoint rotation removes old checkpoints there: never in a folder of the user's.
+            raise FileExistsError(f"--checkpoint-dir {args.checkpoint_dir!r} is not empty and holds no invdiff "
+                                  "checkpoints; choose another folder")
+    with output_lock(args.out):
+        _debias(args)
+
+
+def _debias(args) -> None:
     from .runs import debias
 
     cfg = debias_config_from_args(args)
@@ -203,36 +220,44 @@ SCHEDULERS = ("ddim", "ddpm", "euler", "dpm")
 
 
 def cmd_sample(args) -> None:
+    """Everything that needs no model is checked first, before torch is imported: the paths, the
+    output folder, the prompts file and the sizes (a refusal answers in well under a second)."""
     check_model_path(args.model, "--model")
     if args.base is not None:
         check_model_path(args.base, "--base")
-    check_output_path(args.out)
     if args.eta_below_band is not None and not 0.0 <= args.eta_below_band <= 1.0:
         raise ValueError(f"--eta-below-band must be in [0, 1], got {args.eta_below_band}")
     if args.guidance_scale < 0:
         raise ValueError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
+    from .model_folders import sampling_size
+
     if args.prompts:
         if args.prompt:
             raise ValueError("give --prompt or --prompts FILE, not both")
-        from .sampling.job import run_sample_job
+        from .sampling.job import read_prompts
 
-        summary = run_sample_job(
-            args.model, args.prompts, args.out, num=args.num, seed=args.seed, steps=args.steps,
-            guidance_scale=args.guidance_scale, scheduler=args.scheduler, strength=args.strength,
-            batch_size=args.batch_size, attention=args.attention, resume=args.resume, overwrite=args.overwrite,
-            eta_below=args.eta_below_band, height=args.height, width=args.width, base_dir=args.base,
-        )
-        if "manifest" in summary:
-            print(f"{summary['items']} images in {args.out} ({summary['resumed']} kept from before); manifest {summary['manifest']}")
+        check_output_folder(args.out, "sample-job", args.overwrite)
+        read_prompts(args.prompts, args.num, args.seed, args.guidance_scale)  # every line checked, FILE:LINE
+        sampling_size(args.model, args.height, args.width)
+        with output_lock(args.out):
+            _sample_job(args)
         return
     if not args.prompt:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
     if args.resume:
         raise ValueError("--resume applies to --prompts jobs")
-    from .runs import sampling_size
-
+    total = len(args.prompt) * args.num
+    if args.seed + total > SEED_LIMIT:
+        raise ValueError(f"--seed {args.seed}: image i uses seed + i, and seeds up to {args.seed + total - 1} pass "
+                         f"torch's limit 2**64 - 1; start from a smaller --seed")
+    check_output_folder(args.out, "samples", args.overwrite)
     # From the model's config files alone: a size the VAE cannot decode is refused before any load.
     height, width = sampling_size(args.model, args.height, args.width)
+    # Every image is held until all are written: float32 from the sampler, uint8 for the PNGs.
+    # (No size: not a model folder, which loading names in one line.)
+    if height and width:
+        check_fits_in_memory(total * 3 * height * width * 5, f"{total} images of {height}x{width}",
+                             "lower --num, or use a --prompts job, which writes each image as it is done")
     manifest_path = os.path.join(args.out, "manifest.json")
     settings = {"model": os.path.abspath(args.model), "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "scheduler": args.scheduler, "strength": args.strength, "seed": args.seed, "attention": args.attention,
@@ -251,6 +276,24 @@ def cmd_sample(args) -> None:
             raise FileExistsError(f"{args.out!r} holds samples made with other settings "
                                   f"({describe_changes(old_settings or {}, settings)}); "
                                   "choose another --out or pass --overwrite")
+    with output_lock(args.out):
+        _sample(args, settings, height, width)
+
+
+def _sample_job(args) -> None:
+    from .sampling.job import run_sample_job
+
+    summary = run_sample_job(
+        args.model, args.prompts, args.out, num=args.num, seed=args.seed, steps=args.steps,
+        guidance_scale=args.guidance_scale, scheduler=args.scheduler, strength=args.strength,
+        batch_size=args.batch_size, attention=args.attention, resume=args.resume, overwrite=args.overwrite,
+        eta_below=args.eta_below_band, height=args.height, width=args.width, base_dir=args.base,
+    )
+    if "manifest" in summary:
+        print(f"{summary['items']} images in {args.out} ({summary['resumed']} kept from before); manifest {summary['manifest']}")
+
+
+def _sample(args, settings: Dict, height: int, width: int) -> None:
     from .io import atomic_write_json, staged_directory
     from .models.sd import set_attention
     from .report import save_png, to_uint8
@@ -270,16 +313,22 @@ def cmd_sample(args) -> None:
     pixels = to_uint8(images)
     entries = []
     counters: Dict[str, int] = {}
-    with staged_directory(args.out) as stage:
+    # One folder per prompt, one-to-one (a slug plus a hash of the prompt), recorded in the manifest.
+    folders = {prompt: prompt_dirname(prompt) for prompt in args.prompt}
+    with staged_directory(args.out, kind="samples") as stage:
         for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
             k = counters.get(prompt, 0)
             counters[prompt] = k + 1
-            rel = os.path.join(prompt_dirname(prompt), f"{k:04d}.png")
+            rel = os.path.join(folders[prompt], f"{k:04d}.png")
             save_png(pixels[i], os.path.join(stage, rel))
             entries.append({"prompt": prompt, "seed": seed, "path": rel})
         atomic_write_json(os.path.join(stage, "manifest.json"),
-                          {"settings": settings, "attention_used": attention, "images": entries})
+                          {"settings": settings, "attention_used": attention, "prompt_folders": folders,
+                           "images": entries})
     print(f"wrote {len(entries)} images to {args.out}")
+
+
+EVALUATE_MADE_BY = "invdiff evaluate"  # in its --out JSON: what lets a later evaluate overwrite it
 
 
 def cmd_evaluate(args) -> None:
@@ -288,7 +337,7 @@ def cmd_evaluate(args) -> None:
     the given weights allow (Bias needs an attribute classifier for their prompts, which only the
     colored-digits benchmark ships). FID and CLIP-T run only with local weights."""
     if args.out:
-        check_output_path(args.out, folder=False)
+        check_output_file(args.out, EVALUATE_MADE_BY)
     from .quality import check_weight_paths
 
     check_weight_paths(args.inception_weights, args.clip_model)
@@ -327,15 +376,24 @@ def cmd_evaluate(args) -> None:
     text = json.dumps({k: v for k, v in result.items() if k not in ("counts", "skipped")}, indent=2)
     print(text)
     if args.out:
-        atomic_write_json(args.out, result)
+        atomic_write_json(args.out, {"made_by": EVALUATE_MADE_BY, **result})
 
 
 def cmd_demo(args) -> None:
+    check_output_folder(args.out, "demo")
+    with output_lock(args.out):
+        _demo(args)
+
+
+def _demo(args) -> None:
     from .demo import run_demo
+    from .outputs import write_marker
 
     seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if args.full else [0])
     run_demo(args.out, seeds=seeds, quick=args.quick, full=args.full, settings_keys=args.settings, rows=args.rows,
              cached_only=args.cached_only)
+    # The folder was new, empty or already the demo's own (check_output_folder), so all it holds is the demo's.
+    write_marker(args.out, "demo", os.listdir(args.out))
 
 
 def cmd_serve(args) -> None:
@@ -382,14 +440,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--out", required=True, help="folder for the base model (diffusers layout)")
     p.add_argument("--steps", type=positive_int, default=2500, help="optimisation steps")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per step")
+    p.add_argument("--batch-size", type=batch_size_int, default=64, help="images per step")
     p.add_argument("--lr", type=finite_float, default=2e-3, help="AdamW learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and noise")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the weights, batches and noise")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out that holds another base model: only a folder invdiff made (it holds invdiff's marker file and nothing else); a folder with any other file, the working folder and the folders above it are never replaced")
     p.set_defaults(func=cmd_train_base)
 
     p = sub.add_parser("debias", help="max step (environment inference) then min step (train G_psi)")
-    p.add_argument("--base", required=True, help="base model folder (invdiff base or Stable Diffusion folder)")
+    p.add_argument("--base", required=True,
+                   help="base model folder (invdiff base or Stable Diffusion folder), or a hub id with --allow-download")
     _add_data_args(p)
     p.add_argument("--out", required=True, help="run folder to write")
 
@@ -407,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--lam", "variance-penalty weight lambda", type=finite_float)
     opt("--ratio", "combine ratio r (<=1 interpolate, >1 residual)", type=finite_float)
     opt("--steps", "min-step optimisation steps", type=positive_int)
-    opt("--batch-size", "min-step batch size", type=positive_int)
+    opt("--batch-size", "min-step batch size", type=batch_size_int)
     opt("--lr", "min-step learning rate", type=finite_float)
     opt("--lam-warmup", "steps over which lambda ramps up from 0", type=nonnegative_int)
     opt("--lam-mode", "relative: lambda is divided by the batch's mean loss (scale-free)", choices=["absolute", "relative"])
@@ -432,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--head", "G_psi's recalibration head: affine, zero-sum (leaves grey pixels alone), none (UNet body only)",
         choices=["affine", "zero-sum", "none"])
     p.add_argument("--no-bank", action="store_true", help="min step: fresh (t, noise) every step instead of the frozen bank")
-    opt("--seed", "seed", type=int)
+    opt("--seed", "seed", type=seed_int)
     opt("--frozen-dtype", "dtype of the frozen UNet/VAE/text encoder (G_psi trains in fp32)", choices=["fp32", "bf16", "fp16"])
     opt("--attention", "attention backend of the frozen UNet: PyTorch SDPA or xformers (if installed)",
         choices=["sdpa", "xformers"])
@@ -446,10 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (None: OUT.checkpoints)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=2, help="how many of the newest checkpoints to keep")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder: continue an interrupted min step")
-    p.add_argument("--overwrite", action="store_true", help="replace a run folder that holds another run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out that holds another run: only a folder invdiff made (it holds invdiff's marker file and nothing else); a folder with any other file, the working folder and the folders above it are never replaced")
     p.add_argument("--copy-base", action="store_true",
                    help="Stable Diffusion bases: copy the base into the run folder (a self-contained diffusers pipeline "
                         "folder, gigabytes) instead of recording its place and content hash, checked on every load")
+    p.add_argument("--allow-download", action="store_true",
+                   help="allow a hub id (org/name) given on this command line to be downloaded; without it invdiff "
+                        "never goes online, and a run folder never decides what is downloaded")
     p.set_defaults(func=cmd_debias)
 
     p = sub.add_parser("sample", help="sample PNGs from a base model or a run folder")
@@ -462,8 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None,
                    help="a .txt or .jsonl prompts file: a sharded, resumable job with manifest.jsonl (see invdiff/sampling/job.py)")
     p.add_argument("--resume", action="store_true", help="--prompts jobs: keep the finished images, sample the rest")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="engine slots (images sampled together)")
-    p.add_argument("--num", type=positive_int, default=8, help="images per prompt")
+    p.add_argument("--batch-size", type=batch_size_int, default=64, help="engine slots (images sampled together)")
+    p.add_argument("--num", type=images_per_prompt_int, default=8, help="images per prompt")
     p.add_argument("--out", required=True, help="folder for the PNGs and their manifest")
     p.add_argument("--steps", type=positive_int, default=25, help="sampling steps")
     # w = 1 (no CFG on top of G): on the shipped p=0.9 base, w = 2 already pushes the base past
@@ -474,12 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=finite_float, default=1.0, help="G_psi strength s (0 = frozen model, 1 = as trained)")
     p.add_argument("--eta-below-band", type=finite_float, default=None,
                    help="DDIM eta under the attribute band recorded in G (None: 1, stochastic there; 0 = deterministic)")
-    p.add_argument("--height", type=positive_int, default=None,
+    p.add_argument("--height", type=image_side_int, default=None,
                    help="image height in pixels, a multiple of the VAE's downsampling factor (None: the size the run "
                         "trained at, else the model's native size, the UNet's sample_size x that factor)")
-    p.add_argument("--width", type=positive_int, default=None, help="image width in pixels (None: as --height's default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    p.add_argument("--overwrite", action="store_true", help="replace an --out that holds samples made with other settings")
+    p.add_argument("--width", type=image_side_int, default=None, help="image width in pixels (None: as --height's default)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out that holds samples made with other settings: only a folder invdiff made (it holds invdiff's marker file and nothing else); a folder with any other file, the working folder and the folders above it are never replaced")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="Bias and quality of samples")
@@ -496,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="a Stable Diffusion run's base model at a new place (as for sample)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=nonnegative_int, default=8000, help="port to listen on")
-    p.add_argument("--max-batch", type=positive_int, default=16, help="engine slots: images sampled together")
+    p.add_argument("--max-batch", type=batch_size_int, default=16, help="engine slots: images sampled together")
     p.add_argument("--max-queue", type=positive_int, default=64, help="images waiting for a slot; beyond it requests get 429")
     p.add_argument("--max-images-per-request", type=positive_int, default=16, help="largest num one request may ask for")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (None: cuda if available)")
@@ -515,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="debias the shipped p=0.9 base model and report")
     p.add_argument("--out", default="demo_out", help="folder for the report, plots and cached cells")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (None: 0; 0 1 2 with --full)")
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=None, help="seeds (None: 0; 0 1 2 with --full)")
     p.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests only")
     p.add_argument("--full", action="store_true",
                    help="the whole matrix: every setting (design and held out), every row, strengths 0.5/1/1.5, 3 seeds")
@@ -531,16 +596,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error, already printed as one line (2)
         return exc.code if isinstance(exc.code, int) else 0
-    from .data.base import DataError
-    from .io import CheckpointError
-    from .models.conditioner import UnknownPromptError
-    from .models.sd import AttentionBackendError
+    from .errors import USER_ERRORS
+    from .hub import set_downloads_allowed
 
-    expected = (DataError, CheckpointError, UnknownPromptError, FileExistsError, FileNotFoundError, PermissionError,
-                ValueError, AttentionBackendError)
+    set_downloads_allowed(getattr(args, "allow_download", False))  # before anything can import huggingface_hub
+    # `serve` drains on SIGTERM through uvicorn's own handler; signal handlers belong to the main thread.
+    handle_sigterm = args.command != "serve" and threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if handle_sigterm else None
     try:
         args.func(args)
-    except expected as exc:
+    except USER_ERRORS as exc:
         _close_progress_bars()
         print(f"invdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -550,7 +615,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         _close_progress_bars()
         print(f"invdiff {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        # SIGTERM (kill, Slurm, docker stop) unwinds like Ctrl-C: temporaries (the frozen-prediction
+        # bank, staging folders) are removed on the way out and the old output stays as it was.
+        _close_progress_bars()
+        print(f"invdiff {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if handle_sigterm:
+            signal.signal(signal.SIGTERM, previous_handler)
     return 0
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM: a BaseException, so that no `except Exception` on
+    the way out swallows it, as with KeyboardInterrupt."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def _close_progress_bars() -> None:

@@ -37,6 +37,7 @@ from .config import AGGREGATIONS, MAX_STEP_METHODS  # noqa: F401 (re-exported)
 from .io import CheckpointError, atomic_save_file, load_safetensors
 from .models.base import FrozenBase, training_target
 from .distributed import all_reduce_sum_, barrier, broadcast_from_main, rank_and_world
+from .outputs import owned_prefix, sweep_stale_temporaries
 from .ops import per_sample_mse
 
 
@@ -90,6 +91,7 @@ class FrozenBank:
         return self.timesteps.numel()
 
 
+BANK_PREFIX = ".invdiff-frozen-bank-"
 BANK_FILES = ("noise.fp16", "pred.fp16")  # raw C-order BANK_DTYPE arrays, (N, J, C, H, W) each
 
 
@@ -101,7 +103,10 @@ def _bank_on_disk(parent: str, shape: Tuple[int, ...]):
     owner, numel = None, math.prod(shape)
     if rank == 0:
         os.makedirs(parent, exist_ok=True)
-        owner = tempfile.TemporaryDirectory(prefix=".invdiff-frozen-bank-", dir=parent, ignore_cleanup_errors=True)
+        # The name carries host and pid: a bank a SIGKILLed run left (gigabytes on real data) is
+        # removed here by the next run, which can prove its maker is dead.
+        sweep_stale_temporaries(parent, BANK_PREFIX)
+        owner = tempfile.TemporaryDirectory(prefix=owned_prefix(BANK_PREFIX), dir=parent, ignore_cleanup_errors=True)
         for name in BANK_FILES:  # created, zero-filled (sparse) at full size
             torch.from_file(os.path.join(owner.name, name), shared=True, size=numel, dtype=BANK_DTYPE)
     folder = broadcast_from_main(owner.name if owner else None)

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from invdiff.cli import main
+from invdiff.sampling.job import prompt_dirname
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,9 @@ def test_pipeline_outputs(tiny_run):
         assert os.path.exists(os.path.join(base, part))
     for part in ("guidance", "base", "environments.safetensors", "losses.safetensors", "invdiff_run.json", "train_log.json"):
         assert os.path.exists(os.path.join(run, part))
-    pngs = sorted(os.listdir(os.path.join(imgs, "digit_3")))
+    pngs = sorted(os.listdir(os.path.join(imgs, prompt_dirname("digit 3"))))
     assert pngs == ["0000.png", "0001.png", "0002.png"]
-    assert len(os.listdir(os.path.join(imgs, "digit_4"))) == 3
+    assert len(os.listdir(os.path.join(imgs, prompt_dirname("digit 4")))) == 3
     with open(os.path.join(run, "guidance", "config.json")) as f:
         assert json.load(f)["ratio"] == 2.0
 
@@ -52,7 +53,8 @@ def test_sample_from_base_and_same_seed_same_pixels(tiny_run):
     for out in (a, b):
         assert main(["sample", "--model", base, "--prompt", "digit 1", "--num", "2", "--steps", "2", "--out", out]) == 0
     for name in ("0000.png", "0001.png"):
-        with open(os.path.join(a, "digit_1", name), "rb") as fa, open(os.path.join(b, "digit_1", name), "rb") as fb:
+        with open(os.path.join(a, prompt_dirname("digit 1"), name), "rb") as fa, \
+                open(os.path.join(b, prompt_dirname("digit 1"), name), "rb") as fb:
             assert fa.read() == fb.read()
 
 

@@ -14,7 +14,8 @@ from invdiff.sampling import job as sample_job
 from invdiff.data.base import DataError
 from invdiff.io import CheckpointError
 from invdiff.models.conditioner import UnknownPromptError
-from invdiff.sampling.job import LOG_DIR, MANIFEST, load_samples, read_prompts, run_sample_job
+from invdiff.outputs import MARKER, write_marker
+from invdiff.sampling.job import LOG_DIR, MANIFEST, load_samples, prompt_dirname, read_prompts, run_sample_job
 
 GOOD_LINE = '{"prompt": "digit 1"}'
 
@@ -57,10 +58,10 @@ def no_model_loads(monkeypatch):
         ('{"prompt": "digit 1", "seed": -1}', "'seed' must be an integer"),
         # torch.Generator.manual_seed takes seeds below 2**64; the line's last image would need 2**64
         ('{"prompt": "digit 1", "seed": 18446744073709551615, "num": 2}', r"limit 2\*\*64 - 1"),
-        ('{"prompt": "digit 1", "num": "3"}', "'num' must be a positive integer"),
-        ('{"prompt": "digit 1", "num": 2.0}', "'num' must be a positive integer"),
-        ('{"prompt": "digit 1", "num": true}', "'num' must be a positive integer"),
-        ('{"prompt": "digit 1", "num": 0}', "'num' must be a positive integer"),
+        ('{"prompt": "digit 1", "num": "3"}', "'num' must be an integer in \\[1, "),
+        ('{"prompt": "digit 1", "num": 2.0}', "'num' must be an integer in \\[1, "),
+        ('{"prompt": "digit 1", "num": true}', "'num' must be an integer in \\[1, "),
+        ('{"prompt": "digit 1", "num": 0}', "'num' must be an integer in \\[1, "),
         ('{"prompt": ""}', "non-empty string 'prompt'"),
         ('{"prompt": 3}', "non-empty string 'prompt'"),
         ('{"num": 3}', "non-empty string 'prompt'"),
@@ -86,7 +87,7 @@ def test_a_running_seed_past_the_generator_range_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "defaults, message",
     [
-        (dict(num=0), "num must be a positive integer"),
+        (dict(num=0), "num must be an integer in \\[1, "),
         (dict(seed=-1), "seed must be an integer"),
         (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
         (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
@@ -107,9 +108,10 @@ def test_good_lines_still_read(tmp_path):
     items = read_prompts(path, num=1, seed=7, guidance_scale=1.0)
     assert [(it.prompt, it.seed, it.guidance_scale) for it in items] == [
         ("digit 1", 100, 3.0), ("digit 1", 101, 3.0), ("digit 2", 7, 1.0), ("digit 1", 8, 2.5)]
+    one, two = prompt_dirname("digit 1"), prompt_dirname("digit 2")
     assert [it.path for it in items] == [
-        os.path.join("digit_1", "00000-seed100.png"), os.path.join("digit_1", "00001-seed101.png"),
-        os.path.join("digit_2", "00000-seed7.png"), os.path.join("digit_1", "00002-seed8.png")]
+        os.path.join(one, "00000-seed100.png"), os.path.join(one, "00001-seed101.png"),
+        os.path.join(two, "00000-seed7.png"), os.path.join(one, "00002-seed8.png")]
     assert all(isinstance(it.guidance_scale, float) for it in items)
 
 
@@ -136,12 +138,13 @@ def test_a_damaged_job_file_is_a_clear_error(tmp_path, no_model_loads, content, 
     prompts = _write(tmp_path / "prompts.txt", "digit 1\n")
     out = tmp_path / "out"
     out.mkdir()
+    write_marker(str(out), "sample-job", ["job.json"])  # the job's own folder: only its job file is damaged
     job = out / "job.json"
     job.write_text(content)
     with pytest.raises(CheckpointError, match=message) as info:
         _run("no-model-needed", prompts, str(out), resume=True)
     assert str(job) in str(info.value)
-    assert job.read_text() == content and sorted(os.listdir(out)) == ["job.json"]
+    assert job.read_text() == content and sorted(os.listdir(out)) == [MARKER, "job.json"]
 
 
 @pytest.fixture()

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from invdiff.cli import main
+from invdiff.sampling.job import prompt_dirname
 from invdiff.sampling.service import Metrics, ServeSettings, create_app, make_worker
 
 
@@ -104,7 +105,7 @@ def test_endpoints_and_the_same_pixels_as_invdiff_sample(tiny_run, tmp_path):
     out = str(tmp_path / "cli")
     assert main(["sample", "--model", run, "--prompt", "digit 3", "--num", "3", "--seed", "11", "--steps", "4",
                  "--guidance-scale", "2", "--out", out]) == 0
-    expected = [decode(open(os.path.join(out, "digit_3", f"{k:04d}.png"), "rb").read()) for k in range(3)]
+    expected = [decode(open(os.path.join(out, prompt_dirname("digit 3"), f"{k:04d}.png"), "rb").read()) for k in range(3)]
 
     with running_server(ServeSettings(model=run, max_batch=2)) as (url, _):
         assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}

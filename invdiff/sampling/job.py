@@ -20,18 +20,20 @@ prompt against it are checked before any file is written or any image sampled.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-import numpy as np
-import torch
+from ..errors import CheckpointError, DataError
+from ..io import atomic_write_text, path_inside, read_json
+from ..limits import MAX_JOB_IMAGES, SEED_LIMIT
 
-from ..data.base import DataError
-from ..io import CheckpointError, atomic_write_text, path_inside, read_json
+if TYPE_CHECKING:  # torch is imported where images are made or read: the prompts file is checked without it
+    import torch
 
 JOB_FILE = "job.json"
 MANIFEST = "manifest.jsonl"
@@ -39,8 +41,9 @@ PLAIN_MANIFEST = "manifest.json"  # written by `invdiff sample --prompt`
 LOG_DIR = ".manifest"
 LOG_NAME = re.compile(r"rank-\d+\.jsonl")
 PROMPT_FIELDS = ("prompt", "num", "seed", "guidance_scale")
-# torch.Generator.manual_seed takes [0, 2**64); a negative seed would wrap onto a positive one.
-SEED_LIMIT = 2**64
+# A prompt's folder: a readable slug of at most this many characters, then a hash of the prompt.
+SLUG_CHARS = 48
+PROMPT_HASH_CHARS = 10
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,8 @@ def _is_finite_number(value) -> bool:
 
 
 def _check_defaults(num, seed, guidance_scale) -> None:
-    if not _is_int(num) or num < 1:
-        raise ValueError(f"num must be a positive integer, got {num!r}")
+    if not _is_int(num) or not 1 <= num <= MAX_JOB_IMAGES:
+        raise ValueError(f"num must be an integer in [1, {MAX_JOB_IMAGES}], got {num!r}")
     if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     if not _is_finite_number(guidance_scale):
@@ -78,8 +81,8 @@ def _line_settings(row, where: str, num: int, guidance_scale: float) -> Tuple[in
     if unknown:  # a misspelt field would silently sample with the default instead
         raise DataError(f"{where}: unknown field(s) {unknown}; a line may set {', '.join(PROMPT_FIELDS)}")
     n = row.get("num", num)
-    if not _is_int(n) or n < 1:
-        raise DataError(f"{where}: 'num' must be a positive integer, got {n!r}")
+    if not _is_int(n) or not 1 <= n <= MAX_JOB_IMAGES:
+        raise DataError(f"{where}: 'num' must be an integer in [1, {MAX_JOB_IMAGES}] (invdiff/limits.py), got {n!r}")
     scale = row.get("guidance_scale", guidance_scale)
     if not _is_finite_number(scale):
         raise DataError(f"{where}: 'guidance_scale' must be a finite number, got {scale!r}")
@@ -93,9 +96,14 @@ def _line_settings(row, where: str, num: int, guidance_scale: float) -> Tuple[in
 
 
 def prompt_dirname(prompt: str) -> str:
-    """A filesystem-safe folder name for a prompt ("digit 3" -> "digit_3")."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", prompt).strip("._")
-    return name or "prompt"
+    """The folder of a prompt's images: a readable slug of at most SLUG_CHARS characters, then a
+    hash of the prompt's exact text ("digit 3" -> "digit_3-5f1c0a9e2b"). The hash makes the map
+    one-to-one: "a b", "a/b" and "a_b" share a slug but not a folder, and a prompt with no ASCII
+    letters gets one of its own. The length is capped, so no prompt makes a name the file system
+    refuses."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", prompt).strip("._-")[:SLUG_CHARS].rstrip("._-") or "prompt"
+    digest = hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:PROMPT_HASH_CHARS]
+    return f"{slug}-{digest}"
 
 
 def read_prompts(path: str, num: int, seed: int, guidance_scale: float) -> List[Item]:
@@ -110,9 +118,13 @@ def read_prompts(path: str, num: int, seed: int, guidance_scale: float) -> List[
     items: List[Item] = []
     counters: Dict[str, int] = {}
     next_seed = seed
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            text = line.strip()
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); save the prompts file as UTF-8") from None
             if not text or (not jsonl and text.startswith("#")):
                 continue
             where = f"{path}:{lineno}"
@@ -124,6 +136,9 @@ def read_prompts(path: str, num: int, seed: int, guidance_scale: float) -> List[
             else:
                 row = {"prompt": text}
             n, line_seed, scale = _line_settings(row, where, num, guidance_scale)
+            if len(items) + n > MAX_JOB_IMAGES:  # every item is held in memory before sampling starts
+                raise DataError(f"{where}: the job would make more than {MAX_JOB_IMAGES} images (invdiff/limits.py); "
+                                "split the prompts file into several jobs")
             if line_seed is None and next_seed + n > SEED_LIMIT:
                 raise DataError(f"{where}: the seeds counted on from {seed} pass torch's limit 2**64 - 1; "
                                 "give the line its own 'seed' or start from a smaller one")
@@ -266,6 +281,10 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
     if base_dir is not None:  # only when given: jobs made before it existed keep their settings
         settings["base"] = os.path.abspath(base_dir)
     job_path = os.path.join(out, JOB_FILE)
+    from ..outputs import check_output_folder, read_marker, write_marker
+
+    # Not invdiff's, not a job, or holding anything the job did not write: refused, --overwrite included.
+    check_output_folder(out, "sample-job", overwrite)
     if os.path.isfile(job_path):
         if not overwrite:  # --overwrite replaces the job whatever its file holds
             if _read_job_settings(job_path) != settings:
@@ -294,10 +313,17 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
 
     barrier()  # every rank has checked its input before the main process writes to the folder
     if rank == 0:
+        old_marker = read_marker(out) if os.path.isdir(out) else None
+        if overwrite and not resumable and old_marker is not None:
+            # The old job is replaced whole: everything its marker lists (and nothing else is
+            # there: check_output_folder) goes, so no image of other settings stays behind.
+            for name in old_marker["entries"]:
+                _remove_entry(os.path.join(out, name))
         os.makedirs(os.path.join(out, LOG_DIR), exist_ok=True)
-        if overwrite and not resumable:
-            for name in os.listdir(os.path.join(out, LOG_DIR)):
-                os.remove(os.path.join(out, LOG_DIR, name))
+        # The marker lists the folders the job will fill before any is made, so a job cut short
+        # is still recognised as invdiff's own (by --resume, and by --overwrite).
+        listed = set(old_marker["entries"]) if old_marker and resumable else set()
+        write_marker(out, "sample-job", listed | {JOB_FILE, MANIFEST, LOG_DIR} | {os.path.dirname(it.path) for it in items})
         atomic_write_json(job_path, {"settings": settings, "items": len(items)})
     barrier()
     by_id = {it.item_id: it for it in items}
@@ -331,6 +357,15 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
         summary["manifest"] = os.path.join(out, MANIFEST)
     barrier()
     return summary
+
+
+def _remove_entry(path: str) -> None:
+    import shutil
+
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
 
 
 # ----------------------------------------------------------------------------- reading samples back
@@ -377,7 +412,7 @@ def _image_inside(directory: str, rel: str, where: str) -> str:
     return full
 
 
-def load_samples(directory: str) -> Tuple[torch.Tensor, List[str]]:
+def load_samples(directory: str) -> Tuple["torch.Tensor", List[str]]:
     """Images and prompts from a folder written by `invdiff sample`, in manifest order: its
     manifest.json (`--prompt`) or manifest.jsonl (a `--prompts` job).
 
@@ -386,6 +421,8 @@ def load_samples(directory: str) -> Tuple[torch.Tensor, List[str]]:
     or unreadable image and mixed image sizes are DataErrors naming the manifest and the entry; a
     manifest.json that is not JSON is a CheckpointError naming it.
     """
+    import numpy as np
+    import torch
     from PIL import Image
 
     manifest, entries = _manifest_entries(directory)
