@@ -203,6 +203,8 @@ def _debias(args) -> None:
     print(f"saved run to {args.out}; G acts for t >= {result['meta']['t_min']}")
     if sizes:
         print(describe_group_sizes(sizes, cfg.groups, [dataset.prompts[p] for p in sorted(set(dataset.prompt_ids.tolist()))]))
+    for warning in result["meta"]["diagnostics"].get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def describe_group_sizes(sizes: List[float], groups: int, prompts: List[str]) -> str:
@@ -476,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["unet", "lora"])
     opt("--lora-rank", "LoRA rank for --guidance lora", type=positive_int)
     opt("--aggregation", "per-sample loss aggregation", choices=list(AGGREGATIONS))
-    opt("--max-step", "environment inference: gap (widest gap above the median), mixture, official (projected Adam)",
+    opt("--max-step", "environment inference: gap (widest gap above the median), otsu (least within-group variance of "
+        "the winsorized scores, groups above the lowest at most half), mixture, official (projected Adam)",
         choices=list(MAX_STEP_METHODS))
     p.add_argument("--pooled-groups", action="store_true", help="infer K groups over all prompts instead of K per prompt")
     opt("--alpha", "weight of the official min-loss term in the max step", type=finite_float)

@@ -10,7 +10,7 @@ from typing import Dict, Optional
 # How the max step aggregates a sample's (T,) losses into one score (environments.aggregate).
 AGGREGATIONS = ("spread", "zscore", "mean", "high-noise")
 # How the max step turns scores into groups (environments.MaxStepPolicy).
-MAX_STEP_METHODS = ("gap", "mixture", "official")
+MAX_STEP_METHODS = ("gap", "otsu", "mixture", "official")
 
 
 @dataclass
@@ -31,7 +31,7 @@ class DebiasConfig:
     aggregation: str = "spread"
     loss_timesteps: int = 20
     loss_draws: int = 1
-    max_step: str = "gap"  # "gap" | "mixture" | "official" (projected Adam on std_k R_k); see environments.py
+    max_step: str = "gap"  # "gap" | "otsu" | "mixture" | "official" (projected Adam on std_k R_k); see environments.py
     per_prompt_groups: bool = True  # K environments inside each prompt (see max_step)
     min_per_prompt_groups: int = 8  # ... when every prompt has at least this many samples per group
     max_step_steps: int = 500
@@ -67,25 +67,6 @@ class DebiasConfig:
     objective: str = "invariant"
     jtt_upweight: float = 5.0
 
-    def max_step_policy(self) -> "MaxStepPolicy":
-        from .environments import MaxStepPolicy
-
-        return MaxStepPolicy(
-            method=self.max_step, groups=self.groups, aggregation=self.aggregation, per_prompt=self.per_prompt_groups,
-            min_per_prompt=self.min_per_prompt_groups, steps=self.max_step_steps, lr=self.max_step_lr,
-            alpha=self.alpha, seed=self.seed,
-        )
-
-    def band_start(self, losses: torch.Tensor, prompt_ids: torch.Tensor, num_train_timesteps: int) -> int:
-        """The first timestep of the attribute band (0: none), given the frozen (N, T) losses."""
-        if self.t_band == "off":
-            return 0
-        if self.t_band == "auto":
-            from .environments import guidance_band
-
-            return guidance_band(losses, prompt_ids, num_train_timesteps)
-        return int(self.t_band)
-
     def validate(self, n: int) -> None:
         if self.groups < 2:
             raise ValueError(f"number of groups K must be >= 2, got {self.groups}")
@@ -95,7 +76,13 @@ class DebiasConfig:
             raise ValueError(f"lambda must be >= 0, got {self.lam}")
         if not self.ratio > 0:
             raise ValueError(f"guidance ratio r must be > 0, got {self.ratio}")
-        self.max_step_policy().validate()
+        # The max step's policy (environments.max_step_policy) takes these; checked here, torch-free.
+        if self.max_step not in MAX_STEP_METHODS:
+            raise ValueError(f"max_step must be one of {MAX_STEP_METHODS}, got {self.max_step!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; choose from {AGGREGATIONS}")
+        if self.max_step_steps < 1:
+            raise ValueError(f"max-step steps must be >= 1, got {self.max_step_steps}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.frozen_dtype not in ("fp32", "bf16", "fp16"):

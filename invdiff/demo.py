@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .data.colored_digits import COLOR_NAMES, colored_digits, majority_color
-from .environments import collect_losses
+from .environments import band_start_of, collect_losses
 from .io import CheckpointError, atomic_path, atomic_write_json
 from .metrics import evaluate_samples, group_alignment, load_digit_classifier, predict_color
 from .models.base import FrozenBase
@@ -177,7 +177,7 @@ def _cell_key(setting: Setting, seed: int, row: str, settings: Dict) -> str:
 def _run_cell(setting, data: _Data, seed, row, settings, classifier, frozen_of, workdir) -> Dict:
     """One (setting, seed, row): train if guided, sample over the strength sweep, evaluate."""
     cfg = replace(settings["invdiff"], seed=seed)
-    band_start = cfg.band_start(frozen_of(cfg)["losses"], data.train.prompt_ids, 1000)
+    band_start = band_start_of(cfg, frozen_of(cfg)["losses"], data.train.prompt_ids, 1000)
     if row in ("base", "balanced"):
         folder = shipped_base(name=setting.base if row == "base" else setting.balanced_base)
         base = FrozenBase.from_pretrained(folder).freeze()

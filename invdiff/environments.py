@@ -18,7 +18,9 @@
    std_k R_k of the group mean losses (optionally + alpha * min l_i W_ik).
 4. `guidance_band` picks, from the same losses, the band of t where G_psi acts.
 
-This module holds the max step's whole policy; runs.py only orchestrates it.
+This module holds the max step's whole policy, behind one entry point, `max_step`: the groups
+(and JTT's upweighting of them), the attribute band, the min step's t proposal and the label-free
+diagnostics. runs.debias and the demo call it; config.py only names the settings.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.base import DiffusionDataset
-from .config import AGGREGATIONS, MAX_STEP_METHODS  # noqa: F401 (re-exported)
+from .config import AGGREGATIONS, MAX_STEP_METHODS, DebiasConfig  # noqa: F401 (re-exported)
 from .io import CheckpointError, atomic_save_file, load_safetensors
 from .models.base import FrozenBase, training_target
 from .distributed import all_reduce_sum_, barrier, broadcast_from_main, rank_and_world
@@ -387,11 +389,82 @@ def infer_environments_gap(scores: torch.Tensor, num_groups: int) -> torch.Tenso
     return torch.nn.functional.one_hot(group, num_groups).float()
 
 
+def winsorize_far_out(values: torch.Tensor) -> torch.Tensor:
+    """Clip values above Tukey's far-out fence, Q3 + 3 * IQR, to the fence. (n,) -> (n,).
+
+    A few extreme scores (a blurry or broken image of the majority) would otherwise own a group
+    of their own under any variance criterion; clipped, they join the rest of the high tail. The
+    fence is a property of the scores' own spread, not a guess at the minority's size."""
+    q1, q3 = torch.quantile(values, torch.tensor([0.25, 0.75], dtype=values.dtype))
+    return values.clamp(max=float(q3 + 3.0 * (q3 - q1)))
+
+
+def infer_environments_otsu(scores: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Hard groups at the K-1 cuts that minimise the within-group sum of squares of the
+    winsorized scores (Otsu's between-class variance for K = 2; the exact 1-D K-means optimum
+    by dynamic programming), with every group above the lowest holding at most half of the
+    samples together. scores: (N,) -> W: (N, K) one-hot, groups ordered by score.
+
+    Why (issue 21): the widest gap above the median weighs no group size, so when the minority's
+    scores form a smooth tail rather than a separate mode, the widest gap lies between the top
+    outlier and the rest, and the high group holds 1-3 samples. A variance criterion weighs each
+    group by its size: cutting off a handful of samples buys little between-group variance, a
+    whole tail buys much. Winsorizing at the far-out fence keeps a few far outliers from buying
+    it alone. The bound of one half is the data's own: a minority is at most half of its prompt.
+    """
+    n = scores.shape[0]
+    if not 2 <= num_groups <= n:
+        raise ValueError(f"number of groups K must be in [2, N={n}], got {num_groups}")
+    if not torch.isfinite(scores).all():
+        raise LossError("per-sample losses contain NaN or inf")
+    values, order = winsorize_far_out(scores.double()).sort()
+    # cost(i, j): sum of squares of values[i:j] about their mean, from prefix sums.
+    s1 = torch.cat([values.new_zeros(1), values.cumsum(0)])
+    s2 = torch.cat([values.new_zeros(1), (values * values).cumsum(0)])
+
+    def segment_cost(start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+        count = (end - start).double()
+        total = s1[end] - s1[start]
+        return (s2[end] - s2[start]) - total * total / count
+
+    # The lowest group, values[:j], holds at least half: j >= ceil(n / 2).
+    low_end = (n + 1) // 2
+    if n - low_end < num_groups - 1:  # too few samples above the median for K - 1 groups
+        low_end = 1
+    # best[j]: the least cost of values[:j] cut into the groups so far (inf: not reachable);
+    # back[k - 1][j]: where the k-th group above the lowest starts when values[:j] ends with it.
+    best = torch.full((n + 1,), float("inf"), dtype=torch.float64)
+    ends = torch.arange(low_end, n + 1)
+    best[ends] = segment_cost(torch.zeros_like(ends), ends)
+    back = []
+    for k in range(1, num_groups):
+        new = torch.full_like(best, float("inf"))
+        arg = torch.zeros(n + 1, dtype=torch.long)
+        # the last group ends at n; the ones below leave a sample for each group above them
+        for j in ([n] if k == num_groups - 1 else range(low_end + k, n - (num_groups - 1 - k) + 1)):
+            starts = torch.arange(low_end + k - 1, j)
+            cand = best[starts] + segment_cost(starts, torch.full_like(starts, j))
+            i = int(torch.argmin(cand))
+            new[j], arg[j] = cand[i], starts[i]
+        back.append(arg)
+        best = new
+    cuts, j = [], n
+    for arg in reversed(back):
+        j = int(arg[j])
+        cuts.append(j)
+    rank_group = torch.zeros(n, dtype=torch.long)
+    for c in cuts:
+        rank_group[c:] += 1
+    group = torch.empty(n, dtype=torch.long)
+    group[order] = rank_group
+    return torch.nn.functional.one_hot(group, num_groups).float()
+
+
 @dataclass(frozen=True)
 class MaxStepPolicy:
     """Everything that turns the frozen model's (N, T) losses into environments W."""
 
-    method: str = "gap"  # gap | mixture | official (projected Adam on std_k R_k)
+    method: str = "gap"  # gap | otsu | mixture | official (projected Adam on std_k R_k)
     groups: int = 2  # K
     aggregation: str = "spread"  # see aggregate_losses
     per_prompt: bool = True  # K environments inside each prompt (see infer_groups)
@@ -415,6 +488,8 @@ class MaxStepPolicy:
 def _groups_of(scores: torch.Tensor, policy: MaxStepPolicy) -> torch.Tensor:
     if policy.method == "gap":
         return infer_environments_gap(scores, policy.groups)
+    if policy.method == "otsu":
+        return infer_environments_otsu(scores, policy.groups)
     if policy.method == "mixture":
         return infer_environments_mixture(scores, policy.groups, policy.seed)
     return infer_environments(scores, policy.groups, policy.steps, policy.lr, policy.alpha, policy.seed)
@@ -471,11 +546,88 @@ def guidance_band(losses: torch.Tensor, prompt_ids: Optional[torch.Tensor], num_
     return int(round(first * bin_width))
 
 
-def environment_diagnostics(weights: torch.Tensor, scores: torch.Tensor) -> Dict:
-    """Label-free summary: soft group sizes and soft group mean scores, ordered as in W."""
+# A user has no labels to check the groups with; these are the warnings they get instead.
+SMALL_GROUP_SHARE = 0.03  # a group below 3% of its prompt's samples: a few outliers, not a minority
+# The high group's mean bootstrap Jaccard index below this: the cut is partly chance. Measured
+# (scripts/dev/cut_study.py, tests/test_max_step_cuts.py): a separate minority mode 0.97-0.98,
+# evenly spread scores under the gap cut 0.42-0.68, the design setting's gap groups 0.35 at worst.
+UNSTABLE_BELOW = 0.7
+STABILITY_BOOTSTRAPS = 20
+
+
+def _hard_groups(weights: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) index of each sample's strongest group among its K (per-prompt column blocks too)."""
+    return weights.view(weights.shape[0], -1, k).sum(1).argmax(1) if weights.shape[1] % k == 0 else weights.argmax(1)
+
+
+def cut_stability(scores: torch.Tensor, prompt_ids: Optional[torch.Tensor], policy: MaxStepPolicy,
+                  boots: int = STABILITY_BOOTSTRAPS) -> Dict[int, float]:
+    """How stable each prompt's cut is under resampling, label-free: {prompt id: stability}.
+
+    For each of `boots` bootstrap resamples of a prompt's scores (seeded by the policy's seed),
+    the policy's grouping is run again; its groups become score thresholds (where each group
+    above the lowest starts), and every original sample is assigned by them. The stability is
+    the mean Jaccard index between that high group and the original high group: 1 when every
+    resample draws the same cut, near 0 when the high group is a few samples that a resample
+    may leave out. scores: (N,); prompt_ids: (N,) or None (one pool)."""
+    k = policy.groups
+    ids = torch.zeros(scores.shape[0], dtype=torch.long) if prompt_ids is None or not policy.per_prompt else prompt_ids
+    gen = torch.Generator().manual_seed(policy.seed + 104729)
+    result = {}
+    for p in ids.unique().tolist():
+        rows = scores[ids == p]
+        if rows.numel() < 2 * k:
+            continue
+        high = _hard_groups(_groups_of(rows, policy), k) == k - 1
+        overlap = []
+        for _ in range(boots):
+            draw = rows[torch.randint(rows.numel(), (rows.numel(),), generator=gen)]
+            try:
+                groups = _hard_groups(_groups_of(draw, policy), k)
+            except ValueError:  # a resample with too few distinct values for K groups
+                overlap.append(0.0)
+                continue
+            top = draw[groups == k - 1]
+            again = rows >= float(top.min()) if top.numel() else torch.zeros_like(high)
+            union = int((again | high).sum())
+            overlap.append(int((again & high).sum()) / union if union else 1.0)
+        result[int(p)] = sum(overlap) / len(overlap)
+    return result
+
+
+def environment_diagnostics(weights: torch.Tensor, scores: torch.Tensor, prompt_ids: Optional[torch.Tensor] = None,
+                            policy: Optional[MaxStepPolicy] = None, prompts: Optional[list] = None) -> Dict:
+    """Label-free summary of the max step's groups, for the run folder and for `debias` to print.
+
+    Always: soft group sizes and soft group mean scores, ordered as in W. With prompt_ids and the
+    policy: per prompt, the high-score group's share of the prompt's samples and the cut's
+    bootstrap stability (cut_stability), and one warning line per prompt whose high group is
+    below SMALL_GROUP_SHARE or whose cut is unstable (below UNSTABLE_BELOW). prompts: the
+    prompt texts by id, to name them in the warnings."""
     sizes = weights.sum(0)
     means = (weights * scores[:, None]).sum(0) / sizes.clamp_min(1e-12)
-    return {"group_sizes": sizes.tolist(), "group_mean_scores": means.tolist()}
+    out = {"group_sizes": sizes.tolist(), "group_mean_scores": means.tolist()}
+    if prompt_ids is None or policy is None:
+        return out
+    k = policy.groups
+    high = _hard_groups(weights, k) == k - 1
+    pooled = not policy.per_prompt or weights.shape[1] == k
+    ids = torch.zeros_like(prompt_ids) if pooled else prompt_ids
+    stability = cut_stability(scores, ids, policy)
+    shares, warnings = {}, []
+    for p in ids.unique().tolist():
+        rows = ids == p
+        share = float(high[rows].double().mean())
+        name = "all prompts" if pooled else (prompts[p] if prompts and p < len(prompts) else f"prompt {p}")
+        shares[str(p)] = share
+        if share < SMALL_GROUP_SHARE:
+            warnings.append(f"{name}: the high-loss group holds {int(high[rows].sum())} of {int(rows.sum())} samples "
+                            f"({share:.1%}, below {SMALL_GROUP_SHARE:.0%}): likely a few outliers, not a minority")
+        if p in stability and stability[p] < UNSTABLE_BELOW:
+            warnings.append(f"{name}: the cut is unstable under resampling (the high group's bootstrap Jaccard "
+                            f"index is {stability[p]:.2f}, below {UNSTABLE_BELOW}): the groups are partly chance")
+    out.update(high_group_share=shares, cut_stability={str(p): s for p, s in stability.items()}, warnings=warnings)
+    return out
 
 
 def save_environments(path: str, weights: torch.Tensor, sample_ids: torch.Tensor, scores: torch.Tensor, info: Dict) -> None:
@@ -500,3 +652,75 @@ def load_environments(path: str, sample_ids: Optional[torch.Tensor] = None) -> D
         order = torch.tensor([pos[int(s)] for s in sample_ids.tolist()])
         data = {k: (v[order] if v.shape[:1] == data["sample_ids"].shape else v) for k, v in data.items()}
     return data
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+
+def max_step_policy(config: DebiasConfig) -> MaxStepPolicy:
+    """The MaxStepPolicy a DebiasConfig asks for."""
+    return MaxStepPolicy(
+        method=config.max_step, groups=config.groups, aggregation=config.aggregation, per_prompt=config.per_prompt_groups,
+        min_per_prompt=config.min_per_prompt_groups, steps=config.max_step_steps, lr=config.max_step_lr,
+        alpha=config.alpha, seed=config.seed,
+    )
+
+
+def band_start_of(config: DebiasConfig, losses: torch.Tensor, prompt_ids: torch.Tensor, num_train_timesteps: int) -> int:
+    """The first timestep of the attribute band (0: none) that `config.t_band` asks for, given
+    the frozen (N, T) losses: "off" -> 0, "auto" -> guidance_band, else the timestep given."""
+    if config.t_band == "off":
+        return 0
+    if config.t_band == "auto":
+        return guidance_band(losses, prompt_ids, num_train_timesteps)
+    return int(config.t_band)
+
+
+def weights_for_objective(weights: torch.Tensor, config: DebiasConfig) -> torch.Tensor:
+    """The environments the min step's objective trains on. (N, K) or (N, P*K) -> as given, or
+    for JTT (N, 1): one environment with each prompt's high-loss ("error") group upweighted, so
+    that the invariant loss is the weighted mean sum_i w_i l_i / sum_i w_i."""
+    if config.objective != "jtt":
+        return weights
+    k = config.groups
+    high = weights[:, -1] if weights.shape[1] == k else weights.view(weights.shape[0], -1, k)[:, :, -1].sum(1)
+    return (1.0 + (config.jtt_upweight - 1.0) * high)[:, None]
+
+
+@dataclass
+class MaxStepResult:
+    """What the max step hands the min step. weights: (N, K) or (N, P*K) environments (for JTT,
+    (N, 1)); scores: (N,) per-sample scores (zeros when the groups were given); band_start: the
+    attribute band's first timestep; t_min: where G acts from (band_start when gated, else 0);
+    proposal: (J,) the min step's distribution over the bank's draws, or None for uniform;
+    diagnostics: environment_diagnostics, {} when the groups were given."""
+
+    weights: torch.Tensor
+    scores: torch.Tensor
+    band_start: int
+    t_min: int
+    proposal: Optional[torch.Tensor]
+    diagnostics: Dict
+
+
+def max_step(losses: torch.Tensor, prompt_ids: torch.Tensor, config: DebiasConfig, num_train_timesteps: int,
+             bank_timesteps: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+             prompts: Optional[list] = None) -> MaxStepResult:
+    """The max step's whole policy, from the frozen model's (N, T) losses on the grid.
+
+    bank_timesteps: (J,) the timestep of each of the bank's draws, for the proposal (None: no
+    proposal). weights: given environments (the oracle, ERM's single all-ones column): the groups
+    are not inferred, but the band and the proposal are the same as InvDiff's, so every row
+    trains on identical (t, noise) draws. prompts: the prompt texts by id, for the warnings."""
+    band_start = band_start_of(config, losses, prompt_ids, num_train_timesteps)
+    t_min = band_start if config.gate_to_band else 0
+    proposal = None
+    if bank_timesteps is not None and (config.importance_mix < 1.0 or t_min > 0):
+        proposal = draw_proposal(losses, prompt_ids, config.loss_draws, config.importance_mix, band=bank_timesteps >= t_min)
+    if weights is not None:
+        return MaxStepResult(weights, torch.zeros(losses.shape[0]), band_start, t_min, proposal, {})
+    policy = max_step_policy(config)
+    groups, scores = groups_from_losses(losses, prompt_ids, policy)
+    # Group shares and cut stability per prompt, with warnings; JTT judges the same cut.
+    diagnostics = environment_diagnostics(groups, scores, prompt_ids, policy, prompts)
+    return MaxStepResult(weights_for_objective(groups, config), scores, band_start, t_min, proposal, diagnostics)

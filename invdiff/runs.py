@@ -26,14 +26,15 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .data.base import DiffusionDataset
-from .environments import (
+from .environments import (  # noqa: F401 (MaxStepPolicy, guidance_band: re-exported)
     MaxStepPolicy,
     collect_losses,
-    draw_proposal,
-    environment_diagnostics,
     groups_from_losses,
     guidance_band,
+    max_step,
+    max_step_policy,
     save_environments,
+    weights_for_objective,
 )
 from .io import CheckpointError, atomic_save_file, atomic_write_json, read_json, staged_directory
 from .models.base import BASE_META, FrozenBase
@@ -87,19 +88,9 @@ def check_output_dir(out: str, meta: Dict, overwrite: bool = False) -> None:
 
 
 def weights_from_losses(losses: torch.Tensor, prompt_ids: torch.Tensor, config: DebiasConfig):
-    """(N, T) frozen losses -> (W, scores): the max step of `config` (environments.py)."""
-    weights, scores = groups_from_losses(losses, prompt_ids, config.max_step_policy())
-    if config.objective == "jtt":
-        # JTT: one environment, the high-loss ("error") group upweighted. With one column the
-        # invariant loss is the weighted mean sum_i w_i l_i / sum_i w_i.
-        high = weights[:, -1] if weights.shape[1] == config.groups else _highest_group(weights, config.groups)
-        weights = (1.0 + (config.jtt_upweight - 1.0) * high)[:, None]
-    return weights, scores
-
-
-def _highest_group(weights: torch.Tensor, k: int) -> torch.Tensor:
-    """(N,) membership of each prompt's highest-score group in per-prompt (N, P*K) weights."""
-    return weights.view(weights.shape[0], -1, k)[:, :, -1].sum(1)
+    """(N, T) frozen losses -> (W, scores): the groups of `config`'s max step (environments.max_step)."""
+    weights, scores = groups_from_losses(losses, prompt_ids, max_step_policy(config))
+    return weights_for_objective(weights, config), scores
 
 
 def environment_weights(
@@ -216,7 +207,6 @@ def debias(
                          f"trained at {base.unet.config.sample_size}x{base.unet.config.sample_size}; "
                          f"pass --resolution {base.unet.config.sample_size}")
     meta["attention"] = base.meta.get("attention")
-    diagnostics: Dict = {}
     if frozen is None:
         frozen = dict(zip(
             ("losses", "timesteps", "bank"),
@@ -227,20 +217,12 @@ def debias(
                            **({"batch_size": config.batch_size} if latent else {})),
         ))
     losses, grid, bank = frozen["losses"], frozen["timesteps"], frozen["bank"]
-    band_start = config.band_start(losses, dataset.prompt_ids, num_train_timesteps)
-    t_min = band_start if config.gate_to_band else 0
-    if config.importance_mix < 1.0 or t_min > 0:
-        bank = dataclasses.replace(
-            bank, proposal=draw_proposal(losses, dataset.prompt_ids, config.loss_draws, config.importance_mix,
-                                         band=bank.timesteps >= t_min)
-        )
-    if weights is None:
-        weights, scores = weights_from_losses(losses, dataset.prompt_ids, config)
-        diagnostics = environment_diagnostics(weights, scores)
-    else:
-        # Given groups skip the max step, but the min step still trains on the same bank of
-        # frozen predictions, so ERM, the oracle and InvDiff see identical (t, noise) draws.
-        scores = torch.zeros(len(dataset))
+    found = max_step(losses, dataset.prompt_ids, config, num_train_timesteps, bank_timesteps=bank.timesteps,
+                     weights=weights, prompts=list(dataset.prompts))
+    weights, scores, diagnostics, band_start, t_min = (found.weights, found.scores, found.diagnostics,
+                                                       found.band_start, found.t_min)
+    if found.proposal is not None:
+        bank = dataclasses.replace(bank, proposal=found.proposal)
     torch.manual_seed(config.seed)  # G's initial weights depend on the run's seed only, not on history
     if config.guidance_kind == "lora":
         from .models.lora import LoraGuidance
