@@ -156,6 +156,7 @@ DEBIAS_FLAGS = {
     "lam_warmup": "lam_warmup", "lam_mode": "lam_mode", "preset": "preset", "aggregation": "aggregation",
     "alpha": "alpha", "loss_timesteps": "loss_timesteps", "loss_draws": "loss_draws",
     "max_step_steps": "max_step_steps", "max_step": "max_step", "seed": "seed", "frozen_dtype": "frozen_dtype",
+    "alternations": "alternations",
     "attention": "attention", "latent_cache": "latent_cache", "guidance": "guidance_kind", "lora_rank": "lora_rank",
     "grad_accum": "grad_accum", "t_band": "t_band", "ema_decay": "ema_decay", "jtt_upweight": "jtt_upweight",
     "importance_mix": "importance_mix", "head": "head",
@@ -433,7 +434,7 @@ def cmd_serve(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import AGGREGATIONS, MAX_STEP_METHODS, RECIPES, DebiasConfig
+    from .config import AGGREGATIONS, MAX_ALTERNATIONS, MAX_STEP_METHODS, RECIPES, DebiasConfig
 
     parser = _Parser(prog="invdiff", description="InvDiff: debias a diffusion model without bias labels.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -486,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--loss-timesteps", "max step: size of the t grid", type=positive_int)
     opt("--loss-draws", "max step: noise draws per grid timestep", type=positive_int)
     opt("--max-step-steps", "max step (official): Adam steps", type=positive_int)
+    opt("--alternations", "the paper's alternation: re-infer the groups from the guided model's losses and train G "
+        f"further, at most N times (0: off; it stops early once a round moves <= 1%% of the samples)",
+        type=int_in_range(0, MAX_ALTERNATIONS))
     opt("--t-band", "where the attribute is decided: auto (the high-spread band of t), off, or the band's first timestep; "
         "sampling turns stochastic below it")
     p.add_argument("--gate-to-band", action="store_true", help="G acts inside the --t-band only")

@@ -66,6 +66,10 @@ class DebiasConfig:
     # (plain loss, high-loss group upweighted by jtt_upweight). See training.MinStepConfig.
     objective: str = "invariant"
     jtt_upweight: float = 5.0
+    # The paper's alternation (environments.alternate): after the min step, re-infer the groups
+    # from the guided model's losses and train G further on them, at most this many times (0: off;
+    # given groups, as the oracle's, are never re-inferred).
+    alternations: int = 0
 
     def validate(self, n: int) -> None:
         if self.groups < 2:
@@ -99,6 +103,8 @@ class DebiasConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if not self.jtt_upweight >= 1.0:
             raise ValueError(f"JTT upweight must be >= 1, got {self.jtt_upweight}")
+        if not 0 <= self.alternations <= MAX_ALTERNATIONS:
+            raise ValueError(f"alternations must be in [0, {MAX_ALTERNATIONS}], got {self.alternations}")
         if not 0.0 < self.importance_mix <= 1.0:
             raise ValueError(f"importance mix must be in (0, 1], got {self.importance_mix}")
 
@@ -109,6 +115,7 @@ class DebiasConfig:
 
 
 OBJECTIVES = ("invariant", "groupdro", "jtt")
+MAX_ALTERNATIONS = 10  # each round is a whole min step more: a cap, so that it never loops unbounded
 
 # Named presets over DebiasConfig. "official" is the paper's recipe as published: projected Adam
 # on the plain mean loss, pooled groups, absolute lambda = 1, its training ratio 0.5, fresh (t,

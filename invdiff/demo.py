@@ -142,7 +142,7 @@ def max_step_alignment(losses, train, cfg: DebiasConfig, minority, true_groups) 
     groups, from the same frozen losses. The "before/after" of the max-step design choices."""
     rows = []
     for aggregation in ("mean", "spread"):
-        for method in ("official", "mixture", "gap"):
+        for method in ("official", "mixture", "gap", "otsu"):
             for per_prompt in (False, True):
                 c = replace(cfg, aggregation=aggregation, max_step=method, per_prompt_groups=per_prompt)
                 weights, scores = weights_from_losses(losses, train.prompt_ids, c)

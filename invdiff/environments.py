@@ -724,3 +724,75 @@ def max_step(losses: torch.Tensor, prompt_ids: torch.Tensor, config: DebiasConfi
     # Group shares and cut stability per prompt, with warnings; JTT judges the same cut.
     diagnostics = environment_diagnostics(groups, scores, prompt_ids, policy, prompts)
     return MaxStepResult(weights_for_objective(groups, config), scores, band_start, t_min, proposal, diagnostics)
+
+
+# ----------------------------------------------------------------------------- the alternation
+
+# A round that moves at most this share of the samples to another group has converged: with
+# scores that are real numbers, a handful of samples at a cut can flip back and forth forever.
+ALTERNATION_TOLERANCE = 0.01
+
+
+@torch.no_grad()
+def guided_losses(base: FrozenBase, guidance, dataset: DiffusionDataset, bank: FrozenBank, draws: int,
+                  batch_size: int = 256) -> torch.Tensor:
+    """The guided model's per-sample losses on the bank's fixed draws, for re-inferring the groups
+    (the paper's alternation). Returns (N, T): per sample, the mean over each grid timestep's
+    `draws` draws of mean((combine(eps_frozen, G) - target)^2), on the same (t, noise) as the
+    frozen losses, so the two are comparable. Only G runs: the frozen predictions come from the bank."""
+    from . import ops
+
+    dataset = dataset.training_view()
+    n, jobs = len(dataset), len(dataset) * bank.draws
+    device = next(guidance.parameters()).device
+    out = torch.empty(jobs)
+    for start in range(0, jobs, batch_size):
+        job = torch.arange(start, min(start + batch_size, jobs))
+        sample, pick = job // bank.draws, job % bank.draws
+        t = bank.timesteps[pick]
+        noise, eps = bank.noise[sample, pick].float(), bank.pred[sample, pick].float()
+        clean = dataset.images[sample]
+        x_t = base.scheduler.add_noise(clean, noise, t)
+        target = training_target(base.scheduler, clean, noise, t)
+        embeds = base.prompt_embeds(dataset.prompt_ids[sample].to(device))
+        g = guidance(x_t.to(device), t.to(device), embeds, eps.to(device))
+        eps_tilde = ops.guidance_combine(eps.to(device), g, guidance.ratio)
+        out[job] = per_sample_mse(eps_tilde, target.to(device)).float().cpu()
+    return out.view(n, -1, draws).mean(2)
+
+
+def hard_assignment(weights: torch.Tensor) -> torch.Tensor:
+    """(N,) the strongest environment of each sample (a column of W)."""
+    return weights.argmax(1)
+
+
+def alternate(losses_of_guided, train_more, first: MaxStepResult, prompt_ids: torch.Tensor, config: DebiasConfig,
+              num_train_timesteps: int, rounds: int, prompts: Optional[list] = None) -> Tuple[MaxStepResult, Dict]:
+    """The paper's alternation, capped: re-infer the groups from the guided model's losses, train
+    G further on them, and repeat, at most `rounds` times.
+
+    losses_of_guided(): (N, T) losses of the guided model as it is now (guided_losses);
+    train_more(weights): continue the min step on these environments. Stops early once a round
+    moves at most ALTERNATION_TOLERANCE of the samples to another group. Returns (the groups G
+    was last trained on, with their band, proposal and diagnostics; a record {"rounds": [...],
+    "converged": bool}). One that does not converge says so in a warning line among the
+    diagnostics, and keeps the last groups G was trained on."""
+    current, record = first, {"rounds": [], "converged": rounds == 0}
+    for r in range(1, rounds + 1):
+        losses = losses_of_guided()
+        found = max_step(losses, prompt_ids, config, num_train_timesteps, weights=None, prompts=prompts)
+        moved = float((hard_assignment(found.weights) != hard_assignment(current.weights)).double().mean())
+        record["rounds"].append({"round": r, "moved": moved, "mean_loss": float(losses.mean())})
+        if moved <= ALTERNATION_TOLERANCE:
+            record["converged"] = True
+            break
+        current = MaxStepResult(found.weights, found.scores, current.band_start, current.t_min, current.proposal,
+                                found.diagnostics)
+        train_more(current.weights)
+    if not record["converged"]:
+        last = record["rounds"][-1]["moved"]
+        current.diagnostics.setdefault("warnings", []).append(
+            f"the alternation did not converge in {rounds} round{'s' if rounds != 1 else ''} (the last moved "
+            f"{last:.1%} of the samples to another group); G was trained on the last groups")
+    current.diagnostics["alternation"] = record
+    return current, record

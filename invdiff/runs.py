@@ -31,6 +31,8 @@ from .environments import (  # noqa: F401 (MaxStepPolicy, guidance_band: re-expo
     collect_losses,
     groups_from_losses,
     guidance_band,
+    alternate,
+    guided_losses,
     max_step,
     max_step_policy,
     save_environments,
@@ -250,7 +252,23 @@ def debias(
         keep_checkpoints=keep_checkpoints,
         resume=resume,
     )
-    log = train_guidance(base, guidance, dataset, weights, min_cfg, progress=progress, bank=bank if config.use_bank else None)
+    used_bank = bank if config.use_bank else None
+    log = train_guidance(base, guidance, dataset, weights, min_cfg, progress=progress, bank=used_bank)
+    if config.alternations and not meta["given_weights"]:
+        logs = [log]
+
+        def train_more(new_weights):
+            more = dataclasses.replace(min_cfg, seed=min_cfg.seed + len(logs), checkpoint_every=0, resume=None)
+            logs.append(train_guidance(base, guidance, dataset, new_weights, more, progress=progress, bank=used_bank,
+                                       desc=f"min-step (alternation {len(logs)})"))
+
+        # G's losses on the max step's own draws (the bank), so that each round's groups compare with the first.
+        found, _ = alternate(lambda: guided_losses(base, guidance, dataset, bank, config.loss_draws), train_more, found,
+                             dataset.prompt_ids, config, num_train_timesteps, config.alternations,
+                             prompts=list(dataset.prompts))
+        weights, scores, diagnostics = found.weights, found.scores, found.diagnostics
+        # one log: each step tagged with its round (0: the first min step), then the last timing entry
+        log = [{**entry, "round": r} for r, part in enumerate(logs) for entry in part if "step" in entry] + [logs[-1][-1]]
     meta["diagnostics"] = diagnostics
     meta["t_min"] = t_min
     meta["band_start"] = band_start

@@ -136,3 +136,66 @@ def test_debias_records_the_diagnostics_and_prints_the_warnings(tiny_base_dir, t
 
     stored = load_environments(os.path.join(run, "environments.safetensors"))
     assert stored["weights"].shape[1] == 2
+
+
+# ----------------------------------------------------------------------------- the alternation
+
+
+def _first_groups(losses, ids, config):
+    from invdiff.environments import max_step
+
+    return max_step(losses, ids, config, 1000, prompts=None)
+
+
+def test_alternation_stops_at_its_cap_with_one_warning_and_keeps_the_last_groups():
+    from invdiff.config import DebiasConfig
+    from invdiff.environments import alternate
+
+    config = DebiasConfig(max_step="gap", per_prompt_groups=False)
+    ids = torch.zeros(40, dtype=torch.long)
+    base_losses = torch.linspace(1.0, 2.0, 40)[:, None].repeat(1, 4)
+    first = _first_groups(base_losses, ids, config)
+    flips = iter(range(100))
+
+    def losses_of_guided():
+        # each round a different sample stands far out: the groups never settle
+        losses = base_losses.clone()
+        losses[next(flips) % 20, :] += 50.0
+        return losses
+
+    trained_on = []
+    found, record = alternate(losses_of_guided, trained_on.append, first, ids, config, 1000, rounds=3)
+    assert len(record["rounds"]) == 3 and not record["converged"] and len(trained_on) == 3
+    assert torch.equal(found.weights, trained_on[-1])  # the groups G was last trained on
+    warnings = [w for w in found.diagnostics["warnings"] if "alternation" in w]
+    assert len(warnings) == 1 and "did not converge in 3 rounds" in warnings[0] and "\n" not in warnings[0]
+    assert found.diagnostics["alternation"] == record
+
+
+def test_alternation_that_settles_stops_early_without_training_again():
+    from invdiff.config import DebiasConfig
+    from invdiff.environments import alternate
+
+    config = DebiasConfig(max_step="gap", per_prompt_groups=False)
+    ids = torch.zeros(40, dtype=torch.long)
+    losses = torch.cat([torch.ones(36, 4), 5.0 * torch.ones(4, 4)]) + torch.linspace(0, 0.01, 40)[:, None]
+    first = _first_groups(losses, ids, config)
+    trained_on = []
+    found, record = alternate(lambda: losses, trained_on.append, first, ids, config, 1000, rounds=5)
+    assert record["converged"] and len(record["rounds"]) == 1 and record["rounds"][0]["moved"] == 0.0
+    assert trained_on == [] and torch.equal(found.weights, first.weights)
+    assert not any("alternation" in w for w in found.diagnostics.get("warnings", []))
+
+
+def test_alternation_on_a_tiny_base_converges_or_stops_at_its_cap(tiny_base_dir, tiny_train, tmp_path):
+    from invdiff.config import DebiasConfig
+    from invdiff.runs import debias
+
+    config = DebiasConfig(steps=2, batch_size=8, loss_timesteps=2, alternations=2, max_step="otsu")
+    result = debias(tiny_base_dir, tiny_train, str(tmp_path / "run"), config, progress=False)
+    record = result["meta"]["diagnostics"]["alternation"]
+    assert 1 <= len(record["rounds"]) <= 2
+    assert record["converged"] or any("did not converge" in w for w in result["meta"]["diagnostics"]["warnings"])
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())["log"]
+    rounds = {entry["round"] for entry in log if "step" in entry}
+    assert rounds == set(range(len(record["rounds"]) + (0 if record["converged"] else 1)))
