@@ -114,17 +114,19 @@ def check_output_folder(path: str, kind: str, overwrite: bool = False, flag: str
     if not os.path.isdir(real) or not os.listdir(real):
         return
     marker = read_marker(real)
+    # Said where the command has the flag, so that nobody tries it in hope.
+    forced = ", --overwrite included" if kind != "demo" else ""
     if marker is None:
         raise OutputError(f"{flag} {path!r} is not empty and was not made by invdiff (it has no {MARKER}); invdiff "
-                          f"never replaces it, --overwrite included: choose another {flag}")
+                          f"never replaces it{forced}: choose another {flag}")
     if marker["kind"] != kind:
         raise OutputError(f"{flag} {path!r} holds {KIND_NAMES[marker['kind']]}, not {KIND_NAMES[kind]}; invdiff does "
-                          f"not replace one kind of output with another, --overwrite included: choose another {flag}")
+                          f"not replace one kind of output with another{forced}: choose another {flag}")
     foreign = foreign_entries(real, marker)
     if foreign:
         shown = ", ".join(repr(n) for n in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise OutputError(f"{flag} {path!r} holds files invdiff did not make ({shown}); invdiff never replaces them, "
-                          f"--overwrite included: move them away or choose another {flag}")
+        raise OutputError(f"{flag} {path!r} holds files invdiff did not make ({shown}); invdiff never replaces them"
+                          f"{forced}: move them away or choose another {flag}")
 
 
 def check_output_file(path: str, made_by: str, flag: str = "--out") -> None:

@@ -273,3 +273,30 @@ def test_staging_folder_of_a_killed_run_is_removed_by_the_next(tiny_base, tmp_pa
         open(os.path.join(stage, "x.txt"), "w").close()
     assert sorted(os.listdir(tmp_path)) == ["out"]
     assert outputs.read_marker(str(tmp_path / "out"))["entries"] == ["x.txt"]
+
+
+def test_an_interrupted_demo_resumes_from_its_cells(tmp_path, monkeypatch, capsys):
+    """The demo caches cells as it goes; its folder is marked before the first one, so a run cut
+    short is still invdiff's own and the next run reuses it rather than refusing it."""
+    import invdiff.demo
+
+    out = tmp_path / "demo"
+    calls = []
+
+    def cut_short(out_dir, **kwargs):
+        calls.append(kwargs)
+        os.makedirs(os.path.join(out_dir, "cells"), exist_ok=True)
+        open(os.path.join(out_dir, "cells", "cell.json"), "w").close()
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        open(os.path.join(out_dir, "report.md"), "w").close()
+
+    monkeypatch.setattr(invdiff.demo, "run_demo", cut_short)
+    assert main(["demo", "--out", str(out)]) == 130
+    assert main(["demo", "--out", str(out)]) == 0
+    assert set(outputs.read_marker(str(out))["entries"]) == {"cells", "report.md"}
+    (out / "mine.txt").write_text("x")
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out)]) == 2
+    err = _one_line_error(capsys, "'mine.txt'")
+    assert "--overwrite" not in err  # demo has no such flag
