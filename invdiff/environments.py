@@ -620,12 +620,15 @@ def environment_diagnostics(weights: torch.Tensor, scores: torch.Tensor, prompt_
         share = float(high[rows].double().mean())
         name = "all prompts" if pooled else (prompts[p] if prompts and p < len(prompts) else f"prompt {p}")
         shares[str(p)] = share
+        problems = []  # one line per prompt, however many problems it has
         if share < SMALL_GROUP_SHARE:
-            warnings.append(f"{name}: the high-loss group holds {int(high[rows].sum())} of {int(rows.sum())} samples "
+            problems.append(f"the high-loss group holds {int(high[rows].sum())} of {int(rows.sum())} samples "
                             f"({share:.1%}, below {SMALL_GROUP_SHARE:.0%}): likely a few outliers, not a minority")
         if p in stability and stability[p] < UNSTABLE_BELOW:
-            warnings.append(f"{name}: the cut is unstable under resampling (the high group's bootstrap Jaccard "
-                            f"index is {stability[p]:.2f}, below {UNSTABLE_BELOW}): the groups are partly chance")
+            problems.append(f"the cut is unstable under resampling (the high group's bootstrap Jaccard index is "
+                            f"{stability[p]:.2f}, below {UNSTABLE_BELOW}): the groups are partly chance")
+        if problems:
+            warnings.append(f"{name}: " + "; ".join(problems))
     out.update(high_group_share=shares, cut_stability={str(p): s for p, s in stability.items()}, warnings=warnings)
     return out
 

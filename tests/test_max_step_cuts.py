@@ -116,6 +116,7 @@ def test_diagnostics_warn_about_tiny_groups_and_unstable_cuts():
     assert "digit 0: the high-loss group holds 1 of 180 samples" in warned
     assert "digit 1" not in warned
     assert "digit 2: the cut is unstable" in warned
+    assert len(d["warnings"]) == 2  # one line per prompt with a problem
     assert all("\n" not in w for w in d["warnings"])
 
 
