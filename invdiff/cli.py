@@ -390,16 +390,11 @@ def cmd_demo(args) -> None:
 
 def _demo(args) -> None:
     from .demo import run_demo
-    from .outputs import write_marker
 
     seeds = args.seeds if args.seeds is not None else ([0, 1, 2] if args.full else [0])
-    # The folder is new, empty or already the demo's own (check_output_folder), so all it holds is
-    # the demo's. Marked before the first cell is cached: an interrupted demo resumes from its cells.
-    os.makedirs(args.out, exist_ok=True)
-    write_marker(args.out, "demo", set(os.listdir(args.out)) | {"cells"})
+    # The folder is new, empty or already the demo's own (check_output_folder); run_demo marks it.
     run_demo(args.out, seeds=seeds, quick=args.quick, full=args.full, settings_keys=args.settings, rows=args.rows,
              cached_only=args.cached_only)
-    write_marker(args.out, "demo", os.listdir(args.out))
 
 
 def cmd_serve(args) -> None:

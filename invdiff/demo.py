@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from .data.colored_digits import COLOR_NAMES, colored_digits, majority_color
 from .environments import band_start_of, collect_losses
 from .io import CheckpointError, atomic_path, atomic_write_json
+from .outputs import write_marker
 from .metrics import evaluate_samples, group_alignment, load_digit_classifier, predict_color
 from .models.base import FrozenBase
 from .report import bias_bar_chart, pareto_chart, sample_grid, write_markdown
@@ -258,6 +259,9 @@ def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = F
     settings = demo_settings(quick, full)
     classifier = load_digit_classifier()
     os.makedirs(os.path.join(out, "cells"), exist_ok=True)
+    # invdiff's marker (outputs.py) before the first cell is cached, so that a demo cut short is
+    # still recognised as its own and the next run resumes from its cells.
+    write_marker(out, "demo", set(os.listdir(out)) | {"cells"})
     workdir = tempfile.mkdtemp(prefix="invdiff-demo-")
     report_settings = []
     not_run: List[str] = []
@@ -328,6 +332,7 @@ def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = F
         "seconds": time.time() - t_start,
     }
     _write_report(out, report, grids, show)
+    write_marker(out, "demo", os.listdir(out))
     return report
 
 

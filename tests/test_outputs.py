@@ -281,19 +281,16 @@ def test_an_interrupted_demo_resumes_from_its_cells(tmp_path, monkeypatch, capsy
     import invdiff.demo
 
     out = tmp_path / "demo"
-    calls = []
 
-    def cut_short(out_dir, **kwargs):
-        calls.append(kwargs)
-        os.makedirs(os.path.join(out_dir, "cells"), exist_ok=True)
-        open(os.path.join(out_dir, "cells", "cell.json"), "w").close()
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        open(os.path.join(out_dir, "report.md"), "w").close()
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the first setting's data is built, after the marker
 
-    monkeypatch.setattr(invdiff.demo, "run_demo", cut_short)
-    assert main(["demo", "--out", str(out)]) == 130
-    assert main(["demo", "--out", str(out)]) == 0
+    monkeypatch.setattr(invdiff.demo, "_Data", cut_short)
+    assert main(["demo", "--quick", "--out", str(out)]) == 130
+    assert os.path.isdir(out / "cells") and outputs.read_marker(str(out))["entries"] == ["cells"]
+    monkeypatch.undo()
+    monkeypatch.setattr(invdiff.demo, "_write_report", lambda out_dir, *a: open(os.path.join(out_dir, "report.md"), "w").close())
+    assert main(["demo", "--quick", "--out", str(out), "--cached-only"]) == 0  # the cut-short folder is reused
     assert set(outputs.read_marker(str(out))["entries"]) == {"cells", "report.md"}
     (out / "mine.txt").write_text("x")
     capsys.readouterr()
