@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .data.colored_digits import COLOR_NAMES, colored_digits, majority_color
+from .data.layout_digits import LAYOUT_ATTRIBUTES
+from .data.stroke_digits import THICKNESS_NAMES
 from .environments import band_start_of, collect_losses
 from .io import CheckpointError, atomic_path, atomic_write_json
 from .outputs import write_marker
@@ -48,7 +50,7 @@ class Setting:
     title: str
     design: bool  # the defaults were chosen here; every other setting is held out
     base: str  # shipped asset folder name
-    attribute: str  # "color" or "thickness"
+    attribute: str  # "color", "thickness", "position" or "size"
     p: float  # majority share of each prompt's majority attribute value
     num_values: int  # values the attribute takes
     balanced_base: str  # the same budget on balanced data (p = 1 / num_values)
@@ -63,6 +65,11 @@ SETTINGS = {
                 "base_balanced_c3"),
         Setting("thickness_p0.9", "stroke thickness (white digits, imagefolder), p = 0.9", False, "base_thick_p0.9",
                 "thickness", 0.9, 2, "base_thick_balanced"),
+        # Issue 21's own held-out settings (invdiff/data/layout_digits.py): not a stroke property at all.
+        Setting("position_p0.9", "digit position, left or right (white digits, imagefolder), p = 0.9", False,
+                "base_position_p0.9", "position", 0.9, 2, "base_position_balanced"),
+        Setting("size_p0.9", "digit size, small or large (white digits, imagefolder), p = 0.9", False,
+                "base_size_p0.9", "size", 0.9, 2, "base_size_balanced"),
     )
 }
 DESIGN = "colors2_p0.9"
@@ -108,15 +115,20 @@ class _Data:
                          "resolution": resolution, "seed": data_seed}
         else:
             from .data import load_dataset
+            from .data.layout_digits import LayoutProbe, layout_digits
             from .data.stroke_digits import ThicknessProbe, stroke_digits, write_imagefolder
 
+            if setting.attribute == "thickness":
+                train = stroke_digits("train", p=setting.p, resolution=resolution, seed=data_seed)
+                self.eval = stroke_digits("eval", resolution=resolution, seed=data_seed)
+                self.measure = ThicknessProbe(self.eval)
+            else:
+                train = layout_digits("train", setting.attribute, p=setting.p, resolution=resolution, seed=data_seed)
+                self.eval = layout_digits("eval", setting.attribute, resolution=resolution, seed=data_seed)
+                self.measure = LayoutProbe(self.eval, setting.attribute)
             # Through the generic imagefolder path, as the base was trained (scripts/make_assets.py).
-            folder = write_imagefolder(stroke_digits("train", p=setting.p, resolution=resolution, seed=data_seed),
-                                       os.path.join(workdir, "thickness_train"))
-            self.train = load_dataset(folder)
-            self.eval = stroke_digits("eval", resolution=resolution, seed=data_seed)
-            self.measure = ThicknessProbe(self.eval)
-            self.spec = {"name": "imagefolder", "path": "stroke-digits train split", "p": setting.p, "resolution": resolution}
+            self.train = load_dataset(write_imagefolder(train, os.path.join(workdir, f"{setting.attribute}_train")))
+            self.spec = {"name": "imagefolder", "path": f"{train.name} train split", "p": setting.p, "resolution": resolution}
         attribute = self.train.attributes[setting.attribute]
         digit = self.train.attributes["digit"]
         self.true_groups = digit * setting.num_values + attribute
@@ -401,7 +413,7 @@ def _write_report(out: str, report: Dict, grids: Dict, show: int) -> None:
             md.append("\n| model | strength | Bias | digit accuracy | Frechet distance |\n|---|---|---|---|---|")
             for row, sw in sweeps.items():
                 md += [f"| {row} | {r['strength']:g} | {r['bias']:.3f} | {r['digit_accuracy']:.3f} | {r['frechet_distance']:.0f} |" for r in sw]
-        names = COLOR_NAMES if entry["attribute"] == "color" else ["thin", "thick"]
+        names = {"color": COLOR_NAMES, **LAYOUT_ATTRIBUTES, "thickness": THICKNESS_NAMES}[entry["attribute"]]
         md.append(f"\nMajority-{entry['attribute']} share per digit (the data has {entry['p']:g}):\n")
         md.append("| model | " + " | ".join(f"{d} ({names[d % entry['num_values']]})" for d in range(10)) + " |\n|---|" + "---|" * 10)
         for row in ("base", "invdiff", "oracle"):

@@ -40,23 +40,34 @@ EXTRA_BASES = {
     "base_balanced": {"p": 0.5, "num_colors": 2},
     "base_balanced_c3": {"p": 1 / 3, "num_colors": 3},
     "base_thick_balanced": {"p": 0.5, "attribute": "thickness"},
+    # Issue 21's two held-out settings of our own: where and how big the digit is.
+    "base_position_p0.9": {"p": 0.9, "attribute": "position"},
+    "base_position_balanced": {"p": 0.5, "attribute": "position"},
+    "base_size_p0.9": {"p": 0.9, "attribute": "size"},
+    "base_size_balanced": {"p": 0.5, "attribute": "size"},
 }
 
 
 def training_data(name: str):
-    """The biased training split a base is trained on. The thickness base goes through the
-    generic imagefolder path (written to a temporary folder), as a user's own data would."""
+    """The biased training split a base is trained on. The white-digit bases (thickness,
+    position, size) go through the generic imagefolder path (written to a temporary folder), as
+    a user's own data would."""
     data = dict(EXTRA_BASES.get(name) or {"p": float(name.split("_p")[1])})
-    if data.pop("attribute", None) == "thickness":
-        from invdiff.data import load_dataset
-        from invdiff.data.stroke_digits import stroke_digits, write_imagefolder
+    attribute = data.pop("attribute", None)
+    if attribute is None:
+        return colored_digits("train", **data)
+    from invdiff.data import load_dataset
+    from invdiff.data.layout_digits import layout_digits
+    from invdiff.data.stroke_digits import stroke_digits, write_imagefolder
 
-        folder = tempfile.mkdtemp()
-        try:
-            return load_dataset(write_imagefolder(stroke_digits("train", **data), folder))
-        finally:
-            shutil.rmtree(folder)
-    return colored_digits("train", **data)
+    split = stroke_digits("train", **data) if attribute == "thickness" else layout_digits("train", attribute, **data)
+    folder = tempfile.mkdtemp()
+    try:
+        dataset = load_dataset(write_imagefolder(split, folder))
+        dataset.images  # an imagefolder reads its files on first use: before the folder goes
+        return dataset
+    finally:
+        shutil.rmtree(folder)
 BASE_CONFIG = BaseTrainConfig(steps=2500, batch_size=64, lr=2e-3, seed=0)
 CLASSIFIER_STEPS = 1500
 
@@ -118,8 +129,11 @@ def main() -> None:
         finally:
             shutil.rmtree(tmp)
     for name in args.only:
-        manifest[name] = build(name, ASSETS)
-        manifest[name]["torch"] = torch.__version__
+        info = build(name, ASSETS)
+        info["torch"] = torch.__version__
+        # Read again just before writing: another make_assets process may have added its entries.
+        manifest = json.load(open(manifest_path)) if os.path.isfile(manifest_path) else {}
+        manifest[name] = info
         atomic_write_json(manifest_path, manifest)
 
 

@@ -110,3 +110,20 @@ def test_missing_shipped_base_names_make_assets(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "ASSETS", str(tmp_path))
     with pytest.raises(CheckpointError, match="make assets"):
         demo.check_request(["colors3_p0.9"], ["base", "invdiff"], [0])
+
+
+def test_every_setting_ships_its_bases_as_the_manifest_records_them():
+    """Each setting's base and balanced base are shipped, and their weights are the files that
+    scripts/make_assets.py recorded (a rebuilt or forgotten base fails here, not mid-matrix)."""
+    import hashlib
+    import json
+
+    with open(os.path.join(demo.ASSETS, "MANIFEST.json")) as f:
+        manifest = json.load(f)
+    for setting in demo.SETTINGS.values():
+        for name in (setting.base, setting.balanced_base):
+            recorded = manifest[name]["sha256"]
+            assert recorded, name
+            for rel, digest in recorded.items():
+                with open(os.path.join(demo.ASSETS, rel), "rb") as f:
+                    assert hashlib.sha256(f.read()).hexdigest() == digest, rel
