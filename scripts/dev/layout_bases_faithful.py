@@ -1,7 +1,11 @@
-# Does each new base reproduce its data's bias (the base must be faithful first)? Sample 40 per
-# digit with the demo's sampler settings and read the attribute with the probe.
+"""Does each new base reproduce its data's bias (the base must be faithful first)? Sample 40 per
+digit with the demo's sampler settings and read the attribute with the probe (issue 21).
+
+    OMP_NUM_THREADS=2 python scripts/dev/layout_bases_faithful.py   # writes docs/dev_runs/layout_bases_faithful.json
+"""
 import sys, json, torch
-sys.path.insert(0, "/work/main")
+ROOT = __file__.rsplit("/scripts/", 1)[0]
+sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 from invdiff.demo import shipped_base
 from invdiff.models.base import FrozenBase
@@ -17,4 +21,4 @@ for attribute in ("position", "size"):
         share = float((value == ids % 2).float().mean())
         out[name] = share
         print(name, "majority-value share of samples", round(share, 3), flush=True)
-json.dump(out, open("/work/main/docs/dev_runs/layout_bases_faithful.json", "w"), indent=1)
+json.dump(out, open(ROOT + "/docs/dev_runs/layout_bases_faithful.json", "w"), indent=1)
