@@ -31,7 +31,7 @@ from invdiff.metrics import train_digit_classifier  # noqa: E402
 from invdiff.training import BaseTrainConfig, train_base  # noqa: E402
 
 ASSETS = os.path.join(ROOT, "invdiff", "assets")
-BASE_PS = (0.6, 0.8, 0.9)
+BASE_PS = (0.6, 0.7, 0.8, 0.9, 0.95)  # 0.7 and 0.95: the p sweep of issue 21
 # Bases for the settings the defaults were not chosen on (README "Held-out settings"): name -> data.
 EXTRA_BASES = {
     "base_p0.9_c3": {"p": 0.9, "num_colors": 3},
