@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--loss-draws", "max step: noise draws per grid timestep", type=positive_int)
     opt("--max-step-steps", "max step (official): Adam steps", type=positive_int)
     opt("--alternations", "the paper's alternation: re-infer the groups from the guided model's losses and train G "
-        f"further, at most N times (0: off; it stops early once a round moves <= 1%% of the samples)",
+        "further, at most N times (0: off; it stops early once a round moves <= 1%% of the samples)",
         type=int_in_range(0, MAX_ALTERNATIONS))
     opt("--t-band", "where the attribute is decided: auto (the high-spread band of t), off, or the band's first timestep; "
         "sampling turns stochastic below it")

@@ -31,7 +31,7 @@ from .data.layout_digits import LAYOUT_ATTRIBUTES
 from .data.stroke_digits import THICKNESS_NAMES
 from .environments import band_start_of, collect_losses
 from .io import CheckpointError, atomic_path, atomic_write_json
-from .outputs import write_marker
+from .outputs import check_output_folder, write_marker
 from .metrics import evaluate_samples, group_alignment, load_digit_classifier, predict_color
 from .models.base import FrozenBase
 from .report import bias_bar_chart, pareto_chart, sample_grid, write_markdown
@@ -270,6 +270,7 @@ def run_demo(out: str = "demo_out", seeds: Sequence[int] = (0,), quick: bool = F
     check_request(settings_keys, rows, seeds)
     settings = demo_settings(quick, full)
     classifier = load_digit_classifier()
+    check_output_folder(out, "demo")  # the command line checked it too; a library caller may not have
     os.makedirs(os.path.join(out, "cells"), exist_ok=True)
     # invdiff's marker (outputs.py) before the first cell is cached, so that a demo cut short is
     # still recognised as its own and the next run resumes from its cells.

@@ -157,7 +157,8 @@ def staged_directory(final: str, kind: Optional[str] = None):
     which is what lets a later `--overwrite` replace it (outputs.check_output_folder). Staging
     folders that a killed process left beside `final` are removed first (outputs.sweep_stale_temporaries).
     """
-    from .outputs import sweep_stale_temporaries, write_marker
+    from .errors import OutputError
+    from .outputs import replaceable, sweep_stale_temporaries, write_marker
 
     if os.path.islink(final):  # the swap would replace the link and leave its target as it was
         raise CheckpointError(f"{final!r} is a symbolic link; write to the folder it points to instead")
@@ -173,6 +174,13 @@ def staged_directory(final: str, kind: Optional[str] = None):
         if kind is not None:
             write_marker(stage, kind, os.listdir(stage))
         apply_umask(stage)  # what save_pretrained wrote through safetensors is 0600
+        if os.path.isdir(final) and kind is not None and not replaceable(final, kind):
+            # Checked before the run too (outputs.check_output_folder); a file put there since
+            # is the user's: keep it, and keep the new output beside it rather than lose either.
+            kept = f"{os.path.abspath(final)}.new-{os.getpid()}"
+            os.replace(stage, kept)
+            raise OutputError(f"{final!r} gained files invdiff did not make while this command ran, so it was not "
+                              f"replaced; the new output is at {kept!r}")
         if os.path.isdir(final):
             old = stage + ".old"
             os.replace(final, old)

@@ -52,9 +52,16 @@ def read_marker(folder: str) -> Optional[dict]:
     except (OSError, ValueError):
         return None
     if (not isinstance(marker, dict) or marker.get("kind") not in KIND_NAMES
-            or not isinstance(marker.get("entries"), list) or not all(isinstance(e, str) for e in marker["entries"])):
+            or not isinstance(marker.get("entries"), list) or not all(map(_plain_name, marker["entries"]))):
         return None
     return marker
+
+
+def _plain_name(entry) -> bool:
+    """A marker is a file anybody can write, and a job replaced with --overwrite removes what its
+    marker lists: an entry must name something directly inside the folder (no '/', '..', NUL)."""
+    return (isinstance(entry, str) and entry not in ("", ".", "..") and "/" not in entry and "\\" not in entry
+            and "\0" not in entry)
 
 
 def write_marker(folder: str, kind: str, entries: Iterable[str]) -> None:
@@ -73,6 +80,15 @@ def foreign_entries(folder: str, marker: Optional[dict]) -> List[str]:
     """Top-level entries of `folder` that its marker does not list (all of them without one)."""
     listed = set(marker["entries"]) | {MARKER} if marker else set()
     return sorted(name for name in os.listdir(folder) if name not in listed)
+
+
+def replaceable(folder: str, kind: str) -> bool:
+    """`folder` may be replaced by a new output of `kind`: it is empty, or invdiff made it as
+    that kind and it holds nothing its marker does not list."""
+    if not os.listdir(folder):
+        return True
+    marker = read_marker(folder)
+    return marker is not None and marker["kind"] == kind and not foreign_entries(folder, marker)
 
 
 # ----------------------------------------------------------------------------- checks before compute

@@ -297,3 +297,32 @@ def test_an_interrupted_demo_resumes_from_its_cells(tmp_path, monkeypatch, capsy
     assert main(["demo", "--out", str(out)]) == 2
     err = _one_line_error(capsys, "'mine.txt'")
     assert "--overwrite" not in err  # demo has no such flag
+
+
+def test_a_marker_cannot_name_anything_outside_its_folder(tmp_path):
+    """A job replaced with --overwrite removes what its marker lists, and a marker is a file
+    anybody can write: an entry with a path in it makes the marker worthless, not obeyed."""
+    out = tmp_path / "job"
+    out.mkdir()
+    (tmp_path / "precious").mkdir()
+    for entry in ["../precious", "a/b", "..", ".", ""]:
+        (out / outputs.MARKER).write_text(json.dumps({"kind": "sample-job", "entries": [entry]}))
+        assert outputs.read_marker(str(out)) is None
+        with pytest.raises(OutputError, match="was not made by invdiff"):
+            outputs.check_output_folder(str(out), "sample-job", overwrite=True)
+    assert (tmp_path / "precious").is_dir()
+
+
+def test_a_file_put_into_the_output_during_the_run_is_kept_with_the_new_output(tmp_path):
+    from invdiff.io import staged_directory
+
+    out = tmp_path / "out"
+    with staged_directory(str(out), kind="samples") as stage:
+        open(os.path.join(stage, "a.png"), "w").close()
+    with pytest.raises(OutputError, match="gained files invdiff did not make") as info:
+        with staged_directory(str(out), kind="samples") as stage:
+            open(os.path.join(stage, "b.png"), "w").close()
+            (out / "notes.txt").write_text("mine")  # the user, meanwhile
+    assert sorted(os.listdir(out)) == sorted([outputs.MARKER, "a.png", "notes.txt"])
+    kept = str(info.value).split("the new output is at ")[1].strip("'")
+    assert os.listdir(kept) and "b.png" in os.listdir(kept)

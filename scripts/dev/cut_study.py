@@ -16,7 +16,6 @@ and the bootstrap stability of the cut (label-free, what `debias` reports).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
