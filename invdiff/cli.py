@@ -163,7 +163,8 @@ DEBIAS_FLAGS = {
 }
 DEBIAS_SWITCHES = {"pooled_groups": ("per_prompt_groups", False), "channels_last": ("channels_last", True),
                    "compile": ("compile_frozen", True), "grad_checkpointing": ("grad_checkpointing", True),
-                   "no_bank": ("use_bank", False), "gate_to_band": ("gate_to_band", True)}
+                   "no_bank": ("use_bank", False), "gate_to_band": ("gate_to_band", True),
+                   "no_calibrate": ("calibrate", False)}
 
 
 def debias_config_from_args(args):
@@ -204,8 +205,22 @@ def _debias(args) -> None:
     print(f"saved run to {args.out}; G acts for t >= {result['meta']['t_min']}")
     if sizes:
         print(describe_group_sizes(sizes, cfg.groups, [dataset.prompts[p] for p in sorted(set(dataset.prompt_ids.tolist()))]))
+    if "calibration" in result["meta"]:
+        print(describe_calibration(result["meta"]["calibration"]))
     for warning in result["meta"]["diagnostics"].get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
+
+
+def describe_calibration(record: Dict) -> str:
+    """One line: the gains the calibration chose ("digit 0: 1.42; ...") or its pooled gain."""
+    if record.get("prompts"):
+        gains = "; ".join(f"{name}: {entry['gain']:.2f}" for name, entry in record["prompts"].items())
+        return f"calibrated push (strength 1 = these gains on G, target {record['target']:.2f} of samples reading high): {gains}"
+    if record["mode"] == "untrusted":
+        return f"push not calibrated (the high-loss group stands {record['separation']:.1f} robust sd out): G pushes as trained"
+    pooled = record["pooled"]
+    return (f"calibrated push: one gain {pooled['gain']:.2f} for every prompt (from {pooled['prompts_sampled']} prompts), "
+            f"target {record['target']:.2f}")
 
 
 def describe_group_sizes(sizes: List[float], groups: int, prompts: List[str]) -> str:
@@ -497,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--head", "G_psi's recalibration head: affine, zero-sum (leaves grey pixels alone), none (UNet body only)",
         choices=["affine", "zero-sum", "none"])
     p.add_argument("--no-bank", action="store_true", help="min step: fresh (t, noise) every step instead of the frozen bank")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip the label-free calibration of the push (by default each prompt's strength is set so that its "
+                        "samples read balanced between the groups; see invdiff/calibration.py)")
     opt("--seed", "seed", type=seed_int)
     opt("--frozen-dtype", "dtype of the frozen UNet/VAE/text encoder (G_psi trains in fp32)", choices=["fp32", "bf16", "fp16"])
     opt("--attention", "attention backend of the frozen UNet: PyTorch SDPA or xformers (if installed)",
@@ -540,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     # back (README "Guidance scale").
     p.add_argument("--guidance-scale", type=finite_float, default=1.0, help="classifier-free guidance scale w (1 = off)")
     p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS, help="sampling scheduler")
-    p.add_argument("--strength", type=finite_float, default=1.0, help="G_psi strength s (0 = frozen model, 1 = as trained)")
+    p.add_argument("--strength", type=finite_float, default=1.0, help="G_psi strength s (0 = frozen model, 1 = the calibrated push, or G as trained when the run was not calibrated)")
     p.add_argument("--eta-below-band", type=finite_float, default=None,
                    help="DDIM eta under the attribute band recorded in G (None: 1, stochastic there; 0 = deterministic)")
     p.add_argument("--height", type=image_side_int, default=None,

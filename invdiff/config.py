@@ -70,6 +70,10 @@ class DebiasConfig:
     # from the guided model's losses and train G further on them, at most this many times (0: off;
     # given groups, as the oracle's, are never re-inferred).
     alternations: int = 0
+    # The label-free calibration of the push (calibration.py): after the min step, G's strength
+    # per prompt is set so that its samples read balanced between the groups; strength 1 at
+    # sampling is then the calibrated push. Off: G pushes as trained.
+    calibrate: bool = True
 
     def validate(self, n: int) -> None:
         if self.groups < 2:
@@ -124,7 +128,7 @@ MAX_ALTERNATIONS = 10  # each round is a whole min step more: a cap, so that it 
 RECIPES = {
     "invdiff": {},
     "official": dict(max_step="official", aggregation="mean", per_prompt_groups=False, lam=1.0, lam_mode="absolute",
-                     ratio=0.5, use_bank=False, importance_mix=1.0, t_band="off"),
+                     ratio=0.5, use_bank=False, importance_mix=1.0, t_band="off", calibrate=False),
     # Label-free baselines on the same G_psi, budget and inferred groups.
     "jtt": dict(objective="jtt", per_prompt_groups=False, lam=0.0),
     "groupdro": dict(objective="groupdro", lam=0.0),

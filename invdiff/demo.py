@@ -206,6 +206,15 @@ def _run_cell(setting, data: _Data, seed, row, settings, classifier, frozen_of, 
     result = debias(base_dir, data.train, run_dir, vcfg, data.spec, weights=weights, progress=False,
                     frozen=frozen_of(cfg), overwrite=True)
     extra = {"train_seconds": time.time() - started, "t_min": result["meta"]["t_min"], "band_start": band_start}
+    if "calibration" in result["meta"]:  # the gains the label-free calibration chose, per prompt
+        cal = result["meta"]["calibration"]
+        extra["calibration"] = {"default_gain": cal["default_gain"], "warnings": cal["warnings"],
+                                "separation": cal.get("separation"),
+                                **({"gains": {k: v["gain"] for k, v in cal["prompts"].items()},
+                                    "status": {k: v["status"] for k, v in cal["prompts"].items()},
+                                    "readout": {k: [round(x, 3) for x in [v["base_share"]] + v["readout_shares"]]
+                                                for k, v in cal["prompts"].items()}}
+                                   if cal["prompts"] else {"pooled": cal.get("pooled"), "mode": cal["mode"]})}
     if weights is None and result["weights"].shape[1] > 1:
         a = group_alignment(result["weights"], result["scores"], data.minority, data.true_groups)
         extra["balanced_minority_share"] = a["balanced_minority_share"]

@@ -269,6 +269,11 @@ def debias(
         weights, scores, diagnostics = found.weights, found.scores, found.diagnostics
         # one log: each step tagged with its round (0: the first min step), then the last timing entry
         log = [{**entry, "round": r} for r, part in enumerate(logs) for entry in part if "step" in entry] + [logs[-1][-1]]
+    if config.calibrate:
+        from .calibration import calibrate
+
+        meta["calibration"] = calibrate(base, guidance, dataset, losses, config, band_start, progress=progress and rank == 0)
+        diagnostics = {**diagnostics, "warnings": list(diagnostics.get("warnings", [])) + meta["calibration"]["warnings"]}
     meta["diagnostics"] = diagnostics
     meta["t_min"] = t_min
     meta["band_start"] = band_start

@@ -18,6 +18,19 @@ from tests.utils import make_tiny_sd_folder, tiny_base, tiny_dataset, train_tiny
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _small_calibration(monkeypatch):
+    """Every debias run calibrates its push (invdiff/calibration.py) by sampling 32 images per
+    prompt at 5 strengths with 25 steps: minutes on this CPU for each of the suite's many tiny
+    runs. The suite samples 4 per prompt at 2 strengths with 2 steps; tests/test_calibration.py
+    checks the procedure itself."""
+    import invdiff.calibration as calibration
+
+    monkeypatch.setattr(calibration, "CALIBRATION_STRENGTHS", (1.0, 2.0))
+    monkeypatch.setattr(calibration, "CALIBRATION_SAMPLES", 4)
+    monkeypatch.setattr(calibration, "CALIBRATION_STEPS", 2)
+
+
 @pytest.fixture(scope="session")
 def _tiny_base_model():
     return train_tiny_base(steps=2)

@@ -9,7 +9,7 @@ sampling cannot disagree about it.
 from __future__ import annotations
 
 import copy
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -19,6 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from ..ops import guidance_combine
 from ..ops.reference import check_ratio
+from .prompt_gains import PromptGains
 
 # Width divisors per preset. "small" keeps G at roughly 1/16 of the frozen UNet's conv FLOPs
 # (FLOPs scale with width squared), inside DESIGN.md's 10% budget.
@@ -114,6 +115,15 @@ def gate_to_band(out: torch.Tensor, timestep: torch.Tensor, t_min: int) -> torch
     return out * in_band(timestep, t_min, out.shape[0]).to(out.dtype).view(-1, 1, 1, 1)
 
 
+def set_prompt_gains(guidance, record: Optional[Dict]) -> None:
+    """Either kind of G: the calibration's gains (models/prompt_gains.py) into its config.json and
+    its forward. record: {"keys", "gains", "default"} or None (uncalibrated)."""
+    gains = PromptGains(record)  # checks the record before anything changes
+    guidance.register_to_config(prompt_gains=record)
+    device = next(guidance.parameters(), torch.empty(0)).device
+    guidance.calibrated_gains = gains.to(device)
+
+
 def combine_with_strength(eps: torch.Tensor, g: torch.Tensor, ratio: float, strength: float = 1.0) -> torch.Tensor:
     """eps_tilde with the trained ratio r, for either kind of G_psi. `strength` s moves along the
     line from the frozen eps (s=0) to the trained combination (s=1) and past it (s>1), whichever
@@ -133,9 +143,10 @@ class GuidanceModule(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, unet_config: Dict, ratio: float = 2.0, preset: str = "small", sees_frozen_output: bool = True,
                  t_min: int = 0, head_kind: str = "affine", body: bool = True, head_sees_sample: bool = False,
-                 band_start: int = 0):
+                 band_start: int = 0, prompt_gains: Optional[Dict] = None):
         super().__init__()
         check_ratio(ratio)
+        self.calibrated_gains = PromptGains(prompt_gains)  # identity until the calibration sets them
         if head_kind not in HEADS:
             raise ValueError(f"unknown recalibration head {head_kind!r}; choose from {HEADS}")
         if not body and (head_kind == "none" or not sees_frozen_output):
@@ -219,7 +230,7 @@ class GuidanceModule(ModelMixin, ConfigMixin):
                 kwargs["class_labels"] = prompt_embeds[:, 0]
             out = self.unet(unet_in, timestep, prompt_embeds, **kwargs).sample
         if self.head is None:
-            return gate_to_band(out, timestep, self.t_min)
+            return gate_to_band(self.calibrated_gains.apply(out, frozen_output, prompt_embeds, self.ratio), timestep, self.t_min)
         b, c = out.shape[:2]
         t = timestep.reshape(-1).expand(b) if timestep.numel() == 1 else timestep
         feats = [get_timestep_embedding(t, TIME_FEATURES).to(out.dtype), prompt_embeds.mean(1).to(out.dtype)]
@@ -235,7 +246,11 @@ class GuidanceModule(ModelMixin, ConfigMixin):
             mix, shift = mix - mix.mean(2, keepdim=True), torch.zeros_like(shift)
         frozen = frozen_output.to(out.dtype)
         out = out + torch.einsum("bij,bjhw->bihw", mix, frozen) + shift.view(b, c, 1, 1)
-        return gate_to_band(out, timestep, self.t_min)
+        return gate_to_band(self.calibrated_gains.apply(out, frozen, prompt_embeds, self.ratio), timestep, self.t_min)
+
+    def set_prompt_gains(self, record: Optional[Dict]) -> None:
+        """Record the calibration's per-prompt gains in G's config and use them from now on."""
+        set_prompt_gains(self, record)
 
     def combine(self, eps: torch.Tensor, g: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         return combine_with_strength(eps, g, self.ratio, strength)

@@ -29,7 +29,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
 from ..ops.reference import check_ratio
-from .guidance import combine_with_strength, gate_to_band
+from .guidance import combine_with_strength, gate_to_band, set_prompt_gains
+from .prompt_gains import PromptGains
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_NAME = "invdiff"  # the peft adapter name on the frozen UNet
@@ -79,8 +80,10 @@ class LoraGuidance(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, ratio: float = 2.0, rank: int = 4, alpha: Optional[float] = None,
-                 target_modules: Sequence[str] = DEFAULT_TARGETS, t_min: int = 0, band_start: int = 0):
+                 target_modules: Sequence[str] = DEFAULT_TARGETS, t_min: int = 0, band_start: int = 0,
+                 prompt_gains: Optional[Dict] = None):
         super().__init__()
+        self.calibrated_gains = PromptGains(prompt_gains)  # identity until the calibration sets them
         if t_min < 0:
             raise ValueError(f"t_min must be >= 0, got {t_min}")
         check_ratio(ratio)
@@ -169,7 +172,12 @@ class LoraGuidance(ModelMixin, ConfigMixin):
         with self.adapters_on() as unet:
             out = unet(sample.to(dtype), timestep, prompt_embeds.to(dtype)).sample
         result = torch.promote_types(out.dtype, frozen_output.dtype)
-        return gate_to_band(out.to(result) - frozen_output.to(result), timestep, self.t_min)
+        correction = self.calibrated_gains.apply(out.to(result) - frozen_output.to(result), frozen_output, prompt_embeds, self.ratio)
+        return gate_to_band(correction, timestep, self.t_min)
+
+    def set_prompt_gains(self, record: Optional[Dict]) -> None:
+        """Record the calibration's per-prompt gains in G's config and use them from now on."""
+        set_prompt_gains(self, record)
 
     def combine(self, eps: torch.Tensor, g: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         return combine_with_strength(eps, g, self.ratio, strength)

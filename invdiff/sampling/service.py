@@ -53,7 +53,7 @@ def _request_model(settings: ServeSettings):
         guidance_scale: float = Field(1.0, ge=0.0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
                                       description="classifier-free guidance scale w (1 = off)")
         strength: float = Field(1.0, ge=0.0, le=MAX_STRENGTH, allow_inf_nan=False,
-                                description="G_psi strength s (0 = the frozen model, 1 = as trained)")
+                                description="G_psi strength s (0 = the frozen model, 1 = the calibrated push, or G as trained when uncalibrated)")
         scheduler: Literal[tuple(sorted(SCHEDULERS))] = "ddim"  # type: ignore[valid-type]
         response_format: Literal["png", "b64_json"] = "b64_json"
 

@@ -23,7 +23,10 @@ fields = {}
 for pair in sys.argv[3:]:
     key, value = pair.split("=", 1)
     default = getattr(demo.DebiasConfig(), key)
-    fields[key] = type(default)(value) if default is not None else value
+    if isinstance(default, bool):
+        fields[key] = {"true": True, "false": False}[value.lower()]
+    else:
+        fields[key] = type(default)(value) if default is not None else value
 torch.set_num_threads(2)
 plain = demo.demo_settings
 
