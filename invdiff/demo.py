@@ -216,8 +216,9 @@ def _run_cell(setting, data: _Data, seed, row, settings, classifier, frozen_of, 
                                                 for k, v in cal["prompts"].items()}}
                                    if cal["prompts"] else {"pooled": cal.get("pooled"), "mode": cal["mode"]})}
     if weights is None and result["weights"].shape[1] > 1:
-        a = group_alignment(result["weights"], result["scores"], data.minority, data.true_groups)
+        a = group_alignment(result["weights"], result["scores"], data.minority, data.true_groups, vcfg.groups)
         extra["balanced_minority_share"] = a["balanced_minority_share"]
+        extra["minority_recall"] = a["minority_recall"]
         extra["score_auroc_minority"] = a["score_auroc_minority"]
     _, guidance = load_model(run_dir)
     sweep, res, images = [], None, None
@@ -232,17 +233,19 @@ def _run_cell(setting, data: _Data, seed, row, settings, classifier, frozen_of, 
 
 
 def setting_targets(models: Dict[str, Dict], design: bool) -> Dict[str, bool]:
-    """The issue's targets for InvDiff at strength 1, from the means over seeds."""
+    """Issue 21's targets for InvDiff at the defaults and strength 1, from the means over seeds,
+    the same on every setting (design or held out); the seed spread only with two seeds or more."""
     inv, base = models["invdiff"], models["base"]
-    t = {}
-    if design:
-        t["bias_at_most_0.5_of_base"] = inv["bias"] <= 0.5 * base["bias"]
-        if "oracle" in models:
-            t["bias_within_0.08_of_oracle"] = inv["bias"] <= models["oracle"]["bias"] + 0.08
-    else:
-        t["bias_at_most_0.6_of_base"] = inv["bias"] <= 0.6 * base["bias"]
-    t["frechet_at_most_1.15_of_base"] = inv["frechet_distance"] <= 1.15 * base["frechet_distance"]
-    t["digit_accuracy_within_2_points"] = inv["digit_accuracy"] >= base["digit_accuracy"] - 0.02
+    t = {"bias_at_most_0.5_of_base": inv["bias"] <= 0.5 * base["bias"],
+         "frechet_at_most_1.15_of_base": inv["frechet_distance"] <= 1.15 * base["frechet_distance"],
+         "digit_accuracy_within_2_points": inv["digit_accuracy"] >= base["digit_accuracy"] - 0.02}
+    if len(inv.get("per_seed", {}).get("bias", [])) > 1:
+        t["bias_seed_std_at_most_0.05"] = inv["bias_seed_std"] <= 0.05
+    for key in ("balanced_minority_share", "minority_recall"):
+        if key in inv:
+            t[f"{key}_at_least_0.5"] = inv[key] >= 0.5
+    if design and "oracle" in models:
+        t["bias_within_0.08_of_oracle"] = inv["bias"] <= models["oracle"]["bias"] + 0.08
     if "erm" in models:
         t["bias_not_worse_than_erm"] = inv["bias"] <= models["erm"]["bias"]
     return t
@@ -374,9 +377,13 @@ def _summarise(setting: Setting, per_seed: Dict[str, List[Dict]], settings: Dict
                                                 for k in ("bias", "digit_accuracy", "frechet_distance")}}
                 for i, s in enumerate(cells[0]["sweep"])
             ]
-        for key in ("balanced_minority_share", "score_auroc_minority", "train_seconds", "t_min", "band_start"):
+        for key in ("balanced_minority_share", "minority_recall", "score_auroc_minority", "train_seconds", "t_min", "band_start"):
             if key in cells[0]["extra"]:
                 entry[key] = _mean_std([c["extra"][key] for c in cells])["mean"]
+        if "calibration" in cells[0]["extra"]:  # what the label-free calibration chose, seed by seed
+            entry["calibration"] = [{"separation": c["extra"]["calibration"].get("separation"),
+                                     "gains": sorted((c["extra"]["calibration"].get("gains") or {}).values()),
+                                     "default_gain": c["extra"]["calibration"]["default_gain"]} for c in cells]
         models[row] = entry
     return {
         "name": setting.key,
@@ -418,6 +425,14 @@ def _write_report(out: str, report: Dict, grids: Dict, show: int) -> None:
             md.append(f"\nInferred groups (evaluation only): balanced minority share {inv['balanced_minority_share']:.3f} "
                       f"(perfect groups 0.5), score AUROC {inv['score_auroc_minority']:.3f}; attribute band t >= {inv['band_start']:.0f} "
                       f"(deterministic DDIM there, stochastic below, for every row); G acts for t >= {inv['t_min']:.0f}.")
+        if "minority_recall" in inv:
+            md.append(f"Minority recall of the high-loss groups {inv['minority_recall']:.3f}.")
+        if inv.get("calibration"):
+            md.append("\nCalibrated push (label free), per seed: " + "; ".join(
+                f"separation {c['separation'] or float('nan'):.1f}, "
+                + (f"gains {c['gains'][0]:.2f}-{c['gains'][-1]:.2f}" if c["gains"]
+                   else f"one gain {c['default_gain']:.2f}" if c["default_gain"] != 1.0 else "not calibrated, gain 1")
+                for c in inv["calibration"]) + ".")
         sweeps = {row: m["sweep"] for row, m in models.items() if m.get("sweep")}
         if sweeps:
             md.append("\n| model | strength | Bias | digit accuracy | Frechet distance |\n|---|---|---|---|---|")

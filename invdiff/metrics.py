@@ -205,13 +205,16 @@ def evaluate_samples(
     return out
 
 
-def group_alignment(weights: torch.Tensor, scores: torch.Tensor, minority: torch.Tensor, true_groups: torch.Tensor) -> Dict:
+def group_alignment(weights: torch.Tensor, scores: torch.Tensor, minority: torch.Tensor, true_groups: torch.Tensor,
+                    groups: int = 2) -> Dict:
     """Evaluation-only diagnostic: how inferred environments line up with the true groups.
 
     weights: (N, K) inferred soft environments; scores: (N,) the max step's per-sample scores;
     minority: (N,) bool, the sample carries a minority attribute for its prompt;
-    true_groups: (N,) int (prompt, attribute) group id. Reports, per inferred group, its soft size
-    and soft minority fraction, plus the AUROC of the scores for spotting minority samples.
+    true_groups: (N,) int (prompt, attribute) group id; groups: K, the groups per prompt (columns
+    come in blocks of K, the highest-score group last). Reports, per inferred group, its soft size
+    and soft minority fraction, the AUROC of the scores for spotting minority samples, and the
+    minority recall: the share of minority samples whose strongest group is their block's highest.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -223,7 +226,10 @@ def group_alignment(weights: torch.Tensor, scores: torch.Tensor, minority: torch
     table.index_put_((hard, true_groups.long()), torch.ones_like(hard), accumulate=True)
     auroc = float(roc_auc_score(minority.numpy(), scores.numpy())) if 0 < int(minority.sum()) < minority.numel() else float("nan")
     used = sizes > 1e-6
+    high = (hard % groups == groups - 1) if w.shape[1] % groups == 0 else hard == w.shape[1] - 1
+    recall = float(high[minority.bool()].double().mean()) if bool(minority.any()) else float("nan")
     return {
+        "minority_recall": recall,
         "group_sizes": sizes.tolist(),
         "group_minority_fraction": minority_frac.tolist(),
         # The minority share that equal weight per group (the mean_k R_k term alone) would give.

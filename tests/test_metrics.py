@@ -131,6 +131,13 @@ def test_group_alignment_planted():
     assert out["base_minority_fraction"] == pytest.approx(0.25)
     assert out["score_auroc_minority"] == pytest.approx(1.0)
     assert out["hard_assignment_vs_true_groups"] == [[2, 2, 0, 0], [0, 0, 2, 2]]
+    assert out["minority_recall"] == 0.0  # both minority samples sit in the low group (column 0)
+    # per-prompt blocks of K = 2 columns: the high group is each block's last column
+    blocks = torch.zeros(8, 4)
+    blocks[[0, 2, 3], 1] = 1.0  # prompt 0: samples 0 (minority), 2, 3 high
+    blocks[[1], 2] = 1.0  # prompt 1: minority sample 1 low
+    blocks[[4, 5, 6, 7], 3] = 1.0
+    assert group_alignment(blocks, scores, minority, true_groups, groups=2)["minority_recall"] == 0.5
 
 
 def test_group_alignment_soft_weights_and_degenerate_auroc():
