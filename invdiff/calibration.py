@@ -167,13 +167,18 @@ def balance_strength(strengths: Sequence[float], shares: Sequence[float], base_s
     return xs[-1], "short"
 
 
-def _draw(base, guidance, strength: float, prompt_ids: torch.Tensor, seeds: List[int], band_start: int) -> torch.Tensor:
-    """One sample per (prompt id, seed) at `strength`, as the model's own output: latents for a
-    latent base (the readout scores latents, as the max step did), [-1, 1] pixels otherwise."""
+def _draw(base, guidance, strength: float, prompt_ids: torch.Tensor, seeds: List[int], band_start: int,
+          gain_from: int = 0) -> torch.Tensor:
+    """One sample per (prompt id, seed) with G's correction scaled by `strength` at t >= gain_from
+    (0: at every t), as the model's own output: latents for a latent base (the readout scores
+    latents, as the max step did), [-1, 1] pixels otherwise."""
     from .sampling import GuidedDenoiser
     from .sampling.engine import Request
     from .sampling.sampler import sampling_engine
 
+    if gain_from > 0:  # the calibrated gains will act in the band only: so does the trial strength
+        guidance.set_prompt_gains({"keys": [], "gains": [], "default": strength, "band_start": gain_from})
+        strength = 1.0
     engine = sampling_engine(GuidedDenoiser(base, guidance, strength), "ddim", 256, band_start=band_start)
     if hasattr(base, "decode_latents"):
         engine.postprocess = lambda x: x.cpu()
@@ -199,6 +204,8 @@ def calibrate(base, guidance, dataset: DiffusionDataset, losses: torch.Tensor, c
     per_prompt = per_prompt or CALIBRATION_SAMPLES
     k = config.groups
     target = 1.0 - 1.0 / k
+    # Where the gains act: in the attribute band only, or at every t (see DebiasConfig.calibrate_in_band).
+    gain_from = band_start if config.calibrate_in_band else 0
     ref = readout_reference(losses, dataset.prompt_ids, config.aggregation, k, config.min_per_prompt_groups)
     present = dataset.prompt_ids.unique()
     separation = float(ref.separation[present].nanmedian())
@@ -222,7 +229,7 @@ def calibrate(base, guidance, dataset: DiffusionDataset, losses: torch.Tensor, c
     pooled_shares = []
     bar = tqdm(total=len(strengths), desc="calibration", disable=not progress, unit="strength")
     for s in strengths:
-        drawn = _draw(base, guidance, s, ids, seeds, band_start)
+        drawn = _draw(base, guidance, s, ids, seeds, band_start, gain_from)
         generated = DiffusionDataset(drawn, ids.clone(), list(dataset.prompts), torch.arange(ids.numel()) + CALIBRATION_SAMPLE_IDS,
                                      "calibration samples")
         new_losses, _ = collect_losses(base, generated, config.loss_timesteps, config.loss_draws, config.seed, progress=False)
@@ -259,5 +266,7 @@ def calibrate(base, guidance, dataset: DiffusionDataset, losses: torch.Tensor, c
     record["default_gain"] = default
     order = sorted(gains) if per_prompt_mode else []  # pooled: one gain, the default, for every prompt
     keys = prompt_keys(base.prompt_embeds(torch.tensor(order, dtype=torch.long, device=next(base.unet.parameters()).device))).cpu() if order else []
-    guidance.set_prompt_gains({"keys": [list(map(float, k)) for k in keys], "gains": [gains[p] for p in order], "default": default})
+    guidance.set_prompt_gains({"keys": [list(map(float, k)) for k in keys], "gains": [gains[p] for p in order],
+                               "default": default, "band_start": gain_from})
+    record["gains_from_t"] = gain_from
     return record

@@ -74,6 +74,7 @@ class DebiasConfig:
     # per prompt is set so that its samples read balanced between the groups; strength 1 at
     # sampling is then the calibrated push. Off: G pushes as trained.
     calibrate: bool = True
+    calibrate_in_band: bool = False  # the calibrated gains act at t >= the attribute band's start only
 
     def validate(self, n: int) -> None:
         if self.groups < 2:

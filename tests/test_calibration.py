@@ -164,3 +164,16 @@ def test_no_calibrate_switch_and_the_official_recipe_skip_it(tiny_base_dir, tmp_
     assert debias_config_from_args(args).calibrate is True
     args = build_parser().parse_args(["debias", "--base", tiny_base_dir, "--out", str(tmp_path / "r"), "--recipe", "official"])
     assert debias_config_from_args(args).calibrate is False
+
+
+def test_band_limited_gains_leave_g_as_trained_below_the_band():
+    embeds = torch.randn(4, 2, 8)
+    eps, g = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    gains = PromptGains({"keys": prompt_keys(embeds).tolist(), "gains": [2.0] * 4, "default": 1.0, "band_start": 600})
+    out = gains.apply(g, eps, embeds, 2.0, torch.tensor([999, 600, 599, 0]))
+    torch.testing.assert_close(out[:2], 2.0 * g[:2])
+    torch.testing.assert_close(out[2:], g[2:])
+    with pytest.raises(ValueError, match="timestep"):
+        gains.apply(g, eps, embeds, 2.0)
+    with pytest.raises(ValueError, match="band_start"):
+        PromptGains({"keys": [], "gains": [], "band_start": -1})

@@ -230,7 +230,7 @@ class GuidanceModule(ModelMixin, ConfigMixin):
                 kwargs["class_labels"] = prompt_embeds[:, 0]
             out = self.unet(unet_in, timestep, prompt_embeds, **kwargs).sample
         if self.head is None:
-            return gate_to_band(self.calibrated_gains.apply(out, frozen_output, prompt_embeds, self.ratio), timestep, self.t_min)
+            return gate_to_band(self.calibrated_gains.apply(out, frozen_output, prompt_embeds, self.ratio, timestep), timestep, self.t_min)
         b, c = out.shape[:2]
         t = timestep.reshape(-1).expand(b) if timestep.numel() == 1 else timestep
         feats = [get_timestep_embedding(t, TIME_FEATURES).to(out.dtype), prompt_embeds.mean(1).to(out.dtype)]
@@ -246,7 +246,7 @@ class GuidanceModule(ModelMixin, ConfigMixin):
             mix, shift = mix - mix.mean(2, keepdim=True), torch.zeros_like(shift)
         frozen = frozen_output.to(out.dtype)
         out = out + torch.einsum("bij,bjhw->bihw", mix, frozen) + shift.view(b, c, 1, 1)
-        return gate_to_band(self.calibrated_gains.apply(out, frozen, prompt_embeds, self.ratio), timestep, self.t_min)
+        return gate_to_band(self.calibrated_gains.apply(out, frozen, prompt_embeds, self.ratio, timestep), timestep, self.t_min)
 
     def set_prompt_gains(self, record: Optional[Dict]) -> None:
         """Record the calibration's per-prompt gains in G's config and use them from now on."""

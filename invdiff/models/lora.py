@@ -172,7 +172,8 @@ class LoraGuidance(ModelMixin, ConfigMixin):
         with self.adapters_on() as unet:
             out = unet(sample.to(dtype), timestep, prompt_embeds.to(dtype)).sample
         result = torch.promote_types(out.dtype, frozen_output.dtype)
-        correction = self.calibrated_gains.apply(out.to(result) - frozen_output.to(result), frozen_output, prompt_embeds, self.ratio)
+        correction = self.calibrated_gains.apply(out.to(result) - frozen_output.to(result), frozen_output, prompt_embeds, self.ratio,
+                                                   timestep)
         return gate_to_band(correction, timestep, self.t_min)
 
     def set_prompt_gains(self, record: Optional[Dict]) -> None:

@@ -70,6 +70,10 @@ class PromptGains(torch.nn.Module):
         self.register_buffer("keys", torch.tensor(keys, dtype=torch.float32).view(-1, PROMPT_KEY_DIM), persistent=False)
         self.register_buffer("gains", torch.tensor(values[:-1], dtype=torch.float32), persistent=False)
         self.default = values[-1]
+        # The gains act at t >= band_start only (0: at every t); G's correction below is left as trained.
+        self.band_start = int(record.get("band_start", 0))
+        if self.band_start < 0:
+            raise ValueError("prompt_gains in G's config has a negative band_start")
 
     @property
     def active(self) -> bool:
@@ -88,8 +92,17 @@ class PromptGains(torch.nn.Module):
         matched = distance.gather(1, nearest[:, None]).squeeze(1) <= MATCH_TOLERANCE * scale
         return torch.where(matched, self.gains.to(keys.device)[nearest], out)
 
-    def apply(self, g: torch.Tensor, eps: torch.Tensor, prompt_embeds: torch.Tensor, ratio: float) -> torch.Tensor:
-        """G's output with each row's correction scaled by its prompt's gain. g, eps: (B, C, H, W)."""
+    def apply(self, g: torch.Tensor, eps: torch.Tensor, prompt_embeds: torch.Tensor, ratio: float,
+              timestep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """G's output with each row's correction scaled by its prompt's gain (at t >= band_start).
+        g, eps: (B, C, H, W); prompt_embeds: (B, L, D); timestep: (B,) or scalar."""
         if not self.active:
             return g
-        return correction_gain_input(g, eps, self(prompt_embeds), ratio)
+        gain = self(prompt_embeds)
+        if self.band_start > 0:
+            if timestep is None:
+                raise ValueError("band-limited prompt gains need the timestep")
+            t = timestep.reshape(-1).to(gain.device)
+            gain = torch.where((t.expand(gain.shape[0]) if t.numel() == 1 else t) >= self.band_start, gain,
+                               torch.ones_like(gain))
+        return correction_gain_input(g, eps, gain, ratio)
