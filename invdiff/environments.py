@@ -11,7 +11,8 @@
    every timestep the same say and compares a sample only with others of its own prompt. The
    prompt is the conditioning, not a bias label, so this stays label-free.
 3. The score becomes groups, per prompt or pooled (`MaxStepPolicy`, `groups_from_losses`):
-   "gap" (default) cuts at the widest gaps in the upper half of the sorted scores;
+   "otsu" (default) cuts where the winsorized scores' within-group variance is least, every group
+   above the lowest at most half of the prompt; "gap" cuts at the widest gaps in the upper half;
    "mixture" takes a Gaussian mixture's responsibilities; "official" (`infer_environments`) is
    the paper's recipe: soft weights W (N, K) on the simplex, Adam (lr 0.01) for 500 full-batch
    steps from a uniform-random init, projected after each step, to *maximise* the spread
@@ -464,7 +465,7 @@ def infer_environments_otsu(scores: torch.Tensor, num_groups: int) -> torch.Tens
 class MaxStepPolicy:
     """Everything that turns the frozen model's (N, T) losses into environments W."""
 
-    method: str = "gap"  # gap | otsu | mixture | official (projected Adam on std_k R_k)
+    method: str = "otsu"  # otsu | gap | mixture | official (projected Adam on std_k R_k)
     groups: int = 2  # K
     aggregation: str = "spread"  # see aggregate_losses
     per_prompt: bool = True  # K environments inside each prompt (see infer_groups)

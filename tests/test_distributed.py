@@ -309,8 +309,10 @@ def test_debias_under_torchrun_on_two_ranks_trains_the_same_g_as_one_process(tmp
     loss trajectory is the sharp check: a wrong shard or per-rank statistics would change it."""
     from invdiff.cli import main
 
+    # --no-calibrate: the torchrun child does not get the suite's small calibration (conftest.py),
+    # and the calibration sets G's config, not its weights, which is what this test compares.
     common = ["debias", "--base", tiny_base_dir, "--data", "colored-digits", "--steps", "4", "--batch-size", "16",
-              "--loss-timesteps", "2", "--max-step-steps", "5", "--preset", "tiny", "--seed", "5"]
+              "--loss-timesteps", "2", "--max-step-steps", "5", "--preset", "tiny", "--seed", "5", "--no-calibrate"]
     single = str(tmp_path / "single")
     assert main(common + ["--out", single]) == 0
     double = str(tmp_path / "double")

@@ -56,6 +56,25 @@ def test_otsu_recovers_a_smooth_minority_tail_where_the_widest_gap_does_not(heav
     assert int(gap.sum()) <= 3 and not (gap & minority).any()
 
 
+@pytest.mark.parametrize("heavy", [False, True], ids=["normal-majority", "heavy-tailed-majority"])
+def test_the_default_max_step_recovers_the_planted_minority_tail_of_every_prompt(heavy):
+    """Issue 21: at the defaults (DebiasConfig -> max_step_policy, per-prompt groups), three prompts
+    of 180 shaped like the unseen datasets: at least half of each prompt's minority is found."""
+    from invdiff.config import DebiasConfig
+    from invdiff.environments import max_step_policy
+
+    gen = torch.Generator().manual_seed(11)
+    parts = [planted_prompt(gen, heavy) for _ in range(3)]
+    scores, minority = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    ids = torch.arange(3).repeat_interleave(180)
+    weights = infer_groups(scores, max_step_policy(DebiasConfig()), ids)
+    assert weights.shape == (540, 6)  # K = 2 groups inside each prompt
+    high = weights.view(540, 3, 2)[:, :, 1].sum(1) > 0.5
+    for p in range(3):
+        rows = ids == p
+        assert (high & minority & rows).sum() >= 0.5 * (minority & rows).sum(), f"prompt {p}: recall below one half"
+
+
 def test_otsu_is_the_exact_least_squares_cut_of_the_winsorized_scores():
     gen = torch.Generator().manual_seed(0)
     for n, k in [(9, 2), (12, 3), (7, 3), (10, 2)]:
