@@ -177,3 +177,30 @@ def test_band_limited_gains_leave_g_as_trained_below_the_band():
         gains.apply(g, eps, embeds, 2.0)
     with pytest.raises(ValueError, match="band_start"):
         PromptGains({"keys": [], "gains": [], "band_start": -1})
+
+
+def test_debias_prints_one_line_about_the_calibration():
+    from invdiff.cli import describe_calibration
+
+    per_prompt = {"target": 0.5, "mode": "per-prompt", "prompts": {"digit 0": {"gain": 1.25}, "digit 1": {"gain": 2.0}}}
+    line = describe_calibration(per_prompt)
+    assert "\n" not in line and "digit 0: 1.25" in line and "digit 1: 2.00" in line
+    untrusted = {"target": 0.5, "mode": "untrusted", "separation": 2.71, "prompts": {}}
+    assert describe_calibration(untrusted) == "push not calibrated (the high-loss group stands 2.7 robust sd out): G pushes as trained"
+    pooled = {"target": 0.5, "mode": "pooled", "prompts": {}, "pooled": {"gain": 1.5, "prompts_sampled": 64}}
+    assert "one gain 1.50 for every prompt (from 64 prompts)" in describe_calibration(pooled)
+
+
+def test_more_prompts_than_the_cap_get_one_pooled_gain(tiny_base_dir, tiny_train, tmp_path, monkeypatch):
+    import invdiff.calibration as calibration
+    from invdiff.config import DebiasConfig
+    from invdiff.runs import debias, load_model
+
+    monkeypatch.setattr(calibration, "SEPARATION_TRUST", 0.0)
+    monkeypatch.setattr(calibration, "MAX_CALIBRATED_PROMPTS", 3)  # the tiny data has 10 prompts
+    run = str(tmp_path / "run")
+    result = debias(tiny_base_dir, tiny_train, run, DebiasConfig(steps=2, batch_size=8, loss_timesteps=2), progress=False)
+    record = result["meta"]["calibration"]
+    assert record["mode"] == "pooled" and record["pooled"]["prompts_sampled"] == 3 and record["prompts"] == {}
+    _, guidance = load_model(run)
+    assert guidance.config.prompt_gains["keys"] == [] and guidance.config.prompt_gains["default"] == record["pooled"]["gain"]
