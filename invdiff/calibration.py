@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.base import DiffusionDataset
-from .environments import aggregate_losses, collect_losses, infer_environments_otsu, spread_weights
+from .environments import ScoreStatistics, collect_losses, infer_environments_otsu, score_statistics
 
 CALIBRATION_STRENGTHS = (0.5, 1.0, 1.5, 2.0, 2.5)
 CALIBRATION_SAMPLES = 32  # per prompt and strength
@@ -62,29 +62,20 @@ NO_PUSH = 0.05
 @dataclass
 class ReadoutReference:
     """The training data's statistics the readout scores new samples against.
-    mean, std: (P, T) per prompt and grid timestep (pooled prompts share a row); weights: (T,)
-    the aggregation's timestep weights; row_of: (P,) each prompt's row; thresholds: (P,) each
-    prompt's Otsu cut of the training scores; base_share: (P,) the share of training samples at
-    or above it."""
+    statistics: the max step's aggregation of the training losses (environments.ScoreStatistics);
+    thresholds: (P,) each prompt's Otsu cut of the training scores; base_share: (P,) the share of
+    training samples at or above it; separation: (P,) how far each prompt's high group stands out
+    (see SEPARATION_TRUST; nan: no samples)."""
 
-    aggregation: str
-    mean: torch.Tensor
-    std: torch.Tensor
-    weights: torch.Tensor
-    row_of: torch.Tensor
+    statistics: ScoreStatistics
     thresholds: torch.Tensor
     base_share: torch.Tensor
-    separation: torch.Tensor  # (P,) how far each prompt's high group stands out (see SEPARATION_TRUST; nan: none)
+    separation: torch.Tensor
 
     def scores(self, losses: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
         """(M, T) losses of new samples on the same grid, (M,) prompt ids -> (M,) scores on the
         training scores' scale."""
-        losses = losses.double()
-        if self.aggregation == "mean":
-            return losses.mean(1).float()
-        rows = self.row_of[prompt_ids]
-        z = (losses - self.mean[rows]) / self.std[rows]
-        return (z * self.weights).sum(1).float()
+        return self.statistics.scores(losses, prompt_ids)
 
     def reads_high(self, losses: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
         """(M,) bool: the samples whose score is at or above their prompt's cut."""
@@ -93,29 +84,12 @@ class ReadoutReference:
 
 def readout_reference(losses: torch.Tensor, prompt_ids: torch.Tensor, aggregation: str, groups: int,
                       min_per_prompt: int = 8) -> ReadoutReference:
-    """The readout's reference from the frozen (N, T) training losses and (N,) prompt ids,
-    standardised exactly as `aggregate_losses` does (prompts under min_per_prompt pooled)."""
-    losses = losses.double()
+    """The readout's reference from the frozen (N, T) training losses and (N,) prompt ids: the
+    max step's own score statistics, and each prompt's Otsu cut of the scores they give."""
+    statistics = score_statistics(losses, prompt_ids, aggregation, min_per_prompt)
+    scores = statistics.scores(losses, prompt_ids)
     num_prompts = int(prompt_ids.max()) + 1
     counts = torch.bincount(prompt_ids, minlength=num_prompts)
-    row_of = torch.where(counts >= min_per_prompt, torch.arange(num_prompts), torch.full((num_prompts,), num_prompts))
-    mean = torch.zeros(num_prompts + 1, losses.shape[1], dtype=torch.float64)
-    std = torch.ones_like(mean)
-    sample_rows = row_of[prompt_ids]
-    for r in sample_rows.unique().tolist():
-        block = losses[sample_rows == r]
-        mean[r] = block.mean(0)
-        if block.shape[0] > 1:
-            std[r] = block.std(0, unbiased=False).clamp_min(1e-12)
-    timesteps = losses.shape[1]
-    if aggregation == "spread":
-        weights = spread_weights(losses, torch.where(counts[prompt_ids] >= min_per_prompt, prompt_ids, -1))
-    elif aggregation == "high-noise":
-        keep = max(1, int(round(0.3 * timesteps)))
-        weights = torch.cat([torch.zeros(timesteps - keep), torch.full((keep,), 1.0 / keep)]).double()
-    else:
-        weights = torch.full((timesteps,), 1.0 / timesteps, dtype=torch.float64)
-    scores = aggregate_losses(losses, prompt_ids, aggregation, min_per_prompt)
     thresholds = torch.full((num_prompts,), float("inf"))
     base_share = torch.zeros(num_prompts)
     separation = torch.full((num_prompts,), float("nan"))
@@ -132,7 +106,7 @@ def readout_reference(losses: torch.Tensor, prompt_ids: torch.Tensor, aggregatio
         gap = float(values[~lowest].double().median() - low.median())
         separation[p] = gap / spread if spread > 0 else (float("inf") if gap > 0 else 0.0)
         base_share[p] = float((own >= thresholds[p]).float().mean()) if own.numel() else 0.0
-    return ReadoutReference(aggregation, mean, std, weights, row_of, thresholds, base_share, separation)
+    return ReadoutReference(statistics, thresholds, base_share, separation)
 
 
 def _monotone(values: List[float]) -> List[float]:

@@ -214,6 +214,67 @@ def collect_losses(
     return losses, grid
 
 
+@dataclass
+class ScoreStatistics:
+    """What an aggregation needs from a reference set of losses to score any losses on its grid:
+    the per-(prompt, t) mean and std (rows: one per prompt, and a last row for the rare prompts
+    pooled together), each prompt's row, and the spread weights. `aggregate_losses` scores the
+    reference set itself with them; the calibration scores generated samples against the
+    training data's (calibration.py), so both are on one scale."""
+
+    method: str
+    mean: torch.Tensor  # (P + 1, T) float64
+    std: torch.Tensor  # (P + 1, T) float64, clamped above 0
+    row_of: torch.Tensor  # (P,) each prompt's row
+    weights: Optional[torch.Tensor]  # (T,) spread_weights, for "spread" only
+    high_noise_fraction: float = 0.3
+
+    def scores(self, losses: torch.Tensor, prompt_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N, T) losses, (N,) prompt ids (None: prompt 0) -> (N,) fp32 scores."""
+        losses = losses.double()
+        if self.method == "mean":
+            return losses.mean(1).float()
+        rows = self.row_of[torch.zeros(losses.shape[0], dtype=torch.long) if prompt_ids is None else prompt_ids]
+        z = (losses - self.mean[rows]) / self.std[rows]
+        if self.method == "high-noise":
+            z = z[:, -max(1, int(round(self.high_noise_fraction * losses.shape[1]))):]
+        if self.method == "spread":
+            return (z * self.weights).sum(1).float()
+        return z.mean(1).float()
+
+
+def score_statistics(losses: torch.Tensor, prompt_ids: Optional[torch.Tensor] = None, method: str = "spread",
+                     min_per_prompt: int = 8, high_noise_fraction: float = 0.3) -> ScoreStatistics:
+    """The reference statistics of (N, T) losses for `method` (see aggregate_losses): prompts with
+    fewer than `min_per_prompt` samples are standardised together."""
+    if method not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {method!r}; choose from {AGGREGATIONS}")
+    if not torch.isfinite(losses).all():
+        raise LossError("losses contain NaN or inf")
+    losses = losses.double()
+    ids = torch.zeros(losses.shape[0], dtype=torch.long) if prompt_ids is None else prompt_ids
+    num_prompts = int(ids.max()) + 1
+    counts = torch.bincount(ids, minlength=num_prompts)
+    pooled_row = num_prompts
+    row_of = torch.where(counts >= min_per_prompt, torch.arange(num_prompts), torch.full((num_prompts,), pooled_row))
+    if prompt_ids is None:
+        row_of = torch.zeros(1, dtype=torch.long)
+    mean = torch.zeros(num_prompts + 1, losses.shape[1], dtype=torch.float64)
+    std = torch.ones_like(mean)
+    sample_rows = row_of[ids]
+    for r in sample_rows.unique().tolist():
+        block = losses[sample_rows == r]
+        mean[r] = block.mean(0)
+        if block.shape[0] > 1:
+            std[r] = block.std(0, unbiased=False)
+    std = std.clamp_min(1e-12)
+    weights = None
+    if method == "spread":
+        groups = torch.where(sample_rows == pooled_row, -1, ids) if prompt_ids is not None else ids
+        weights = spread_weights(losses, groups)
+    return ScoreStatistics(method, mean, std, row_of, weights, high_noise_fraction)
+
+
 def aggregate_losses(
     losses: torch.Tensor,
     prompt_ids: Optional[torch.Tensor] = None,
@@ -229,30 +290,7 @@ def aggregate_losses(
     variation per timestep) instead of equally.
     "high-noise": the zscore score restricted to the top `high_noise_fraction` of the t grid.
     """
-    if method not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {method!r}; choose from {AGGREGATIONS}")
-    if not torch.isfinite(losses).all():
-        raise LossError("losses contain NaN or inf")
-    losses = losses.double()
-    if method == "mean":
-        return losses.mean(1).float()
-    z = torch.empty_like(losses)
-    groups = torch.zeros(losses.shape[0], dtype=torch.long) if prompt_ids is None else prompt_ids.clone()
-    if prompt_ids is not None:
-        counts = torch.bincount(groups)
-        small = counts[groups] < min_per_prompt
-        groups[small] = -1  # pool the rare prompts
-    for g in groups.unique():
-        rows = groups == g
-        block = losses[rows]
-        std = block.std(0, unbiased=False) if block.shape[0] > 1 else torch.ones(block.shape[1], dtype=block.dtype)
-        z[rows] = (block - block.mean(0)) / std.clamp_min(1e-12)
-    if method == "high-noise":
-        keep = max(1, int(round(high_noise_fraction * losses.shape[1])))
-        z = z[:, -keep:]
-    if method == "spread":
-        return (z * spread_weights(losses, groups)).sum(1).float()
-    return z.mean(1).float()
+    return score_statistics(losses, prompt_ids, method, min_per_prompt, high_noise_fraction).scores(losses, prompt_ids)
 
 
 def spread_weights(losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
