@@ -7,6 +7,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+# The vocabulary every command, config check and serving request shares, written once here.
+FROZEN_DTYPES = ("fp32", "bf16", "fp16")  # how the frozen UNet, VAE and text encoder run; G stays fp32
+ATTENTION_BACKENDS = ("sdpa", "xformers")  # the frozen UNet's attention (models/sd.py)
+SCHEDULER_NAMES = ("ddim", "ddpm", "euler", "dpm")  # sampling schedulers (sampling/spec.py maps them)
+GUIDANCE_KINDS = ("unet", "lora")  # G_psi: a narrow zero-initialised UNet, or peft LoRA on the frozen UNet
+# torch.Generator.manual_seed takes [0, 2**64): a negative seed would wrap onto a positive one.
+SEED_LIMIT = 2**64
+
 # How the max step aggregates a sample's (T,) losses into one score (environments.aggregate).
 AGGREGATIONS = ("spread", "zscore", "mean", "high-noise")
 # How the max step turns scores into groups (environments.MaxStepPolicy).
@@ -97,11 +105,11 @@ class DebiasConfig:
             raise ValueError(f"max-step steps must be >= 1, got {self.max_step_steps}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.frozen_dtype not in ("fp32", "bf16", "fp16"):
+        if self.frozen_dtype not in FROZEN_DTYPES:
             raise ValueError(f"frozen_dtype must be fp32, bf16 or fp16, got {self.frozen_dtype!r}")
-        if self.guidance_kind not in ("unet", "lora"):
+        if self.guidance_kind not in GUIDANCE_KINDS:
             raise ValueError(f"guidance_kind must be 'unet' or 'lora', got {self.guidance_kind!r}")
-        if self.attention not in ("sdpa", "xformers"):
+        if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be sdpa or xformers, got {self.attention!r}")
         if self.t_band not in ("auto", "off") and not self.t_band.isdigit():
             raise ValueError(f"t band must be 'auto', 'off' or a timestep >= 0, got {self.t_band!r}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from .config import SEED_LIMIT  # noqa: F401 (the seed range is part of the vocabulary; re-exported)
+
 # Images sampled together (engine slots) or trained on in one step: SD-XL at 1024 px fits ~64 on
 # an 80 GB card; 4096 leaves room for small models on large cards.
 MAX_BATCH_SIZE = 4096
@@ -19,8 +21,6 @@ MAX_IMAGES_PER_PROMPT = 100_000
 # Images of one `--prompts` job, over all its lines: each is an item held in memory (~250 bytes)
 # before sampling starts. Many small lines are fine; one line may ask for at most this many too.
 MAX_JOB_IMAGES = 1_000_000
-# torch.Generator.manual_seed takes [0, 2**64): a negative seed would wrap onto a positive one.
-SEED_LIMIT = 2**64
 # What one command may plan to hold in memory, as a share of what is free when it starts.
 MEMORY_SHARE = 0.8
 
