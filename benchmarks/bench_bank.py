@@ -33,7 +33,8 @@ from invdiff.data import load_dataset  # noqa: E402
 from invdiff.environments import collect_losses  # noqa: E402
 from invdiff.models.guidance import GuidanceModule  # noqa: E402
 from invdiff.models.sd import LatentDiffusionBase, latent_dataset  # noqa: E402
-from invdiff.runs import DebiasConfig, weights_from_losses  # noqa: E402
+from invdiff.config import DebiasConfig  # noqa: E402
+from invdiff.environments import weights_from_losses  # noqa: E402
 from tests.utils import make_tiny_sd_folder, write_tiny_imagefolder  # noqa: E402
 
 PROVIDERS = ("ram", "disk")
@@ -53,8 +54,8 @@ def step_times(base, latent, weights, bank, steps: int, batch: int) -> list:
     guidance = GuidanceModule.from_frozen(base.unet.config, preset="small")
     training.adamw = timed_adamw
     try:
-        training.train_guidance(base, guidance, latent, weights, training.MinStepConfig(steps=steps, batch_size=batch),
-                                progress=False, bank=bank)
+        config = training.MinStepConfig(steps=steps, batch_size=batch, lr=1e-3, lam_mode="absolute")
+        training.train_guidance(base, guidance, latent, weights, config, progress=False, bank=bank)
     finally:
         training.adamw = make_adamw
     return [b - a for a, b in zip(stamps, stamps[1:])]

@@ -40,7 +40,7 @@ from benchmarks.common import write_json  # noqa: E402
 from invdiff.config import DebiasConfig  # noqa: E402
 from invdiff.demo import shipped_base  # noqa: E402
 from invdiff.models.guidance import GuidanceModule  # noqa: E402
-from invdiff.runs import load_model  # noqa: E402
+from invdiff.model_folders.load import load_model  # noqa: E402
 from invdiff.sampling import GuidedDenoiser, sample_unfused  # noqa: E402
 from invdiff.sampling.engine import Request, SamplingEngine  # noqa: E402
 

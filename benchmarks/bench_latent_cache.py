@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import write_json  # noqa: E402
 from invdiff import ops  # noqa: E402
+from invdiff.config import FROZEN_DTYPES  # noqa: E402
 from invdiff.models.guidance import GuidanceModule  # noqa: E402
 from invdiff.models.sd import LatentDiffusionBase  # noqa: E402
 
@@ -101,7 +102,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--dtype", default=None, choices=FROZEN_DTYPES)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"

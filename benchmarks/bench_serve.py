@@ -57,7 +57,7 @@ def offline_rates(model: str, requests: List[Dict], max_batch: int, threads: int
 
     import torch
 
-    from invdiff.runs import load_model
+    from invdiff.model_folders.load import load_model
     from invdiff.sampling import GuidedDenoiser, Request, sampling_engine
 
     torch.set_num_threads(threads)

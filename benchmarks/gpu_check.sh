@@ -206,7 +206,7 @@ elif compgen -G ".whl/*.whl" >/dev/null; then
     --disable-pip-version-check --target "$SITE" .whl/*.whl
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
-  echo "no .whl/ folder: using the packages the device already has (README, 'The GPU check', says how to carry them)"
+  echo "no .whl/ folder: using the packages the device already has (docs/kernels.md, 'The GPU check', says how to carry them)"
 fi
 
 # --------------------------------------------------------------------------- machine

@@ -35,7 +35,7 @@ def setup():
 @pytest.mark.parametrize("provider", ["fresh-frozen-forward", "frozen-bank"])
 def test_min_step(benchmark, setup, provider):
     base, data, bank, weights = setup
-    cfg = MinStepConfig(steps=STEPS, batch_size=128, lr=1e-2)
+    cfg = MinStepConfig(steps=STEPS, batch_size=128, lr=1e-2, lam_mode="absolute")
 
     def run():
         g = GuidanceModule.from_frozen(base.unet.config)

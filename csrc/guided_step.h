@@ -18,7 +18,7 @@ namespace invdiff {
 // Columns of the (B, NUM_COEFFS) float32 coefficient table, one row per sample. Every
 // scheduler the op supports (DDIM with any eta, DDPM ancestral, Euler) is a linear update in
 // (x, m, x0, eps) with per-sample numbers; invdiff/sampling/step_coeffs.py builds the rows;
-// invdiff/ops/reference.py (Col) mirrors
+// invdiff/ops_contract.py (Col, re-exported by invdiff/ops/reference.py) mirrors
 // this enum (a test checks that the two agree).
 enum Coeff : int {
   C_EPS = 0,          // m_branch = C_EPS * eps_frozen + C_G * g   (the combine rule r and strength s)

@@ -39,7 +39,7 @@ def build_metadata() -> dict:
 
 def load_extension(importer: Callable[[str], object] = importlib.import_module) -> Tuple[Optional[object], str]:
     """(module, "") if invdiff._C is usable, else (None, reason). Warns once with the reason."""
-    from .ops.reference import NUM_COEFFS, Col
+    from .ops_contract import NUM_COEFFS, Col  # not invdiff.ops.*: that package loads this one
 
     module, reason = None, ""
     try:
@@ -57,7 +57,7 @@ def load_extension(importer: Callable[[str], object] = importlib.import_module) 
             reason = (f"invdiff._C was built against torch {info['torch_version']} but torch "
                       f"{torch.__version__} is installed; rebuild with pip install --no-build-isolation -e .")
         elif info["num_coeffs"] != NUM_COEFFS or layout != {c.name: int(c) for c in Col}:
-            reason = "invdiff._C's coefficient layout differs from invdiff.ops.reference.Col; rebuild the extension"
+            reason = "invdiff._C's coefficient layout differs from invdiff.ops_contract.Col; rebuild the extension"
         elif info.get("abi_version") != ABI_VERSION:
             reason = (f"invdiff._C has argument-block version {info.get('abi_version')} but invdiff expects "
                       f"{ABI_VERSION} (it was built from older sources); rebuild with pip install --no-build-isolation -e .")

@@ -20,7 +20,8 @@ import sys
 import threading
 from typing import Dict, List, Optional
 
-from .limits import MAX_BATCH_SIZE, MAX_IMAGE_SIDE, MAX_IMAGES_PER_PROMPT, SEED_LIMIT, check_fits_in_memory
+from .config import ATTENTION_BACKENDS, FROZEN_DTYPES, GUIDANCE_KINDS, LAM_MODES, SCHEDULER_NAMES, SEED_LIMIT
+from .limits import MAX_BATCH_SIZE, MAX_IMAGE_SIDE, MAX_IMAGES_PER_PROMPT, check_fits_in_memory
 from .outputs import check_output_file, check_output_folder, check_writable, output_lock
 
 class _Parser(argparse.ArgumentParser):
@@ -169,7 +170,7 @@ DEBIAS_SWITCHES = {"pooled_groups": ("per_prompt_groups", False), "channels_last
 
 def debias_config_from_args(args):
     """The DebiasConfig of `invdiff debias`: the --recipe preset, then every flag given on top."""
-    from .runs import recipe_config
+    from .config import recipe_config
 
     overrides = {field: getattr(args, dest) for dest, field in DEBIAS_FLAGS.items() if hasattr(args, dest)}
     overrides.update({field: value for dest, (field, value) in DEBIAS_SWITCHES.items() if getattr(args, dest, False)})
@@ -191,7 +192,7 @@ def cmd_debias(args) -> None:
 
 
 def _debias(args) -> None:
-    from .runs import debias
+    from .debiasing import debias
 
     cfg = debias_config_from_args(args)
     dataset = _load_data(args)
@@ -232,9 +233,6 @@ def describe_group_sizes(sizes: List[float], groups: int, prompts: List[str]) ->
         per_prompt = [f"{prompt}: {row(sizes[i * groups:(i + 1) * groups])}" for i, prompt in enumerate(prompts)]
         return f"inferred group sizes per prompt (K={groups}): " + "; ".join(per_prompt)
     return f"inferred group sizes (K={groups}, pooled over prompts): {row(sizes)}"
-
-
-SCHEDULERS = ("ddim", "ddpm", "euler", "dpm")
 
 
 def cmd_sample(args) -> None:
@@ -315,7 +313,7 @@ def _sample(args, settings: Dict, height: int, width: int) -> None:
     from .io import atomic_write_json, staged_directory
     from .models.sd import set_attention
     from .report import save_png, to_uint8
-    from .runs import load_model
+    from .model_folders.load import load_model
     from .sampling import GuidedDenoiser, prompts_to_ids, sample
     from .sampling.job import prompt_dirname
 
@@ -413,7 +411,7 @@ def _demo(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    """The engine behind an HTTP service (invdiff/sampling/service.py), or Ray Serve replicas of it."""
+    """The engine behind an HTTP service (invdiff/serve/app.py), or Ray Serve replicas of it."""
     check_model_path(args.model, "--model")
     if args.base is not None:
         check_model_path(args.base, "--base")
@@ -430,24 +428,24 @@ def cmd_serve(args) -> None:
     if missing:
         extra = "serve,ray" if args.ray else "serve"
         raise ValueError(f"{', '.join(missing)} not installed; pip install 'invdiff[{extra}]'")
-    from .sampling.service import ServeSettings
+    from .serve.settings import ServeSettings
 
     settings = ServeSettings(model=args.model, base=args.base, device=args.device, max_batch=args.max_batch,
                              max_queue=args.max_queue, max_images_per_request=args.max_images_per_request,
                              attention=args.attention, frozen_dtype=args.frozen_dtype, eta_below_band=args.eta_below_band,
                              drain_seconds=args.drain_seconds, engine_process=not args.engine_in_process)
     if args.ray:
-        from .sampling.ray_serve import run
+        from .serve.ray_serve import run
 
         run(settings, args.replicas, args.host, args.port, args.gpus_per_replica)
         return
-    from .sampling.service import serve
+    from .serve.app import serve
 
     serve(settings, args.host, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import AGGREGATIONS, MAX_ALTERNATIONS, MAX_STEP_METHODS, RECIPES, DebiasConfig
+    from .config import AGGREGATIONS, MAX_ALTERNATIONS, MAX_STEP_METHODS, RECIPES, BaseTrainConfig, DebiasConfig
 
     parser = _Parser(prog="invdiff", description="InvDiff: debias a diffusion model without bias labels.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -455,10 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-base", help="train a small (biased) base diffusion model")
     _add_data_args(p)
     p.add_argument("--out", required=True, help="folder for the base model (diffusers layout)")
-    p.add_argument("--steps", type=positive_int, default=2500, help="optimisation steps")
-    p.add_argument("--batch-size", type=batch_size_int, default=64, help="images per step")
-    p.add_argument("--lr", type=finite_float, default=2e-3, help="AdamW learning rate")
-    p.add_argument("--seed", type=seed_int, default=0, help="seed of the weights, batches and noise")
+    b = BaseTrainConfig()  # the flags' defaults are the config's
+    p.add_argument("--steps", type=positive_int, default=b.steps, help="optimisation steps")
+    p.add_argument("--batch-size", type=batch_size_int, default=b.batch_size, help="images per step")
+    p.add_argument("--lr", type=finite_float, default=b.lr, help="AdamW learning rate")
+    p.add_argument("--seed", type=seed_int, default=b.seed, help="seed of the weights, batches and noise")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an --out that holds another base model: only a folder invdiff made (it holds invdiff's marker file and nothing else); a folder with any other file, the working folder and the folders above it are never replaced")
     p.set_defaults(func=cmd_train_base)
@@ -469,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--out", required=True, help="run folder to write")
 
-    d = DebiasConfig()
+    d = DebiasConfig()  # also the defaults of sample's and serve's --attention and --frozen-dtype
     given = argparse.SUPPRESS  # a config flag left out keeps the recipe's value
 
     def opt(flag, help, **kw):
@@ -486,10 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--batch-size", "min-step batch size", type=batch_size_int)
     opt("--lr", "min-step learning rate", type=finite_float)
     opt("--lam-warmup", "steps over which lambda ramps up from 0", type=nonnegative_int)
-    opt("--lam-mode", "relative: lambda is divided by the batch's mean loss (scale-free)", choices=["absolute", "relative"])
+    opt("--lam-mode", "relative: lambda is divided by the batch's mean loss (scale-free)", choices=LAM_MODES)
     opt("--preset", "G_psi size preset", choices=["tiny", "small", "medium"])
     opt("--guidance", "kind of G_psi: a narrow UNet from --preset, or LoRA adapters (peft) on the frozen UNet",
-        choices=["unet", "lora"])
+        choices=GUIDANCE_KINDS)
     opt("--lora-rank", "LoRA rank for --guidance lora", type=positive_int)
     opt("--aggregation", "per-sample loss aggregation", choices=list(AGGREGATIONS))
     opt("--max-step", "environment inference: gap (widest gap above the median), otsu (least within-group variance of "
@@ -516,9 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the label-free calibration of the push (by default each prompt's strength is set so that its "
                         "samples read balanced between the groups; see invdiff/calibration.py)")
     opt("--seed", "seed", type=seed_int)
-    opt("--frozen-dtype", "dtype of the frozen UNet/VAE/text encoder (G_psi trains in fp32)", choices=["fp32", "bf16", "fp16"])
+    opt("--frozen-dtype", "dtype of the frozen UNet/VAE/text encoder (G_psi trains in fp32)", choices=FROZEN_DTYPES)
     opt("--attention", "attention backend of the frozen UNet: PyTorch SDPA or xformers (if installed)",
-        choices=["sdpa", "xformers"])
+        choices=ATTENTION_BACKENDS)
     p.add_argument("--channels-last", action="store_true", help="run the frozen UNet in channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the frozen UNet")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in G_psi's UNet")
@@ -544,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None,
                    help="a Stable Diffusion run's base model at a new place (None: where it was when the run was made); "
                         "its content must match the hash the run recorded")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention backend of the frozen UNet")
+    p.add_argument("--attention", default=d.attention, choices=ATTENTION_BACKENDS, help="attention backend of the frozen UNet")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); the images are written all at once")
     p.add_argument("--prompts", default=None,
                    help="a .txt or .jsonl prompts file: a sharded, resumable job with manifest.jsonl (see invdiff/sampling/job.py)")
@@ -555,9 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=25, help="sampling steps")
     # w = 1 (no CFG on top of G): on the shipped p=0.9 base, w = 2 already pushes the base past
     # its data's bias and lowers quality, and CFG amplifies the conditional branch's attribute
-    # back (README "Guidance scale").
+    # back (docs/research_notes.md, "What we found" 8).
     p.add_argument("--guidance-scale", type=finite_float, default=1.0, help="classifier-free guidance scale w (1 = off)")
-    p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS, help="sampling scheduler")
+    p.add_argument("--scheduler", default="ddim", choices=SCHEDULER_NAMES, help="sampling scheduler")
     p.add_argument("--strength", type=finite_float, default=1.0, help="G_psi strength s (0 = frozen model, 1 = the calibrated push, or G as trained when the run was not calibrated)")
     p.add_argument("--eta-below-band", type=finite_float, default=None,
                    help="DDIM eta under the attribute band recorded in G (None: 1, stochastic there; 0 = deterministic)")
@@ -588,8 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=positive_int, default=64, help="images waiting for a slot; beyond it requests get 429")
     p.add_argument("--max-images-per-request", type=positive_int, default=16, help="largest num one request may ask for")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (None: cuda if available)")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention backend of the frozen UNet")
-    p.add_argument("--frozen-dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the frozen UNet (G stays fp32)")
+    p.add_argument("--attention", default=d.attention, choices=ATTENTION_BACKENDS, help="attention backend of the frozen UNet")
+    p.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=FROZEN_DTYPES, help="dtype of the frozen UNet (G stays fp32)")
     p.add_argument("--eta-below-band", type=finite_float, default=None, help="as for sample")
     p.add_argument("--drain-seconds", type=finite_float, default=30.0,
                    help="on SIGTERM, finish in-flight requests for at most this long")

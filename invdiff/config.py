@@ -1,6 +1,7 @@
-"""The settings of a debiasing run: DebiasConfig, its named recipes, and the choices its flags
-take. Kept free of torch and diffusers so that `invdiff --help` and argument checks start in
-well under a second (issue 12); the heavy modules are imported by the methods that need them."""
+"""The settings of a debiasing run (DebiasConfig, its named recipes, and the choices its flags
+take) and of the base model's training (BaseTrainConfig), each default given once here. Kept
+free of torch and diffusers so that `invdiff --help` and argument checks start in well under a
+second (issue 12); the heavy modules are imported by the methods that need them."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ FROZEN_DTYPES = ("fp32", "bf16", "fp16")  # how the frozen UNet, VAE and text en
 ATTENTION_BACKENDS = ("sdpa", "xformers")  # the frozen UNet's attention (models/sd.py)
 SCHEDULER_NAMES = ("ddim", "ddpm", "euler", "dpm")  # sampling schedulers (sampling/spec.py maps them)
 GUIDANCE_KINDS = ("unet", "lora")  # G_psi: a narrow zero-initialised UNet, or peft LoRA on the frozen UNet
+LAM_MODES = ("absolute", "relative")  # lambda as given (the official L_e), or in units of the batch's mean loss
 # torch.Generator.manual_seed takes [0, 2**64): a negative seed would wrap onto a positive one.
 SEED_LIMIT = 2**64
 
@@ -22,8 +24,25 @@ MAX_STEP_METHODS = ("gap", "otsu", "mixture", "official")
 
 
 @dataclass
+class BaseTrainConfig:
+    """`invdiff train-base` (its flags' defaults read these) and scripts/make_assets.py, which
+    trains the shipped bases at these defaults; training.train_base runs it."""
+
+    steps: int = 2500
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 100
+    cfg_dropout: float = 0.1
+    ema_decay: float = 0.999
+    widths: tuple = (16, 32, 64)
+    embedding_dim: int = 64
+    seed: int = 0
+
+
+@dataclass
 class DebiasConfig:
-    """Defaults measured on colored digits (p=0.9, 2 CPU cores); see README "What we found"."""
+    """Defaults measured on colored digits (p=0.9, 2 CPU cores); see docs/research_notes.md ("What
+    we found"). The min step's own defaults (training.MinStepConfig) are read from these."""
 
     groups: int = 2
     lam: float = 1.0

@@ -29,13 +29,15 @@ from safetensors.torch import load_file, save_file
 from .data.colored_digits import COLOR_NAMES, colored_digits, majority_color
 from .data.layout_digits import LAYOUT_ATTRIBUTES
 from .data.stroke_digits import THICKNESS_NAMES
-from .environments import band_start_of, collect_losses
+from .environments import band_start_of, collect_losses, weights_from_losses
 from .io import CheckpointError, atomic_path, atomic_write_json
 from .outputs import check_output_folder, write_marker
 from .metrics import evaluate_samples, group_alignment, load_digit_classifier, predict_color
 from .models.base import FrozenBase
 from .report import bias_bar_chart, pareto_chart, sample_grid, write_markdown
-from .runs import DebiasConfig, debias, load_model, recipe_config, weights_from_losses
+from .config import DebiasConfig, recipe_config
+from .debiasing import debias
+from .model_folders.load import load_model
 from .sampling import GuidedDenoiser, sample
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -92,7 +94,8 @@ def demo_settings(quick: bool = False, full: bool = False) -> Dict:
         "invdiff": DebiasConfig(),
         "per_digit": 40,
         "sample_steps": 25,
-        # w = 1: CFG at w = 2 on top of G moved Bias back towards the base's (README "Guidance scale").
+        # w = 1: CFG at w = 2 on top of G moved Bias back towards the base's
+        # (docs/research_notes.md, "What we found" 8).
         "guidance_scale": 1.0,
         "sweep": [0.5, 1.0, 1.5] if full else [0.5, 1.0],
     }

@@ -3,13 +3,16 @@
 1. `collect_losses` evaluates the frozen model's denoising loss for every sample on a fixed,
    stratified t grid with noise seeded by (seed, sample id), so a sample's losses do not depend on
    the batch it landed in and are comparable across samples.
-2. `aggregate_losses` turns the (N, T) matrix into one score per sample. The default, "zscore",
-   standardises each timestep's losses across the samples *of the same prompt* before averaging.
+2. `aggregate_losses` turns the (N, T) matrix into one score per sample. Both "zscore" and the
+   default, "spread" (DebiasConfig.aggregation), standardise each timestep's losses across the
+   samples *of the same prompt*; "zscore" then averages over t, "spread" weights each timestep by
+   how much the samples' losses disagree there (`spread_weights`).
    Why: with eps-prediction the raw loss is largest at low t, where it mostly measures how
    unusual a digit's *shape* is, while the spurious attribute (colour) is decided at high t. A
    plain mean is dominated by low t and by which prompt is hard; z-scoring per (t, prompt) gives
-   every timestep the same say and compares a sample only with others of its own prompt. The
-   prompt is the conditioning, not a bias label, so this stays label-free.
+   every timestep the same say and compares a sample only with others of its own prompt, and the
+   spread weights then give most say to the band where the attribute is decided. The prompt is
+   the conditioning, not a bias label, so this stays label-free.
 3. The score becomes groups, per prompt or pooled (`MaxStepPolicy`, `groups_from_losses`):
    "otsu" (default) cuts where the winsorized scores' within-group variance is least, every group
    above the lowest at most half of the prompt; "gap" cuts at the widest gaps in the upper half;
@@ -21,7 +24,7 @@
 
 This module holds the max step's whole policy, behind one entry point, `max_step`: the groups
 (and JTT's upweighting of them), the attribute band, the min step's t proposal and the label-free
-diagnostics. runs.debias and the demo call it; config.py only names the settings.
+diagnostics. debiasing.debias and the demo call it; config.py only names the settings.
 """
 from __future__ import annotations
 
@@ -378,7 +381,7 @@ def infer_environments_mixture(scores: torch.Tensor, num_groups: int, seed: int 
     k-means and cuts the score axis near the midpoint of the group means, not at the gap between
     the majority's and the minority's losses. On colored digits (p=0.9) with a score that ranks
     minority samples almost perfectly (AUROC 0.998), its K=2 high-loss group held 34% minority
-    samples; the mixture's held 73% (measured; see README).
+    samples; the mixture's held 73% (measured; docs/research_notes.md, "What we found" 3).
     """
     from sklearn.mixture import GaussianMixture
 
@@ -503,15 +506,16 @@ def infer_environments_otsu(scores: torch.Tensor, num_groups: int) -> torch.Tens
 class MaxStepPolicy:
     """Everything that turns the frozen model's (N, T) losses into environments W."""
 
-    method: str = "otsu"  # otsu | gap | mixture | official (projected Adam on std_k R_k)
-    groups: int = 2  # K
-    aggregation: str = "spread"  # see aggregate_losses
-    per_prompt: bool = True  # K environments inside each prompt (see infer_groups)
-    min_per_prompt: int = 8  # ... when every prompt has at least this many samples per group
-    steps: int = 500  # official: Adam steps
-    lr: float = 0.01  # official: Adam learning rate
-    alpha: float = 0.0  # official: weight of the min-loss term
-    seed: int = 0
+    # The defaults are DebiasConfig's (max_step_policy maps its fields), given once in config.py.
+    method: str = DebiasConfig.max_step  # otsu | gap | mixture | official (projected Adam on std_k R_k)
+    groups: int = DebiasConfig.groups  # K
+    aggregation: str = DebiasConfig.aggregation  # see aggregate_losses
+    per_prompt: bool = DebiasConfig.per_prompt_groups  # K environments inside each prompt (see infer_groups)
+    min_per_prompt: int = DebiasConfig.min_per_prompt_groups  # ... when every prompt has at least this many samples per group
+    steps: int = DebiasConfig.max_step_steps  # official: Adam steps
+    lr: float = DebiasConfig.max_step_lr  # official: Adam learning rate
+    alpha: float = DebiasConfig.alpha  # official: weight of the min-loss term
+    seed: int = DebiasConfig.seed
 
     def validate(self) -> None:
         if self.method not in MAX_STEP_METHODS:
@@ -542,7 +546,8 @@ def infer_groups(scores: torch.Tensor, policy: MaxStepPolicy, prompt_ids: Option
     [p*K, (p+1)*K). A spurious correlation is a dependence between the prompt and an attribute,
     so its environments live inside each prompt; the prompt is the conditioning, not a bias
     label. Pooled groups mix all prompts' minorities into one group, and the min step then cannot
-    balance any single prompt (measured: Bias 0.655 pooled vs the oracle's 0.275, see README).
+    balance any single prompt (measured: Bias 0.655 pooled vs the oracle's 0.275; the development
+    runs' table in docs/research_notes.md).
     """
     policy.validate()
     if prompt_ids is None or not policy.per_prompt:
@@ -573,7 +578,8 @@ def guidance_band(losses: torch.Tensor, prompt_ids: Optional[torch.Tensor], num_
     bins, from the noisiest down, whose `spread_weights` are above uniform (1/T), i.e. where the
     samples of a prompt disagree more than on average: that is where an attribute is decided
     (on colored digits, p=0.9, t >= 800: 80% of the weight in 20% of t). Outside the band G's
-    correction only has shapes left to change, which is where the quality went (README). Label-free.
+    correction only has shapes left to change, which is where the quality went (docs/research_notes.md,
+    "What we found" 7). Label-free.
     """
     groups = torch.zeros(losses.shape[0], dtype=torch.long) if prompt_ids is None else prompt_ids
     weights = spread_weights(losses.double(), groups)
@@ -766,6 +772,51 @@ def max_step(losses: torch.Tensor, prompt_ids: torch.Tensor, config: DebiasConfi
     # Group shares and cut stability per prompt, with warnings; JTT judges the same cut.
     diagnostics = environment_diagnostics(groups, scores, prompt_ids, policy, prompts)
     return MaxStepResult(weights_for_objective(groups, config), scores, band_start, t_min, proposal, diagnostics)
+
+
+def weights_from_losses(losses: torch.Tensor, prompt_ids: torch.Tensor, config: DebiasConfig):
+    """(N, T) frozen losses, (N,) prompt ids -> (W, scores): W the environments of `config`'s max
+    step ((N, K) or (N, P*K); (N, 1) for JTT), scores (N,) the per-sample scores they were cut from."""
+    weights, scores = groups_from_losses(losses, prompt_ids, max_step_policy(config))
+    return weights_for_objective(weights, config), scores
+
+
+def environment_weights(
+    base: FrozenBase, dataset: DiffusionDataset, config: DebiasConfig, progress: bool = True, return_bank: bool = False
+):
+    """The max step. Returns (W (N, K), scores (N,), losses (N, T), timesteps (T,)) and, with
+    return_bank, the `FrozenBank` of the frozen model's predictions it was computed from."""
+    dataset = dataset.training_view()
+    losses, grid, bank = collect_losses(
+        base, dataset, config.loss_timesteps, config.loss_draws, config.seed, progress=progress, return_bank=True
+    )
+    weights, scores = weights_from_losses(losses, dataset.prompt_ids, config)
+    if return_bank:
+        return weights, scores, losses, grid, bank
+    return weights, scores, losses, grid
+
+
+def bank_parent(config: DebiasConfig, out: str) -> str:
+    """Where a latent base's frozen-prediction bank goes on disk (in a temporary folder, removed
+    after the run): beside the latent cache when there is one, else beside the output folder,
+    both on disks the user chose. Not the system temp dir, which is often a RAM-backed tmpfs."""
+    return config.latent_cache or os.path.dirname(os.path.abspath(out))
+
+
+def frozen_losses(base: FrozenBase, dataset: DiffusionDataset, config: DebiasConfig, out: str, progress: bool = True) -> Dict:
+    """The max step's pass over the frozen model, for the run writing to `out`: {"losses": (N, T),
+    "timesteps": (T,), "bank": FrozenBank} on `config`'s grid, draws and seed (collect_losses).
+
+    A latent base (Stable Diffusion: it has decode_latents) keeps its bank on disk (bank_parent),
+    and its UNet sees the min step's batch size in this pass too: the default 512 (sample, t) jobs
+    per forward would hold tens of GB of SD-1.5 activations at 512 px."""
+    latent = hasattr(base, "decode_latents")
+    return dict(zip(
+        ("losses", "timesteps", "bank"),
+        collect_losses(base, dataset, config.loss_timesteps, config.loss_draws, config.seed, progress=progress, return_bank=True,
+                       bank_dir=bank_parent(config, out) if latent else None,
+                       **({"batch_size": config.batch_size} if latent else {})),
+    ))
 
 
 # ----------------------------------------------------------------------------- the alternation

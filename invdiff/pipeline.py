@@ -10,7 +10,10 @@ the trained guidance module G_psi (with its combine ratio r, stored in G's confi
 The call is the ordinary diffusers one. At each step the frozen UNet's prediction for the
 conditional and unconditional branch is combined with G's (eps_tilde = combine(eps, G; r), moved
 by `guidance_strength` s from the frozen model, s = 0, to the trained one, s = 1), then
-classifier-free guidance and the scheduler's own `step` follow, so any scheduler works.
+classifier-free guidance and the scheduler's own `step` follow, so any scheduler works. That loop
+is invdiff's own plain guided loop (sampling.sampler.guided_loop, as `sample_unfused`), with the
+schedule of `invdiff sample` (sampling.schedule.guided_schedule): DDIM is deterministic in G's
+attribute band and stochastic below it, so the pipeline draws the images `invdiff sample` does.
 
 A debias run folder holds G_psi and refers to its frozen base by place and content hash
 (models/base_reference.py); `from_pretrained` loads the base from there after checking it. A
@@ -18,7 +21,6 @@ A debias run folder holds G_psi and refers to its frozen base by place and conte
 """
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Dict, List, Optional, Union
 
@@ -28,6 +30,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from .models.guidance import GuidanceModule
+from .sampling.sampler import GuidedDenoiser, guided_loop
+from .sampling.schedule import guided_schedule
 
 MODEL_CARD = """---
 library_name: diffusers
@@ -51,6 +55,19 @@ pipe = InvDiffPipeline.from_pretrained("{path}")
 image = pipe("a prompt", num_inference_steps=25).images[0]
 ```
 """
+
+
+class _FrozenParts:
+    """The pipeline's frozen UNet as the guided loop reads a base (models.sd.LatentDiffusionBase):
+    its prediction in its own dtype, and the VAE's factor for the latent shape."""
+
+    def __init__(self, unet, vae_factor: int):
+        self.unet, self.vae_factor = unet, vae_factor
+
+    def eps_native(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """sample: (B, C, h, w); timestep: (B,); prompt_embeds: (B, L, D). Returns (B, C, h, w) in the UNet's dtype."""
+        dtype = self.unet.dtype
+        return self.unet(sample.to(dtype), timestep, prompt_embeds.to(dtype)).sample
 
 
 def _guidance_kind(guidance) -> str:
@@ -114,41 +131,34 @@ class InvDiffPipeline(DiffusionPipeline):
         width: Optional[int] = None,
         latents: Optional[torch.Tensor] = None,
         return_dict: bool = True,
+        eta: float = 0.0,
+        eta_below_band: Optional[float] = None,
     ):
         """The ordinary diffusers call. Returns ImagePipelineOutput(images) (PIL list, np array or
-        (N, 3, H, W) tensor in [0, 1] by `output_type`; "latent" gives the latents)."""
+        (N, 3, H, W) tensor in [0, 1] by `output_type`; "latent" gives the (N, 4, H/f, W/f) latents).
+        generator: one, or a list of N (one per image: image i then depends on generator i only,
+        as with `invdiff sample`'s seeds); latents: (N, 4, H/f, W/f) initial noise, unscaled.
+        eta: a DDIM scheduler's eta in G's attribute band; eta_below_band: its eta under the band
+        (None: stochastic, sampling.STOCHASTIC_BELOW_BAND; as `invdiff sample --eta-below-band`)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("give at least one prompt")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+        if any(side is not None and side % self.vae_scale_factor for side in (height, width)):
             raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
-        device, dtype = self.unet.device, self.unet.dtype
-        use_cfg = guidance_scale != 1.0
+        # The frozen UNet and G as `invdiff sample` runs them, and the schedule it samples with.
+        denoiser = GuidedDenoiser(_FrozenParts(self.unet, self.vae_scale_factor), self.guidance, guidance_strength)
+        schedule = guided_schedule(denoiser, self.scheduler, eta=eta, eta_below=eta_below_band, height=height, width=width)
+        device = self.unet.device
         cond = self.encode_prompt(prompts)
-        embeds = torch.cat([self.encode_prompt([""] * len(prompts)), cond]) if use_cfg else cond
-        shape = (len(prompts), self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        uncond = self.encode_prompt([""] * len(prompts)) if guidance_scale != 1.0 else None
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        latents = latents.to(device, torch.float32) * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        # Only schedulers that draw noise take a generator (PNDM, Stable Diffusion 1.5's own, does not).
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = self.scheduler.scale_model_input(torch.cat([latents] * 2) if use_cfg else latents, t)
-            t_batch = t.expand(model_in.shape[0]).to(device)
-            eps = self.unet(model_in.to(dtype), t_batch, embeds.to(dtype)).sample.float()
-            if self.guidance is not None and guidance_strength != 0.0:
-                g = self.guidance(model_in.to(self.guidance.dtype), t_batch, embeds.to(self.guidance.dtype), eps)
-                eps = self.guidance.combine(eps, g.float(), guidance_strength)
-            if use_cfg:
-                uncond_eps, cond_eps = eps.chunk(2)
-                eps = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
-            latents = self.scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+            latents = randn_tensor((len(prompts), *schedule.shape), generator=generator, device=device, dtype=torch.float32)
+        with self.progress_bar(total=num_inference_steps) as bar:
+            latents = guided_loop(denoiser, self.scheduler, schedule, num_inference_steps, latents.to(device, torch.float32),
+                                  cond, uncond, guidance_scale, generator, on_step=bar.update)
         if output_type == "latent":
             images = latents
         else:
@@ -188,19 +198,14 @@ class InvDiffPipeline(DiffusionPipeline):
         from .errors import CheckpointError
         from .hub import does_not_exist_message, downloads_allowed, looks_like_hub_id
         from .io import require_safetensors
-        from .models.base_reference import refers_to_base, resolve_base
-        from .models.sd import SD_WEIGHTED_COMPONENTS
+        from .model_folders import SD_WEIGHTED_COMPONENTS
+        from .models.base_reference import base_source
 
         gdir = os.path.join(path, "guidance")
         load_own_guidance = "guidance" not in kwargs and os.path.isdir(gdir)
-        source = path
-        if os.path.isdir(path) and refers_to_base(path):
-            source, revision = resolve_base(path, base)
-            if revision is not None:
-                kwargs["revision"] = revision
-        elif base is not None:
-            raise ValueError(f"{path!r} is no run folder that refers to its base model: a base to load it with "
-                             "(base=, invdiff sample --base) applies only to those")
+        source, revision = base_source(path, base)  # a run folder that refers to its base: that base, checked
+        if revision is not None:
+            kwargs["revision"] = revision
         if not os.path.exists(source) and not (looks_like_hub_id(source) and downloads_allowed()):
             raise CheckpointError(does_not_exist_message(source, "pipeline folder"))
         # Nothing may retry over the network unless the user allowed downloads.

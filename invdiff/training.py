@@ -21,49 +21,45 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import ops
+from .config import LAM_MODES, BaseTrainConfig, DebiasConfig
 from .distributed import all_reduce_sum_, global_invariant_loss_with_stats, global_mean, shard
 from .data.base import DiffusionDataset
+from .io import atomic_write_json, read_json
 from .models.base import FrozenBase, base_unet_config, default_scheduler, training_target
 from .models.conditioner import PromptEmbedding
 from .models.guidance import GuidanceModule
 
 
-@dataclass
-class BaseTrainConfig:
-    steps: int = 4000
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup: int = 100
-    cfg_dropout: float = 0.1
-    ema_decay: float = 0.999
-    widths: tuple = (16, 32, 64)
-    embedding_dim: int = 64
-    seed: int = 0
+_DEBIAS = DebiasConfig  # the min step's defaults shared with `invdiff debias`, given once there
 
 
 @dataclass
 class MinStepConfig:
-    steps: int = 600
-    batch_size: int = 128
-    lr: float = 1e-3
-    lam: float = 1.0
-    lam_warmup: int = 0  # steps over which lambda ramps linearly from 0 (V-REx penalty annealing)
+    """The min step's settings. Those `invdiff debias` sets from its DebiasConfig default to
+    DebiasConfig's values (relative lambda, lr 1e-2, 1000 steps); pass lam_mode="absolute" for
+    the official L_e."""
+
+    steps: int = _DEBIAS.steps
+    batch_size: int = _DEBIAS.batch_size
+    lr: float = _DEBIAS.lr
+    lam: float = _DEBIAS.lam
+    lam_warmup: int = _DEBIAS.lam_warmup  # steps over which lambda ramps linearly from 0 (V-REx penalty annealing)
     # "relative": lambda is divided by the batch's mean loss, so lambda * Var is measured in
     # units of the loss itself and a group's effective weight is 1/K + 2*lam*(R_k - R)/((K-1)*R).
     # "absolute" is the official L_e with lambda as given.
-    lam_mode: str = "absolute"
+    lam_mode: str = _DEBIAS.lam_mode
     cfg_dropout: float = 0.1
-    seed: int = 0
+    seed: int = _DEBIAS.seed
     # "invariant": L_e. "groupdro": GroupDRO (Sagawa et al. 2020) on the same groups, sum_k q_k R_k
     # with q updated online by exponentiated gradient (step `groupdro_eta`) towards the worst group.
-    objective: str = "invariant"
+    objective: str = _DEBIAS.objective
     groupdro_eta: float = 0.01
-    ema_decay: Optional[float] = None  # EMA of G's weights, copied into G at the end (None: off)
+    ema_decay: Optional[float] = _DEBIAS.ema_decay  # EMA of G's weights, copied into G at the end (None: off)
     # Gradient accumulation: the global batch is cut into this many micro-batches, each forms its
     # OWN group statistics (R_k, Var_k) and L_e, and their gradients are averaged before one
     # optimiser step. So the objective is the mean of per-micro-batch L_e, not L_e of the whole
     # accumulated batch (the variance of means over smaller batches is larger).
-    grad_accum: int = 1
+    grad_accum: int = _DEBIAS.grad_accum
     # Checkpoints (accelerate save_state), written atomically every `checkpoint_every` steps into
     # checkpoint_dir/checkpoint-STEP, keeping the newest `keep_checkpoints`; resume="latest" or a path.
     checkpoint_dir: Optional[str] = None
@@ -82,6 +78,24 @@ def latest_checkpoint(directory: Optional[str]) -> Optional[str]:
     steps = sorted(int(n[len(CHECKPOINT_PREFIX):]) for n in os.listdir(directory)
                    if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit())
     return os.path.join(directory, f"{CHECKPOINT_PREFIX}{steps[-1]:07d}") if steps else None
+
+
+def claim_checkpoint_dir(checkpoint_dir: str, identity: Dict, resume: Optional[str] = None) -> None:
+    """Tie `checkpoint_dir` to one debias run: a checkpoint only continues the run that made it
+    (the same base, data and config, `identity`, kept in its run.json). A folder that belongs to
+    another run, or `resume` with no checkpoints of this run, is a ValueError; a new folder is
+    made and claimed. Called by the main process only."""
+    marker = os.path.join(checkpoint_dir, "run.json")
+    if os.path.isfile(marker):
+        stored = read_json(marker, what="checkpoint run description")
+        if stored != json.loads(json.dumps(identity)):
+            raise ValueError(f"the checkpoints in {checkpoint_dir!r} belong to a run with other settings; "
+                             "use another --checkpoint-dir or remove them")
+    elif resume:
+        raise ValueError(f"--resume {resume}: no checkpoints of this run in {checkpoint_dir!r}")
+    else:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        atomic_write_json(marker, identity)
 
 
 class _LoopState:
@@ -237,6 +251,47 @@ def train_base(dataset: DiffusionDataset, config: BaseTrainConfig = BaseTrainCon
     return inner.to("cpu").freeze()
 
 
+def new_guidance(base: FrozenBase, config: DebiasConfig, t_min: int = 0, band_start: int = 0):
+    """A fresh G_psi for `base`, of the kind `config` asks: LoRA adapters on the frozen UNet
+    (models/lora.py) or a narrow zero-initialised UNet of its own (GuidanceModule), acting from
+    t_min, with the attribute band from band_start. Its initial weights depend on config.seed
+    only, not on what ran before: the global torch seed is set to it first."""
+    torch.manual_seed(config.seed)
+    if config.guidance_kind == "lora":
+        from .models.lora import LoraGuidance
+
+        guidance = LoraGuidance.from_frozen(base.unet, config.ratio, config.lora_rank, t_min=t_min, band_start=band_start)
+    else:
+        guidance = GuidanceModule.from_frozen(base.unet.config, config.preset, config.ratio, t_min=t_min,
+                                              head_kind=config.head, body=config.body,
+                                              head_sees_sample=config.head_sees_sample, band_start=band_start)
+    if config.grad_checkpointing and getattr(guidance, "unet", None) is not None:
+        guidance.unet.enable_gradient_checkpointing()
+    return guidance
+
+
+def min_step_config(config: DebiasConfig, checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0,
+                    keep_checkpoints: int = 2, resume: Optional[str] = None) -> MinStepConfig:
+    """The MinStepConfig of a debias run with `config`, with its checkpoints (see MinStepConfig).
+    Every objective but GroupDRO trains on the invariant loss (JTT through its upweighted environment)."""
+    return MinStepConfig(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        lam=config.lam,
+        lam_warmup=config.lam_warmup,
+        lam_mode=config.lam_mode,
+        seed=config.seed,
+        objective="groupdro" if config.objective == "groupdro" else "invariant",
+        ema_decay=config.ema_decay,
+        grad_accum=config.grad_accum,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        resume=resume,
+    )
+
+
 def train_guidance(
     base: FrozenBase,
     guidance: GuidanceModule,
@@ -262,7 +317,7 @@ def train_guidance(
         raise ValueError(f"weights have {weights.shape[0]} rows for {len(dataset)} samples")
     if config.lam < 0:
         raise ValueError(f"lambda must be >= 0, got {config.lam}")
-    if config.lam_mode not in ("absolute", "relative"):
+    if config.lam_mode not in LAM_MODES:
         raise ValueError(f"lam_mode must be 'absolute' or 'relative', got {config.lam_mode!r}")
     if config.objective not in ("invariant", "groupdro"):
         raise ValueError(f"objective must be 'invariant' or 'groupdro', got {config.objective!r}")

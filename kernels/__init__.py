@@ -2,8 +2,12 @@
 
 One file per kernel: guidance_combine.py (combine and CFG, forward and backward) and
 invariant_loss.py (the min-step objective, forward and backward). Importing this package does not
-import Triton; `invdiff.ops` loads a kernel module on first use. This file says which inputs the
-kernels can take, and why not, for the dispatch in invdiff.ops.
+import Triton. The kernel modules do, and invdiff.ops imports them when it is itself imported (if
+Triton is installed), not on their first use: Triton decides whether a kernel runs in its CPU
+interpreter when the kernel is defined, so TRITON_INTERPRET must be set before importing
+invdiff.ops, anything that imports it, or a kernel module (tests/test_import_graph.py checks this
+order). This file says which inputs the kernels can take, and why not, for the dispatch in
+invdiff.ops.
 """
 from __future__ import annotations
 

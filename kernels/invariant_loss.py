@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from invdiff.ops.reference import InvariantLossStats, check_invariant_loss_args, combine_coefficients
+from invdiff.ops_contract import InvariantLossStats, check_invariant_loss_args, combine_coefficients  # not invdiff.ops.*: see there
 
 from . import utils  # launch_device through the module, so that tests can spy on the guard
 from .utils import TUNING, as_rows, emulate_bf16_rounding, next_power_of_2, split_plan, store_value

@@ -115,7 +115,8 @@ def test_a_calibrated_g_at_strength_one_equals_the_uncalibrated_g_at_its_gain(ti
 def test_debias_records_the_calibration_and_the_saved_g_carries_its_gains(tiny_base_dir, tiny_train, tmp_path, monkeypatch):
     import invdiff.calibration as calibration
     from invdiff.config import DebiasConfig
-    from invdiff.runs import debias, load_model
+    from invdiff.debiasing import debias
+    from invdiff.model_folders.load import load_model
 
     # The tiny base's scores show no separate group; the trusted path is what this test checks.
     monkeypatch.setattr(calibration, "SEPARATION_TRUST", 0.0)
@@ -140,7 +141,8 @@ def test_debias_records_the_calibration_and_the_saved_g_carries_its_gains(tiny_b
 def test_an_untrusted_readout_leaves_g_as_trained_with_one_warning(tiny_base_dir, tiny_train, tmp_path, monkeypatch):
     import invdiff.calibration as calibration
     from invdiff.config import DebiasConfig
-    from invdiff.runs import debias, load_model
+    from invdiff.debiasing import debias
+    from invdiff.model_folders.load import load_model
 
     monkeypatch.setattr(calibration, "SEPARATION_TRUST", 1e9)  # no score of the tiny base stands out this far
     calls = []
@@ -194,7 +196,8 @@ def test_debias_prints_one_line_about_the_calibration():
 def test_more_prompts_than_the_cap_get_one_pooled_gain(tiny_base_dir, tiny_train, tmp_path, monkeypatch):
     import invdiff.calibration as calibration
     from invdiff.config import DebiasConfig
-    from invdiff.runs import debias, load_model
+    from invdiff.debiasing import debias
+    from invdiff.model_folders.load import load_model
 
     monkeypatch.setattr(calibration, "SEPARATION_TRUST", 0.0)
     monkeypatch.setattr(calibration, "MAX_CALIBRATED_PROMPTS", 3)  # the tiny data has 10 prompts

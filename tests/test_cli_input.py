@@ -26,8 +26,9 @@ def tiny_base(tmp_path_factory):
 @pytest.fixture
 def no_compute(monkeypatch):
     """Training, the max step and sampling raise if anything reaches them."""
+    import invdiff.debiasing
     import invdiff.environments
-    import invdiff.runs
+    import invdiff.model_folders.load
     import invdiff.sampling
     import invdiff.training
 
@@ -35,10 +36,10 @@ def no_compute(monkeypatch):
         raise AssertionError("compute started before the input was checked")
 
     monkeypatch.setattr(invdiff.training, "train_base", forbidden)
-    monkeypatch.setattr(invdiff.runs, "collect_losses", forbidden)
-    monkeypatch.setattr(invdiff.runs, "load_base", forbidden)
+    monkeypatch.setattr(invdiff.environments, "collect_losses", forbidden)
+    monkeypatch.setattr(invdiff.debiasing, "load_base", forbidden)
     monkeypatch.setattr(invdiff.sampling, "sample", forbidden)
-    monkeypatch.setattr(invdiff.runs, "load_model", forbidden)
+    monkeypatch.setattr(invdiff.model_folders.load, "load_model", forbidden)
 
 
 PROGRESS_BAR = re.compile(r"^[\w -]+: +\d+%\|")
@@ -204,7 +205,7 @@ def test_group_sizes_are_labelled():
     ["debias", "--base", "{base}", "--resolution", "8", "--steps", "1", "--loss-timesteps", "2"],
 ])
 def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(tiny_base, tmp_path, monkeypatch, capsys, command):
-    import invdiff.runs
+    import invdiff.debiasing
     import invdiff.sampling
     import invdiff.training
 
@@ -215,7 +216,7 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(tiny_base, tmp_path, mon
 
     monkeypatch.setattr(invdiff.training, "train_base", interrupt)
     monkeypatch.setattr(invdiff.training, "train_guidance", interrupt)
-    monkeypatch.setattr(invdiff.runs, "train_guidance", interrupt)
+    monkeypatch.setattr(invdiff.debiasing, "train_guidance", interrupt)
     monkeypatch.setattr(invdiff.sampling, "sample", interrupt)
     out = tmp_path / "out"
     assert main([a.format(base=base) for a in command] + ["--out", str(out)]) == 130
@@ -357,10 +358,10 @@ def test_evaluate_missing_weights_path_is_one_line_before_scoring(tiny_base, tmp
 
 
 def test_debias_data_at_another_resolution_than_the_base_is_refused(tiny_base, tmp_path, monkeypatch, capsys):
-    import invdiff.runs
+    import invdiff.environments
 
     _, base = tiny_base  # trained at 8x8
-    monkeypatch.setattr(invdiff.runs, "collect_losses", lambda *a, **k: pytest.fail("max step ran"))
+    monkeypatch.setattr(invdiff.environments, "collect_losses", lambda *a, **k: pytest.fail("max step ran"))
     assert main(["debias", "--base", base, "--resolution", "16", "--out", str(tmp_path / "run")]) == 2
     _one_line_error(capsys, "the data is 16x16 but the base model was trained at 8x8; pass --resolution 8")
     assert os.listdir(tmp_path) == []

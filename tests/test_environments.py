@@ -19,7 +19,8 @@ from invdiff.environments import (
 )
 from invdiff.io import CheckpointError
 from invdiff.models.base import training_target
-from invdiff.runs import DebiasConfig, environment_weights
+from invdiff.config import DebiasConfig
+from invdiff.environments import environment_weights
 
 
 # ----------------------------------------------------------------------------- t grid

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-import invdiff.runs
+import invdiff.debiasing
 from invdiff.cli import build_parser, main
 from invdiff.models.lora import LoraGuidance, load_guidance
 from invdiff.models.sd import DTYPES, LatentDiffusionBase
@@ -123,13 +123,13 @@ def test_a_bf16_run_holds_its_frozen_parts_in_bf16_only(tiny_sd, tiny_sd_data, t
     fp32 run's, and the only fp32 parameters are G's own, far fewer than the UNet's. A fp32 copy of
     the frozen UNet (LoRA G) would show up as fp32 parameters of G as many as the UNet's."""
     held = {}
-    real = invdiff.runs.train_guidance
+    real = invdiff.debiasing.train_guidance
 
     def spy(base, guidance, *args, **kwargs):
         held[base.meta["frozen_dtype"]] = _held_parameters(base, guidance)
         return real(base, guidance, *args, **kwargs)
 
-    monkeypatch.setattr(invdiff.runs, "train_guidance", spy)
+    monkeypatch.setattr(invdiff.debiasing, "train_guidance", spy)
     for dtype in ("fp32", "bf16"):
         assert main(_debias_args(tiny_sd, tiny_sd_data, str(tmp_path / dtype), dtype, kind)) == 0
     bf16, fp32 = held["bf16"], held["fp32"]

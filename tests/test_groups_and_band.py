@@ -14,7 +14,8 @@ from invdiff.environments import (
 )
 from invdiff.metrics import group_alignment
 from invdiff.models.guidance import GuidanceModule, in_band
-from invdiff.runs import RECIPES, DebiasConfig, recipe_config, weights_from_losses
+from invdiff.config import RECIPES, DebiasConfig, recipe_config
+from invdiff.environments import weights_from_losses
 
 
 def _planted_90_10(n=400, seed=0, spread=1.0):
@@ -205,7 +206,7 @@ def test_min_step_objectives_and_ema_train(frozen_tiny_base, tiny_train, objecti
     torch.manual_seed(0)
     g = GuidanceModule.from_frozen(frozen_tiny_base.unet.config, "tiny")
     start = [p.detach().clone() for p in g.parameters()]
-    cfg = MinStepConfig(steps=4, batch_size=8, lr=1e-2, objective=objective, ema_decay=ema)
+    cfg = MinStepConfig(steps=4, batch_size=8, lr=1e-2, lam_mode="absolute", objective=objective, ema_decay=ema)
     log = train_guidance(frozen_tiny_base, g, tiny_train, weights, cfg, progress=False, bank=bank)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log[:-1])
     moved = sum(float((p.detach() - s).abs().sum()) for p, s in zip(g.parameters(), start))

@@ -13,7 +13,8 @@ from invdiff.environments import (
     spread_weights,
 )
 from invdiff.models.guidance import GuidanceModule
-from invdiff.runs import DebiasConfig, environment_weights
+from invdiff.config import DebiasConfig
+from invdiff.environments import environment_weights
 from invdiff.training import MinStepConfig, train_guidance
 
 
@@ -114,7 +115,7 @@ def test_min_step_with_bank_skips_the_frozen_forward(frozen_tiny_base, tiny_trai
     real = frozen_tiny_base.eps
     monkeypatch.setattr(frozen_tiny_base, "eps", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
     g = GuidanceModule.from_frozen(frozen_tiny_base.unet.config, "tiny")
-    cfg = MinStepConfig(steps=3, batch_size=8, cfg_dropout=0.0)
+    cfg = MinStepConfig(steps=3, batch_size=8, lr=1e-3, lam_mode="absolute", cfg_dropout=0.0)
     log = train_guidance(frozen_tiny_base, g, tiny_train, torch.rand(len(tiny_train), 2), cfg, progress=False, bank=bank)
     assert calls == []
     assert len(log) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log[:-1])
@@ -127,7 +128,7 @@ def test_min_step_moves_g_off_zero(frozen_tiny_base, tiny_train):
     _, _, bank = collect_losses(frozen_tiny_base, tiny_train, num_timesteps=2, draws=1, progress=False, return_bank=True)
     bank = dataclasses.replace(bank, proposal=torch.tensor([0.25, 0.75]))
     g = GuidanceModule.from_frozen(frozen_tiny_base.unet.config, "tiny")
-    train_guidance(frozen_tiny_base, g, tiny_train, torch.rand(len(tiny_train), 2), MinStepConfig(steps=5, batch_size=8, lr=1e-2), progress=False, bank=bank)
+    train_guidance(frozen_tiny_base, g, tiny_train, torch.rand(len(tiny_train), 2), MinStepConfig(steps=5, batch_size=8, lr=1e-2, lam_mode="absolute"), progress=False, bank=bank)
     x = tiny_train.images[:4]
     t = torch.full((4,), 750)
     e = frozen_tiny_base.prompt_embeds(tiny_train.prompt_ids[:4])

@@ -209,7 +209,7 @@ def test_alternation_that_settles_stops_early_without_training_again():
 
 def test_alternation_on_a_tiny_base_converges_or_stops_at_its_cap(tiny_base_dir, tiny_train, tmp_path):
     from invdiff.config import DebiasConfig
-    from invdiff.runs import debias
+    from invdiff.debiasing import debias
 
     config = DebiasConfig(steps=2, batch_size=8, loss_timesteps=2, alternations=2, max_step="otsu")
     result = debias(tiny_base_dir, tiny_train, str(tmp_path / "run"), config, progress=False)

@@ -1,6 +1,6 @@
 """Sizes read from a model folder's files are checked and bounded; a damaged config is one line.
 
-`invdiff sample` asks `sampling_size` (invdiff/model_folders.py) for the size to draw at before it
+`invdiff sample` asks `sampling_size` (invdiff/model_folders/kinds.py) for the size to draw at before it
 loads anything. A UNet config.json or a run's invdiff_run.json that is damaged (not a JSON
 object, a missing or mistyped size, a size past limits.MAX_IMAGE_SIDE) must be one line naming
 the file and the key, not a TypeError, KeyError, ZeroDivisionError or a MemoryError after the
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-import invdiff.runs
+import invdiff.model_folders.load
 from invdiff.cli import main
 from invdiff.errors import CheckpointError
 from invdiff.limits import MAX_IMAGE_SIDE
@@ -278,7 +278,7 @@ def test_an_embedded_base_with_a_damaged_unet_config_is_one_line(base_copy, valu
 
     config = os.path.join(base_copy, "unet", "config.json")
     _edit_json(config, sample_size=value)
-    for load in (FrozenBase.from_pretrained, invdiff.runs.load_model, sampling_size):
+    for load in (FrozenBase.from_pretrained, invdiff.model_folders.load.load_model, sampling_size):
         with pytest.raises(CheckpointError) as exc:
             load(base_copy)
         text = _one_line(exc)
@@ -318,7 +318,7 @@ def test_the_sample_command_refuses_a_damaged_file_in_one_line_before_any_load(s
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before its files were checked")
 
-    monkeypatch.setattr(invdiff.runs, "load_model", refuse)
+    monkeypatch.setattr(invdiff.model_folders.load, "load_model", refuse)
     if damage == "sample_size":
         model, key = sd_configs, "'sample_size'"
         _edit_json(os.path.join(sd_configs, "unet", "config.json"), sample_size="abc")

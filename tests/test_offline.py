@@ -25,7 +25,7 @@ from invdiff.errors import CheckpointError, OfflineError
 from invdiff.models.base_reference import REFERENCE_KEY, resolve_base
 from invdiff.models.sd import LatentDiffusionBase, looks_like_hub_id
 from invdiff.pipeline import InvDiffPipeline
-from invdiff.runs import load_base, load_model
+from invdiff.model_folders.load import load_base, load_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 FAST_S = 2.0  # a refusal that needs no network answers well within this

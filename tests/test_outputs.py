@@ -221,7 +221,7 @@ def test_a_dead_processs_lock_does_not_block(tmp_path):
 
 def test_sigterm_during_sd_debias_removes_the_bank_and_keeps_the_old_output(tiny_sd, tiny_sd_data, tmp_path, monkeypatch,
                                                                             capsys):
-    import invdiff.runs
+    import invdiff.debiasing
 
     out = tmp_path / "run"
     out.mkdir()
@@ -234,7 +234,7 @@ def test_sigterm_during_sd_debias_removes_the_bank_and_keeps_the_old_output(tiny
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not stop the run")
 
-    monkeypatch.setattr(invdiff.runs, "train_guidance", terminate)
+    monkeypatch.setattr(invdiff.debiasing, "train_guidance", terminate)
     argv = ["debias", "--base", tiny_sd, "--data", tiny_sd_data, "--steps", "1", "--loss-timesteps", "2",
             "--batch-size", "8", "--out", str(out), "--overwrite"]
     assert main(argv) == 128 + signal.SIGTERM

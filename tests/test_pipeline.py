@@ -98,7 +98,7 @@ def test_a_run_pipeline_folder_keeps_the_base_scheduler(tmp_path, copied):
     from diffusers import DDPMScheduler, PNDMScheduler
 
     from invdiff.pipeline import save_pipeline_folder
-    from invdiff.runs import load_model
+    from invdiff.model_folders.load import load_model
 
     folder = make_tiny_sd_folder(str(tmp_path / "sd"))
     # Stable Diffusion 1.5 ships PNDM with these two fields set.

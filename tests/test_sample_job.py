@@ -36,7 +36,7 @@ def no_model_loads(monkeypatch):
     def refuse(path):
         raise AssertionError(f"the model was loaded ({path}) before the bad input was refused")
 
-    monkeypatch.setattr("invdiff.runs.load_model", refuse)
+    monkeypatch.setattr("invdiff.model_folders.load.load_model", refuse)
 
 
 # ----------------------------------------------------------------------------- prompts files

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-import invdiff.runs
+import invdiff.model_folders.load
 from invdiff.cli import build_parser, main
-from invdiff.runs import sampling_size
+from invdiff.model_folders import sampling_size
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_a_size_the_vae_cannot_decode_is_one_line_before_any_load(run_at_12, tmp
     def refuse(path):
         raise AssertionError("the model was loaded before the size was checked")
 
-    monkeypatch.setattr(invdiff.runs, "load_model", refuse)
+    monkeypatch.setattr(invdiff.model_folders.load, "load_model", refuse)
     out = str(tmp_path / "s")
     if job:
         prompts = tmp_path / "prompts.txt"

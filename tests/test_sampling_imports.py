@@ -75,10 +75,26 @@ def test_sampling_modules_are_in_no_import_cycle():
     graph = import_graph()
     sampling = sorted(m for m in graph if m == "invdiff.sampling" or m.startswith("invdiff.sampling."))
     assert {"invdiff.sampling.sampler", "invdiff.sampling.engine", "invdiff.sampling.step_coeffs",
-            "invdiff.sampling.job", "invdiff.sampling.worker", "invdiff.sampling.engine_process",
-            "invdiff.sampling.service", "invdiff.sampling.ray_serve"} <= set(sampling)
-    cycles = {m: find_cycle(graph, m) for m in sampling}
+            "invdiff.sampling.job"} <= set(sampling)
+    serving = sorted(m for m in graph if m == "invdiff.serve" or m.startswith("invdiff.serve."))
+    assert {"invdiff.serve.worker", "invdiff.serve.engine_process", "invdiff.serve.app",
+            "invdiff.serve.ray_serve"} <= set(serving)
+    cycles = {m: find_cycle(graph, m) for m in sampling + serving}
     assert not any(cycles.values()), {m: " -> ".join(c) for m, c in cycles.items() if c}
+
+
+def test_serving_imports_sampling_and_never_the_reverse():
+    # invdiff.serve takes requests to the engine; the engine knows nothing of HTTP.
+    graph = import_graph()
+    assert "invdiff.sampling.engine" in graph["invdiff.serve.worker"]
+    for module in (m for m in graph if m == "invdiff.sampling" or m.startswith("invdiff.sampling.")):
+        assert not any(n == "invdiff.serve" or n.startswith("invdiff.serve.") for n in graph[module]), (module, graph[module])
+    # One way inside serving too: settings, errors, metrics -> admission -> worker -> engine_process -> app -> ray_serve.
+    layers = [("settings", "errors", "metrics"), ("admission",), ("worker",), ("engine_process",), ("app",), ("ray_serve",)]
+    for i, layer in enumerate(layers):
+        later = {f"invdiff.serve.{name}" for names in layers[i + 1:] for name in names}
+        for module in (f"invdiff.serve.{name}" for name in layer):
+            assert not graph[module] & later, (module, graph[module] & later)
 
 
 def test_the_ops_do_not_import_sampling():

@@ -1,4 +1,4 @@
-"""`invdiff serve` (invdiff/sampling/service.py): endpoints, bad input, overload, cancellation,
+"""`invdiff serve` (invdiff/serve/): endpoints, bad input, overload, cancellation,
 worker failures, SIGTERM draining, determinism against `invdiff sample`, and Ray Serve.
 
 Servers are real: uvicorn on 127.0.0.1 (in a thread, or the CLI in a subprocess), driven by httpx.
@@ -22,7 +22,9 @@ from PIL import Image
 
 from invdiff.cli import main
 from invdiff.sampling.job import prompt_dirname
-from invdiff.sampling.service import Metrics, ServeSettings, create_app, make_worker
+from invdiff.serve.app import create_app, make_worker
+from invdiff.serve.metrics import Metrics
+from invdiff.serve.settings import ServeSettings
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +137,7 @@ def test_endpoints_and_the_same_pixels_as_invdiff_sample(tiny_run, tmp_path):
 
 
 def test_a_stable_diffusion_folder_serves_any_prompt_and_bounds_its_prompt_table(tiny_sd, monkeypatch):
-    from invdiff.sampling import worker as worker_module
+    from invdiff.serve import worker as worker_module
 
     monkeypatch.setattr(worker_module, "PROMPT_TABLE_LIMIT", 2)
     with running_server(ServeSettings(model=tiny_sd, max_batch=2, engine_process=False)) as (url, worker):
@@ -186,7 +188,7 @@ def test_bad_input_is_422_with_a_message_to_act_on(strict_server, change, words)
 
 def test_nan_is_422():
     # JSON has no NaN, but Python's encoder writes one; the model refuses it rather than sampling NaNs.
-    from invdiff.sampling.service import _request_model
+    from invdiff.serve.app import _request_model
 
     model = _request_model(ServeSettings(model="unused"))
     with pytest.raises(ValueError, match="finite number"):
@@ -284,7 +286,7 @@ def test_a_worker_exception_is_500_for_its_requests_and_the_service_keeps_servin
 def test_the_engine_runs_in_a_process_of_its_own_and_its_death_is_a_500(tiny_run):
     run, _ = tiny_run
     with running_server(ServeSettings(model=run, max_batch=2)) as (url, worker):
-        from invdiff.sampling.engine_process import EngineProcess
+        from invdiff.serve.engine_process import EngineProcess
 
         assert isinstance(worker, EngineProcess) and worker._process.pid != os.getpid()
         thread, result = _post_in_background(url, {"prompt": "digit 3", "num": 2, "steps": 1000, "seed": 0}, timeout=60)
@@ -339,7 +341,7 @@ def test_ray_serve_two_replicas_on_local_ray(tiny_run):
     import ray
     from ray import serve
 
-    from invdiff.sampling.ray_serve import deployment
+    from invdiff.serve.ray_serve import deployment
 
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -375,7 +377,7 @@ def test_ray_serve_two_replicas_on_local_ray(tiny_run):
 def test_the_serve_run_builder_reads_its_arguments(tiny_run):
     from ray.serve import Application
 
-    from invdiff.sampling.ray_serve import app_builder
+    from invdiff.serve.ray_serve import app_builder
 
     app = app_builder({"model": tiny_run[0], "replicas": "2", "max_batch": "4", "engine_process": "false", "device": "cpu"})
     assert isinstance(app, Application)

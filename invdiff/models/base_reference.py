@@ -24,9 +24,8 @@ import re
 from typing import Dict, List, Optional, Tuple
 
 from ..io import PICKLED_WEIGHTS, CheckpointError, read_json
-from .sd import SD_COMPONENTS
+from ..model_folders import RUN_META, SD_COMPONENTS, FolderKind, NotAModelFolder, classify  # RUN_META: re-exported
 
-from ..model_folders import RUN_META  # noqa: E402 (torch-free home; re-exported)
 REFERENCE_KEY = "base_reference"
 _CHUNK = 16 << 20  # bytes read per hashing step: large reads, bounded memory
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -90,6 +89,13 @@ def describe_hub_base(hub_id: str) -> Optional[Dict]:
         return None
     revision = os.path.basename(os.path.dirname(cached))  # .../snapshots/<commit>/model_index.json
     return {"hub_id": hub_id, "revision": revision} if _COMMIT.fullmatch(revision) else None
+
+
+def describe_base(source: str) -> Optional[Dict]:
+    """The reference a run records to the SD base it loaded from `source` (a local folder, else
+    a hub id): describe_local_base or describe_hub_base; None when the hub cache does not show
+    which commit was loaded."""
+    return describe_local_base(source) if os.path.isdir(source) else describe_hub_base(source)
 
 
 from ..model_folders import refers_to_base  # noqa: E402,F401 (torch-free home, for the CLI; re-exported)
@@ -184,3 +190,23 @@ def resolve_base(run_dir: str, base: Optional[str] = None) -> Tuple[str, Optiona
             "invdiff debias --copy-base for a self-contained run folder")
     check_local_base(folder, reference, run_dir)
     return folder, None
+
+
+def base_source(path: str, base: Optional[str] = None, revision: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """(where to load the frozen Stable Diffusion parts of `path` from, the hub revision to load
+    them at): for a run folder that refers to its base, that base, checked (resolve_base; `base`:
+    its new place); for anything else `path` and `revision` as given. A `base` given for anything
+    but such a run is a ValueError: it would be silently ignored.
+
+    The one place a run folder's reference is followed: LatentDiffusionBase.from_pretrained,
+    InvDiffPipeline.from_pretrained and model_folders.load all call it."""
+    try:
+        referring = classify(path) is FolderKind.REFERRING_RUN
+    except NotAModelFolder:  # a hub id, or a folder its loader names
+        referring = False
+    if referring:
+        return resolve_base(path, base)
+    if base is not None:
+        raise ValueError(f"{path!r} is no run folder that refers to its base model: a base to load it with "
+                         "(base=, invdiff sample --base) applies only to those")
+    return path, revision

@@ -18,15 +18,15 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..config import ATTENTION_BACKENDS
 from ..hub import does_not_exist_message, downloads_allowed
 from ..hub import looks_like_hub_id as reads_as_hub_id
 from ..io import CheckpointError, apply_umask, atomic_path, atomic_write_json, require_safetensors
 from .base import FrozenBase
 
-SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SD_WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")  # the tokenizer and scheduler are config files only
-ATTENTION_BACKENDS = ("sdpa", "xformers")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ..model_folders import SD_COMPONENTS, SD_WEIGHTED_COMPONENTS  # noqa: F401 (torch-free home; re-exported)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # a torch dtype for each config.FROZEN_DTYPES
 
 
 from ..errors import AttentionBackendError  # noqa: F401 (torch-free home; re-exported)
@@ -256,12 +256,11 @@ class LatentDiffusionBase(FrozenBase):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         from .base import BASE_META
-        from .base_reference import refers_to_base, resolve_base
+        from .base_reference import base_source
 
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-        if os.path.isdir(path) and refers_to_base(path):
-            path, revision = resolve_base(path)
+        path, revision = base_source(path, revision=revision)  # a run folder: the base it refers to, checked
         local = os.path.isdir(path)
         if local:
             missing = [c for c in SD_COMPONENTS if not os.path.isdir(os.path.join(path, c))]

@@ -79,9 +79,12 @@ def _triton_checks(op: str, tensors: Sequence[torch.Tensor], aux: Sequence[torch
 
 
 def _triton_backend() -> Backend:
-    # Imported here, not on first use: torch.compile cannot trace an import, and with torch
-    # already loaded importing Triton costs little. Triton reads TRITON_INTERPRET now, when the
-    # kernels are defined, so set it before importing invdiff.ops.
+    # Called when invdiff.ops is imported (BACKENDS below), not on first use: torch.compile cannot
+    # trace an import, and with torch already loaded importing Triton costs little. Triton reads
+    # TRITON_INTERPRET now, when the kernels are defined, so set it before importing invdiff.ops
+    # (or a kernel module); `import invdiff.kernels` alone imports no Triton. The kernels import
+    # invdiff.ops_contract, never invdiff.ops.*, so that this is no import cycle
+    # (tests/test_import_graph.py checks both).
     impls, missing = {}, None
     kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     try:

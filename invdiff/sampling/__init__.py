@@ -1,18 +1,20 @@
-"""Sampling, in one place: the sampler, the continuous-batching engine, the step coefficients,
-the offline job and the HTTP service.
+"""Sampling, in one place: the sampler, the continuous-batching engine, the step coefficients
+and the offline job.
 
     spec.py         scheduler kinds and the latent shape of one sample
+    schedule.py     the per-step schedule every guided loop shares: timesteps, eta (deterministic
+                    in the attribute band, stochastic below it), the latent shape for height x width
     step_coeffs.py  per-sample coefficient tables for the fused guided step
     engine.py       SamplingEngine: continuous batching of requests on the device
-    sampler.py      GuidedDenoiser, sample (the engine), sample_unfused (the plain loop)
+    sampler.py      GuidedDenoiser, sample (the engine), guided_loop / sample_unfused (the plain
+                    loop, which InvDiffPipeline runs too)
     job.py          `invdiff sample --prompts`: the resumable offline job
-    worker.py       the serving engine's worker thread (admission, cancellation, failures)
-    engine_process.py  that worker in a process of its own
-    service.py      `invdiff serve`: the FastAPI app around a worker
-    ray_serve.py    the app as a Ray Serve deployment
 
-Imports run one way (spec, step_coeffs -> engine -> sampler -> job, worker -> engine_process ->
-service -> ray_serve), so there is no cycle; tests/test_sampling_imports.py checks it. The names below load their module on first use
+Serving the engine over HTTP (`invdiff serve`: its worker, admission, the FastAPI app, Ray Serve)
+is invdiff.serve, which imports this package and never the reverse.
+
+Imports run one way (spec, schedule, step_coeffs -> engine -> sampler -> job), so there is no cycle;
+tests/test_sampling_imports.py checks it. The names below load their module on first use
 (PEP 562), so `import invdiff.sampling.step_coeffs` does not import diffusers' pipelines.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ _EXPORTS = {
     "Request": "engine", "SamplingEngine": "engine",
     "GuidedDenoiser": "sampler", "sample": "sampler", "sample_unfused": "sampler", "prompts_to_ids": "sampler",
     "below_band_eta": "sampler", "sampling_engine": "sampler", "initial_noise": "sampler", "STOCHASTIC_BELOW_BAND": "sampler",
+    "guided_schedule": "schedule", "GuidedSchedule": "schedule", "EtaRule": "schedule", "guided_loop": "sampler",
     "run_sample_job": "job", "read_prompts": "job", "load_samples": "job",
 }
 

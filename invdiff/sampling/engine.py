@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from .schedule import EtaRule, GuidedSchedule
 from .spec import latent_shape, make_scheduler
 from .step_coeffs import NUM_COEFFS, Col, StepPlan, UnsupportedScheduler, guidance_columns, plan_steps
 
@@ -44,6 +45,7 @@ class _Slot:
     generator: torch.Generator
     plan: Optional[StepPlan]  # None: the per-slot scheduler path
     scheduler: object = None  # that path's own scheduler (it may keep state between steps)
+    etas: Optional[List[Optional[float]]] = None  # that path's eta per step (None: no eta, not DDIM)
 
 
 # The fused path's per-plan table is the guided step's coefficient table, (rows, NUM_COEFFS)
@@ -61,7 +63,11 @@ class SamplingEngine:
     `sampling.SCHEDULERS` or a diffusers scheduler instance; max_batch: slots on the device;
     eta: DDIM's eta; postprocess: final samples (n, C, H, W) -> images, by default the VAE decode
     of a latent base and a clamp to [-1, 1] otherwise; height, width: the images' size in pixels
-    (None: the UNet's native size; `sampling.latent_shape`). `submit` queues requests, `step` advances
+    (None: the UNet's native size; `sampling.latent_shape`); eta_below, t_switch: DDIM's eta under
+    t_switch (schedule.EtaRule, taken as given: no default band). schedule: a
+    schedule.GuidedSchedule, in place of eta, eta_below, t_switch, height and width; what
+    `sampling_engine` passes, from the `guided_schedule` the plain loop samples with too, so that
+    the two draw the same images. `submit` queues requests, `step` advances
     every occupied slot by one step and returns the finished images, `run` does both until the
     queue is empty; `cancel` drops one request, `abort_active` every active one (after `step`
     raised); `queued_ids` / `active_ids` list them.
@@ -77,16 +83,19 @@ class SamplingEngine:
     """
 
     def __init__(self, denoiser, scheduler="ddim", max_batch: int = 64, device=None, eta: float = 0.0, dtype=None, postprocess=None,
-                 eta_below: Optional[float] = None, t_switch: int = 0, height: Optional[int] = None, width: Optional[int] = None):
+                 eta_below: Optional[float] = None, t_switch: int = 0, height: Optional[int] = None, width: Optional[int] = None,
+                 schedule: Optional[GuidedSchedule] = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.denoiser = denoiser
         base = denoiser.base
         self.device = torch.device(device) if device is not None else next(base.unet.parameters()).device
         self.scheduler = make_scheduler(scheduler, base.scheduler.config) if isinstance(scheduler, str) else scheduler
-        self.eta, self.eta_below, self.t_switch = eta, eta_below, t_switch
+        if schedule is None:
+            schedule = GuidedSchedule(EtaRule(eta, eta_below, t_switch), latent_shape(base, height, width))
+        self.schedule = schedule
         self.max_batch = max_batch
-        self.shape = latent_shape(base, height, width)
+        self.shape = schedule.shape
         self.dtype = dtype or next(base.unet.parameters()).dtype
         self._queue: List[Request] = []
         self._slots: List[_Slot] = []
@@ -94,7 +103,7 @@ class SamplingEngine:
         self._ids = itertools.count()
         self.fused_reason = None
         try:
-            plan_steps(self.scheduler, 1, eta, eta_below, t_switch)
+            plan_steps(self.scheduler, 1, *self._rule_args())
         except UnsupportedScheduler as err:
             self.fused_reason = str(err)  # why the per-slot scheduler path is used
         if postprocess is None:
@@ -172,10 +181,14 @@ class SamplingEngine:
         self._slots = []
         return dropped
 
+    def _rule_args(self):
+        rule = self.schedule.rule
+        return rule.eta, rule.eta_below, rule.t_switch
+
     def _plan(self, steps: int) -> StepPlan:
         """The plan of `steps` steps, its rows appended to the device table the first time."""
         if steps not in self._plans:
-            plan = plan_steps(self.scheduler, steps, self.eta, self.eta_below, self.t_switch)
+            plan = plan_steps(self.scheduler, steps, *self._rule_args())
             rows = plan.coeffs.to(torch.float32)  # the op's coefficients are float32 (as guided_step takes them)
             rows[:, _SCALE_COL] = plan.input_scale.to(torch.float32)
             stored = plan.timesteps.to(torch.float32)
@@ -198,17 +211,17 @@ class SamplingEngine:
             gen = torch.Generator().manual_seed(int(request.seed))
             noise = torch.randn(self.shape, generator=gen)  # as sampling.initial_noise draws it
             if self.fused_reason is None:
-                plan, sched = self._plan(request.steps), None
+                plan, sched, etas = self._plan(request.steps), None, None
                 sigma, total = plan.init_noise_sigma, plan.steps
                 self._h_row[i] = self._plan_offset[request.steps]
             else:
                 plan, sched = None, copy.deepcopy(self.scheduler)
-                sched.set_timesteps(request.steps, device=self.device)
+                etas = [eta for _, eta in self.schedule.steps(sched, request.steps, self.device)]
                 sigma, total = sched.init_noise_sigma, len(sched.timesteps)
             self._x[i] = noise.to(self.device) * sigma
             self._h_step[i], self._h_total[i] = 0, total
             self._h_cfg[i] = float(request.guidance_scale)
-            self._slots.append(_Slot(request, gen, plan, sched))
+            self._slots.append(_Slot(request, gen, plan, sched, etas))
         new = slice(first, len(self._slots))
         if new.start == new.stop:
             return
@@ -299,7 +312,9 @@ class SamplingEngine:
         scales = self._cfg[: x.shape[0]]
         m = ops.cfg_combine(eps_u, eps_c, scales.to(eps_c)) if eps_u is not None else eps_c
         for i, slot in enumerate(self._slots):
-            x[i : i + 1] = slot.scheduler.step(m[i : i + 1], timesteps[i], x[i : i + 1], generator=[slot.generator]).prev_sample
+            eta = slot.etas[int(self._h_step[i])]  # a DDIM the fused step cannot take (thresholding) still follows the rule
+            extra = {} if eta is None else {"eta": eta}
+            x[i : i + 1] = slot.scheduler.step(m[i : i + 1], timesteps[i], x[i : i + 1], generator=[slot.generator], **extra).prev_sample
 
     def _retire(self) -> Dict[int, torch.Tensor]:
         n = len(self._slots)

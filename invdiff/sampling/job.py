@@ -263,12 +263,13 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
                    base_dir: Optional[str] = None) -> Dict:
     """Run (or resume) the job on this rank's share of the items. Returns a summary. height, width:
     the images' size in pixels (None: the size the run trained at, else the model's native size;
-    runs.sampling_size). base_dir: a run's base model at a new place (runs.load_model)."""
+    model_folders.sampling_size). base_dir: a run's base model at a new place (model_folders.load.load_model)."""
     from ..distributed import barrier, init_from_env
     from ..io import atomic_write_json
     from ..models.sd import set_attention
     from ..report import save_png, to_uint8
-    from ..runs import load_model, sampling_size
+    from ..model_folders import sampling_size
+    from ..model_folders.load import load_model
     from .engine import Request
     from .sampler import GuidedDenoiser, sampling_engine
 

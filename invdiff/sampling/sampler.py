@@ -5,21 +5,26 @@ returns eps_tilde = combine(eps_theta, G_psi; r) and is used for both the condit
 unconditional branch; classifier-free guidance is applied on top of the two eps_tilde.
 
 `sample` runs the continuous-batching engine (sampling/engine.py) with the fused guided step;
-`sample_unfused` is the plain loop over `scheduler.step`, kept as the oracle the engine is
-tested against and as the eager baseline of the benchmarks.
+`guided_loop` is the plain loop over `scheduler.step`: `sample_unfused` runs it (the oracle the
+engine is tested against, and the eager baseline of the benchmarks) and so does InvDiffPipeline.
+Both take their timesteps, per-step eta and latent shape from schedule.guided_schedule.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import functools
+import inspect
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
-from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from ..models.base import FrozenBase
 from ..models.guidance import GuidanceModule, in_band
 from ..ops import cfg_combine
 from .engine import Request, SamplingEngine
+from .schedule import GuidedSchedule, guided_schedule
+# Re-exported: their home was this module (sampling/__init__.py's table still names it).
+from .schedule import STOCHASTIC_BELOW_BAND, attribute_band_start, below_band_eta  # noqa: F401
 from .spec import make_scheduler
 
 
@@ -64,38 +69,6 @@ class GuidedDenoiser(torch.nn.Module):
         return eps if g is None else self.guidance.combine(eps, g, self.strength)
 
 
-# DDIM's eta under the attribute band. Why: a guided G shifts which attribute a trajectory takes
-# in the band, and a deterministic sampler then carries the in-between state of that decision
-# down to t = 0: on colored digits (p = 0.9) the samples that kept the majority colour came out
-# with dimmer strokes (95th-percentile intensity 0.79 against the base's 0.84) and the Frechet
-# distance rose by 45-60%. Stochastic steps below the band let the frozen model repair the strokes
-# (InvDiff's Frechet distance 389 -> 246 against the base's 239 under the same sampler), and
-# deterministic steps in the band keep the base's own attribute shares faithful (10% minority,
-# as in the data; fully stochastic DDIM drew 4.7%). Measured with 30 samples per digit, seed 0.
-STOCHASTIC_BELOW_BAND = 1.0
-
-
-def attribute_band_start(denoiser: "GuidedDenoiser") -> int:
-    """The first timestep of the band where the attribute is decided, as recorded in G's config
-    by the max step (environments.guidance_band); 0 when unknown (no G, or an older G)."""
-    guidance = getattr(denoiser, "guidance", None)
-    return int(guidance.config.get("band_start", 0)) if guidance is not None else 0
-
-
-def below_band_eta(denoiser, scheduler, eta_below: Optional[float], band_start: Optional[int]):
-    """(eta_below, t_switch) for the engine: see `sample`."""
-    band_start = attribute_band_start(denoiser) if band_start is None else int(band_start)
-    if band_start < 0:
-        raise ValueError(f"band_start must be >= 0, got {band_start}")
-    if eta_below is not None and eta_below < 0:
-        raise ValueError(f"eta below the band must be >= 0, got {eta_below}")
-    if band_start == 0:
-        return eta_below, 0
-    if eta_below is None and scheduler == "ddim":
-        eta_below = STOCHASTIC_BELOW_BAND
-    return eta_below, band_start
-
-
 def initial_noise(shape, seeds: Sequence[int]):
     """(N, C, H, W) starting noise and the N per-image generators it came from.
 
@@ -110,11 +83,10 @@ def sampling_engine(denoiser: GuidedDenoiser, scheduler: str = "ddim", max_batch
                     eta_below: Optional[float] = None, band_start: Optional[int] = None,
                     height: Optional[int] = None, width: Optional[int] = None) -> SamplingEngine:
     """The engine `sample`, `invdiff sample --prompts` and `invdiff serve` all sample with: the
-    per-step eta of `below_band_eta` and the given image size. Building it in one place is what
-    keeps their images equal for the same request."""
-    eta_below, t_switch = below_band_eta(denoiser, scheduler, eta_below, band_start)
-    return SamplingEngine(denoiser, scheduler, max_batch=max_batch, device=device, eta=eta, eta_below=eta_below,
-                          t_switch=t_switch, height=height, width=width)
+    schedule of `guided_schedule` (per-step eta, image size), the one the plain loop samples with.
+    Building it in one place is what keeps their images equal for the same request."""
+    schedule = guided_schedule(denoiser, scheduler, eta=eta, eta_below=eta_below, band_start=band_start, height=height, width=width)
+    return SamplingEngine(denoiser, scheduler, max_batch=max_batch, device=device, schedule=schedule)
 
 
 @torch.no_grad()
@@ -154,6 +126,50 @@ def sample(
     return torch.stack([images[i] for i in range(len(requests))])
 
 
+def guided_output(denoiser: GuidedDenoiser, model_in: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
+                  uncond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0) -> torch.Tensor:
+    """What the scheduler steps on: eps_tilde of each branch (GuidedDenoiser), then classifier-free
+    guidance (ops.cfg_combine), the math the engine's fused step does in one op.
+    model_in: (B, C, h, w) the scheduler's model input; timestep: 0-dim; cond, uncond: (B, L, D)
+    prompt embeddings (uncond None: no classifier-free guidance). Returns (B, C, h, w)."""
+    b, device = model_in.shape[0], model_in.device
+    if uncond is None:
+        return denoiser(model_in, timestep.expand(b).to(device), cond)
+    # One model call on both branches, as the engine batches them.
+    e_u, e_c = denoiser(torch.cat([model_in, model_in]), timestep.expand(2 * b).to(device), torch.cat([uncond, cond])).chunk(2)
+    return cfg_combine(e_u, e_c, guidance_scale)
+
+
+@torch.no_grad()
+def guided_loop(denoiser: GuidedDenoiser, scheduler, schedule: GuidedSchedule, steps: int, noise: torch.Tensor, cond: torch.Tensor,
+                uncond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
+                generator: Union[None, torch.Generator, List[torch.Generator]] = None,
+                on_step: Optional[Callable[[], None]] = None) -> torch.Tensor:
+    """The plain guided loop of `sample_unfused` and InvDiffPipeline: `steps` calls of
+    `scheduler.step` (a diffusers scheduler, set up here) on `guided_output`, each with the eta
+    `schedule` gives its timestep (deterministic DDIM in G's band, stochastic below it), as the
+    engine's fused plans.
+
+    noise: (B, C, h, w) initial noise, not yet scaled by init_noise_sigma, (C, h, w) =
+    schedule.shape; cond, uncond: (B, L, D) (uncond None: no classifier-free guidance);
+    generator: one torch.Generator or a list of B, for the scheduler's own noise (DDPM, DDIM with
+    eta > 0; a list draws per image, as the engine does); on_step: called after each step.
+    Returns the final sample (B, C, h, w), undecoded."""
+    if tuple(noise.shape[1:]) != tuple(schedule.shape):
+        raise ValueError(f"initial noise of shape {tuple(noise.shape)} for samples of shape {tuple(schedule.shape)} "
+                         "(the latents' size must be the height and width's)")
+    per_step = schedule.steps(scheduler, steps, device=noise.device)  # before init_noise_sigma: Euler's depends on it
+    x = noise * scheduler.init_noise_sigma
+    # Only schedulers that draw noise take a generator (PNDM, Stable Diffusion 1.5's own, does not).
+    extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for t, eta in per_step:
+        m = guided_output(denoiser, scheduler.scale_model_input(x, t), t, cond, uncond, guidance_scale)
+        x = scheduler.step(m, t, x, **extra, **({} if eta is None else {"eta": eta})).prev_sample
+        if on_step is not None:
+            on_step()
+    return x
+
+
 @torch.no_grad()
 def sample_unfused(
     denoiser: GuidedDenoiser,
@@ -166,43 +182,31 @@ def sample_unfused(
     progress: bool = True,
     device: Optional[torch.device] = None,
     eta: float = 0.0,
+    eta_below: Optional[float] = None,
+    band_start: Optional[int] = None,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
 ) -> torch.Tensor:
-    """`sample` as a plain loop over `scheduler.step`, one static batch at a time (the unfused
-    eager chain). prompt_ids: (N,) int64. Returns (N, C, H, W) in [-1, 1]."""
+    """`sample` as a plain loop (`guided_loop`), one static batch at a time (the unfused eager
+    chain), with the same schedule (eta, eta_below, band_start, height, width: see `sample`).
+    prompt_ids: (N,) int64. Returns (N, C, H, W) in [-1, 1]."""
     base = denoiser.base
     if len(seeds) != prompt_ids.numel():
         raise ValueError(f"{len(seeds)} seeds for {prompt_ids.numel()} prompts")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     device = device or next(base.unet.parameters()).device
-    cfg = base.unet.config
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    schedule = guided_schedule(denoiser, scheduler, eta=eta, eta_below=eta_below, band_start=band_start, height=height, width=width)
     outputs: List[torch.Tensor] = []
     n = prompt_ids.numel()
     bar = tqdm(total=n * steps, desc="sample", disable=not progress, unit="img-step")
     for start in range(0, n, batch_size):
         ids = prompt_ids[start : start + batch_size].to(device)
-        batch_seeds = list(seeds[start : start + batch_size])
-        sched = make_scheduler(scheduler, base.scheduler.config)
-        sched.set_timesteps(steps, device=device)
-        noise, gens = initial_noise(shape, batch_seeds)
-        x = noise.to(device) * sched.init_noise_sigma
+        noise, gens = initial_noise(schedule.shape, list(seeds[start : start + batch_size]))
         cond = base.prompt_embeds(ids)
-        use_cfg = guidance_scale != 1.0
-        if use_cfg:
-            uncond = base.prompt_embeds(torch.full_like(ids, base.conditioner.null_id))
-            embeds = torch.cat([uncond, cond])
-        for t in sched.timesteps:
-            model_in = sched.scale_model_input(x, t)
-            if use_cfg:
-                t_batch = t.expand(2 * ids.numel()).to(device)
-                e_u, e_c = denoiser(torch.cat([model_in, model_in]), t_batch, embeds).chunk(2)
-                eps = cfg_combine(e_u, e_c, guidance_scale)
-            else:
-                eps = denoiser(model_in, t.expand(ids.numel()).to(device), cond)
-            extra = {"eta": eta} if isinstance(sched, DDIMScheduler) else {}
-            x = sched.step(eps, t, x, generator=gens, **extra).prev_sample
-            bar.update(ids.numel())
+        uncond = base.prompt_embeds(torch.full_like(ids, base.conditioner.null_id)) if guidance_scale != 1.0 else None
+        x = guided_loop(denoiser, make_scheduler(scheduler, base.scheduler.config), schedule, steps, noise.to(device), cond, uncond,
+                        guidance_scale, gens, on_step=functools.partial(bar.update, ids.numel()))
         outputs.append(base.decode_latents(x) if hasattr(base, "decode_latents") else x.clamp(-1, 1).cpu())
     bar.close()
     return torch.cat(outputs)

@@ -25,6 +25,7 @@ import torch
 
 # The coefficient table's layout belongs to the guided-step op (its reference and csrc/guided_step.h).
 from ..ops.reference import NUM_COEFFS, Col, combine_coefficients  # noqa: F401 (re-exported)
+from .schedule import EtaRule, scheduled_steps
 
 # Prediction types diffusers' schedulers accept, with what they call the clean-sample one.
 _SAMPLE_TYPES = ("sample", "original_sample")
@@ -101,7 +102,8 @@ def plan_steps(scheduler, steps: int, eta: float = 0.0, eta_below: Optional[floa
     """The StepPlan of `steps` sampling steps. `scheduler` is not modified (a copy is set up).
 
     DDIM: `eta` at timesteps >= t_switch and `eta_below` (default: eta) under it, so a sampler
-    can stay deterministic where an attribute is decided and turn stochastic below.
+    can stay deterministic where an attribute is decided and turn stochastic below (the
+    schedule.EtaRule the plain loop steps with too).
     Raises UnsupportedScheduler (with the reason) for what the fused step cannot express.
     """
     reason = unsupported_reason(scheduler, eta, eta_below)
@@ -110,7 +112,7 @@ def plan_steps(scheduler, steps: int, eta: float = 0.0, eta_below: Optional[floa
     from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
     sched = copy.deepcopy(scheduler)
-    sched.set_timesteps(steps)
+    etas = [eta_here for _, eta_here in scheduled_steps(sched, steps, EtaRule(eta, eta_below, t_switch))]
     cfg = sched.config
     timesteps = sched.timesteps.clone()
     count = timesteps.numel()
@@ -126,7 +128,7 @@ def plan_steps(scheduler, steps: int, eta: float = 0.0, eta_below: Optional[floa
             a_t = float(alphas[t])
             a_prev = float(alphas[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
             variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-            eta_here = eta if eta_below is None or t >= t_switch else eta_below
+            eta_here = etas[k]
             std = eta_here * math.sqrt(variance)
             _x0_eps_columns(row, cfg.prediction_type, a_t, need_eps=True)
             _clip_column(row, cfg)

@@ -23,7 +23,9 @@ from invdiff.data.base import DiffusionDataset  # noqa: E402
 from invdiff.environments import collect_losses, spread_weights  # noqa: E402
 from invdiff.metrics import group_alignment  # noqa: E402
 from invdiff.models.base import FrozenBase  # noqa: E402
-from invdiff.runs import DebiasConfig, debias, load_model  # noqa: E402
+from invdiff.config import DebiasConfig  # noqa: E402
+from invdiff.debiasing import debias  # noqa: E402
+from invdiff.model_folders.load import load_model  # noqa: E402
 from invdiff.sampling import GuidedDenoiser, sample  # noqa: E402
 
 out, p, seed = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])

@@ -9,7 +9,9 @@ from invdiff.data.colored_digits import colored_digits
 from invdiff.models.base import FrozenBase
 from invdiff.environments import collect_losses
 from invdiff.metrics import load_digit_classifier, group_alignment
-from invdiff.runs import DebiasConfig, debias, load_model, recipe_config
+from invdiff.config import DebiasConfig, recipe_config
+from invdiff.debiasing import debias
+from invdiff.model_folders.load import load_model
 out = sys.argv[1]; seed = int(sys.argv[2]); variants = sys.argv[3].split(",")
 steps = int(os.environ.get("STEPS", "1000")); per = int(os.environ.get("PER", "30"))
 base_dir = shipped_base(0.9)

@@ -3,7 +3,7 @@ It writes its run folders under /tmp/exp and uses the demo's private helpers."""
 import sys, torch, tempfile
 sys.path.insert(0, "/work/main"); torch.set_num_threads(1)
 from invdiff.demo import SETTINGS, _Data
-from invdiff.runs import load_model
+from invdiff.model_folders.load import load_model
 from invdiff.sampling import GuidedDenoiser, sample
 from invdiff.metrics import load_digit_classifier, predict_color, frechet_distance
 data = _Data(SETTINGS["colors2_p0.9"], 16, 0, tempfile.mkdtemp())

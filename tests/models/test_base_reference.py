@@ -14,7 +14,7 @@ from invdiff.io import CheckpointError
 from invdiff.models.base_reference import REFERENCE_KEY, check_local_base, describe_local_base, file_sha256
 from invdiff.models.sd import SD_COMPONENTS, LatentDiffusionBase
 from invdiff.pipeline import InvDiffPipeline
-from invdiff.runs import load_model
+from invdiff.model_folders.load import load_model
 
 # What a run folder that refers to its base holds: what the run made, nothing of the base.
 RUN_FILES = [".invdiff-output.json", "README.md", "environments.safetensors", "guidance/config.json",

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from invdiff.models.lora import ADAPTER_NAME, LORA_WEIGHTS, LoraGuidance, load_guidance
 from invdiff.models.sd import LatentDiffusionBase
 from invdiff.pipeline import InvDiffPipeline, save_pipeline_folder
-from invdiff.runs import load_model
+from invdiff.model_folders.load import load_model
 from invdiff.sampling import GuidedDenoiser, sample
 
 PROMPTS = ["a red square", "a blue square"]
@@ -114,7 +114,7 @@ def test_saved_g_is_the_adapters_alone_and_reloads_to_the_same_images(tiny_sd, t
     assert (loaded.ratio, loaded.t_min, loaded.config.band_start) == (0.5, 200, 300)
     torch.testing.assert_close(images(fresh, loaded), before, atol=0, rtol=0)
 
-    # As a run folder: through runs.load_model and the pipeline.
+    # As a run folder: through model_folders.load.load_model and the pipeline.
     run = str(tmp_path / "run")
     save_pipeline_folder(run, base, g)
     run_base, run_g = load_model(run)

@@ -227,22 +227,23 @@ def test_debias_with_the_on_disk_bank_trains_like_the_fp32_bank_in_ram(tiny_sd, 
     """`invdiff debias` on an SD base: the bank is fp16 on disk beside the latent cache and the
     imagefolder's pixels are never held whole. Against the same run on the fp32 bank in RAM, every
     step's loss agrees within 2**-11 (the fp16 rounding of one stored value); measured: 6e-5 after 4 steps."""
-    import invdiff.runs as runs
+    import invdiff.debiasing as debiasing
     from invdiff.data import load_dataset
     from invdiff.environments import collect_losses
-    from invdiff.runs import DebiasConfig, debias
+    from invdiff.config import DebiasConfig
+    from invdiff.debiasing import debias
 
     cache = str(tmp_path / "cache")
     config = DebiasConfig(steps=4, batch_size=8, loss_timesteps=4, max_step_steps=5, latent_cache=cache)
     seen = []
-    train_guidance = runs.train_guidance
+    train_guidance = debiasing.train_guidance
 
     def recording(base, guidance, dataset, weights, cfg, progress=True, bank=None):
         seen.append((bank.pred.dtype, bank.directory, os.path.isdir(bank.directory or "")))
         return train_guidance(base, guidance, dataset, weights, cfg, progress=progress, bank=bank)
 
     with monkeypatch.context() as patched:
-        patched.setattr(runs, "train_guidance", recording)
+        patched.setattr(debiasing, "train_guidance", recording)
         from invdiff.data.imagefolder import ImageFolderDataset
 
         patched.setattr(ImageFolderDataset, "images", property(lambda self: pytest.fail("pixels held whole"), ImageFolderDataset.images.fset))
@@ -389,7 +390,8 @@ def test_latent_loss_pass_runs_the_unet_at_the_min_step_batch_size(tiny_sd, tiny
     configured batch: its default of 512 jobs would not fit in memory at SD 1.5 and 512 px."""
     from invdiff.data import load_dataset
     from invdiff.models.sd import LatentDiffusionBase
-    from invdiff.runs import DebiasConfig, debias
+    from invdiff.config import DebiasConfig
+    from invdiff.debiasing import debias
 
     batches = []
     eps = LatentDiffusionBase.eps

@@ -130,7 +130,7 @@ def test_min_step_trainer_runs_through_the_fused_op(monkeypatch, frozen_tiny_bas
         calls.append(args[0].shape)
         return original(*args)
 
-    config = MinStepConfig(steps=2, batch_size=8, lr=1e-2, lam=1.0, seed=0)
+    config = MinStepConfig(steps=2, batch_size=8, lr=1e-2, lam=1.0, lam_mode="absolute", seed=0)
     weights = torch.rand(len(tiny_train), 2, generator=torch.Generator().manual_seed(0))
     logs = {}
     for backend in ("reference", "triton"):

@@ -1,4 +1,5 @@
-"""The engine worker in a process of its own, behind the same interface as `EngineWorker`.
+"""The engine worker in a process of its own (`EngineProcess`), behind the same `Worker` protocol
+as worker.py's `EngineWorker` thread.
 
 Why a process: the HTTP side (parsing, validation, 429s, PNG and base64 encoding) runs Python
 for every request, and in the worker's process it would hold the GIL that the sampling loop
@@ -7,9 +8,10 @@ about three quarters of the offline engine's images/s under overload, while the 
 without HTTP kept the offline rate. A spawned process has its own interpreter, so HTTP work costs
 the engine nothing while a core is free (benchmarks/RESULTS.md, "invdiff serve under load").
 
-The parent keeps admission control (the queue depth that 429s are decided on) and the futures
-the handlers await; the child owns the model and the device and runs an `EngineWorker`. They talk
-over one pipe:
+The parent keeps admission control (its `Admission`, admission.py: the queue depth that 429s
+are decided on, fed by the child's "released" and slot reports) and the futures the handlers
+await; the child owns the model and the device and runs an `EngineWorker`. They talk over one
+pipe:
 
     parent -> child   ("start",) ("submit", job fields) ("cancel", job id) ("stop", seconds)
     child -> parent   ("loaded", info) ("load_failed", exception) ("ready", error or None)
@@ -29,33 +31,32 @@ import signal
 import threading
 from typing import Dict, Optional
 
-from .worker import EngineWorker, ImageJob, Metrics, ServeSettings, ServiceError, queue_full_message, retry_after_seconds
+from .admission import Admission
+from .errors import ServiceError
+from .metrics import Metrics
+from .settings import ServeSettings
+from .worker import EngineWorker, ImageJob
 
 # ImageJob fields that travel to the child (the future and the images do not).
 _JOB_FIELDS = ("prompt", "num", "seed", "steps", "guidance_scale", "strength", "scheduler", "job_id")
 
 
 class EngineProcess:
-    """`EngineWorker`'s interface (load, start, submit, cancel, queue_depth, stop, ready,
-    load_error, known_prompts, num_train_timesteps, device, attention) over a spawned process."""
+    """The `Worker` protocol (worker.py) over a spawned process that runs an `EngineWorker`."""
 
     def __init__(self, settings: ServeSettings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
+        self.admission = Admission(settings.max_queue)
         self.ready = threading.Event()
         self.load_error: Optional[BaseException] = None
         self.known_prompts = None
         self.num_train_timesteps = 1000
         self.device = self.attention = None
-        self._lock = threading.Lock()  # guards the counters and the job table
+        self._lock = threading.Lock()  # guards the job table (admitting a job and registering it are one step)
         self._send_lock = threading.Lock()  # one message at a time on the pipe
-        self._submitted = 0  # images accepted, ever
-        self._released = 0  # images the child delivered, failed or cancelled, ever
-        self._occupied = 0
-        self._step_rate = 0.0
         self._jobs: Dict[int, ImageJob] = {}
         self._ids = itertools.count()
-        self._stopping = False
         self._process = self._conn = self._reader = None
 
     # ----------------------------------------------------------------- lifetime
@@ -87,8 +88,7 @@ class EngineProcess:
 
     def stop(self, deadline_seconds: float) -> None:
         """Drain the child (finish in-flight jobs for at most `deadline_seconds`), then end it."""
-        with self._lock:
-            self._stopping = True
+        self.admission.close()
         try:
             self._send(("stop", deadline_seconds))
         except (OSError, ValueError):  # the child is gone already
@@ -101,21 +101,14 @@ class EngineProcess:
 
     # ----------------------------------------------------------------- handler side
     def queue_depth(self) -> int:
-        with self._lock:
-            return max(0, self._submitted - self._released - self._occupied)
+        return self.admission.waiting()
 
     def submit(self, job: ImageJob) -> ImageJob:
-        """Accept `job` or raise ServiceError (429 when the queue is full)."""
+        """Accept `job` or raise the admission's ServiceError (503 while draining, 500 once the
+        engine failed, 429 when the queue is full)."""
         with self._lock:
-            if self._stopping:
-                raise ServiceError(503, "the server is shutting down; retry on another replica")
-            if self.load_error is not None:
-                raise ServiceError(500, f"the engine failed: {self.load_error}")
-            waiting = self._submitted - self._released - self._occupied
-            if waiting + job.num > self.settings.max_queue:
-                raise ServiceError(429, queue_full_message(waiting, self.settings.max_queue),
-                                   retry_after=self.retry_after(waiting + job.num, job.steps))
-            self._submitted += job.num
+            broken = None if self.load_error is None else ServiceError(500, f"the engine failed: {self.load_error}")
+            self.admission.admit(job.num, job.steps, broken=broken)
             job.job_id = next(self._ids)
             self._jobs[job.job_id] = job
         self._send(("submit", {name: getattr(job, name) for name in _JOB_FIELDS}))
@@ -123,7 +116,7 @@ class EngineProcess:
 
     def retry_after(self, waiting_images: int, steps: int = 25) -> int:
         """As EngineWorker.retry_after, from the step rate the child reports."""
-        return retry_after_seconds(waiting_images, steps, self._step_rate)
+        return self.admission.retry_after(waiting_images, steps)
 
     def cancel(self, job: ImageJob) -> None:
         """The client went away: the child frees the job's slots (and reports them released)."""
@@ -155,15 +148,13 @@ class EngineProcess:
                 if job is not None and not job.future.done():
                     job.future.set_exception(ServiceError(message[2], message[3]))
             elif kind == "released":
-                with self._lock:
-                    self._released += message[1]
+                self.admission.release(message[1])
             elif kind == "metric":
                 _, name, method, value = message
                 if name == "slots_occupied":
-                    with self._lock:
-                        self._occupied = int(value)
+                    self.admission.occupy(int(value))
                 elif name == "step_rate":
-                    self._step_rate = value
+                    self.admission.step_rate = value
                     continue
                 getattr(getattr(self.metrics, name), method)(value)
             elif kind == "ready":
@@ -184,10 +175,9 @@ class EngineProcess:
         error = f"the engine process exited unexpectedly (exit code {self._process.exitcode})"
         with self._lock:
             jobs, self._jobs = list(self._jobs.values()), {}
-            if not self._stopping:
+            if not self.admission.closed:
                 self.load_error = RuntimeError(error)
-            self._released = self._submitted
-            self._occupied = 0
+            self.admission.release_all()
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(ServiceError(500, error))
@@ -251,7 +241,7 @@ def _child_main(fields: Dict, conn) -> None:
             send(("failed", job.job_id, error.status, str(error)))
         else:
             send(("failed", job.job_id, 500, f"{type(error).__name__}: {error}"))
-        send(("metric", "step_rate", "set", worker._step_rate))
+        send(("metric", "step_rate", "set", worker.admission.step_rate))
 
     def report_ready():
         worker.ready.wait()

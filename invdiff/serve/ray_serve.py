@@ -1,9 +1,9 @@
 """The `invdiff serve` app as a Ray Serve deployment: one replica per GPU, Ray's proxy routes.
 
     invdiff serve --model DIR --ray --replicas 4            # starts or joins Ray, serves on :8000
-    serve run invdiff.sampling.ray_serve:app_builder model=DIR replicas=4   # the same, by Ray's CLI
+    serve run invdiff.serve.ray_serve:app_builder model=DIR replicas=4   # the same, by Ray's CLI
 
-Each replica is the same FastAPI app as `invdiff serve` (service.create_app), built on the replica
+Each replica is the same FastAPI app as `invdiff serve` (app.create_app), built on the replica
 after its model is loaded (Ray Serve's late-bound ingress), with its own engine worker; Ray Serve
 spreads requests over the replicas and scales them. Nothing here routes requests itself.
 """
@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Optional
 
-from .service import Metrics, ServeSettings, create_app, make_worker
+from .app import create_app, make_worker
+from .metrics import Metrics
+from .settings import ServeSettings
 
 
 def deployment(settings: ServeSettings, replicas: int = 1, gpus_per_replica: Optional[float] = None,
@@ -47,7 +49,7 @@ def deployment(settings: ServeSettings, replicas: int = 1, gpus_per_replica: Opt
 
 
 def app_builder(args: Dict[str, str]):
-    """For `serve run invdiff.sampling.ray_serve:app_builder model=DIR replicas=N max_batch=16 ...`."""
+    """For `serve run invdiff.serve.ray_serve:app_builder model=DIR replicas=N max_batch=16 ...`."""
     args = dict(args)
     replicas = int(args.pop("replicas", 1))
     gpus = args.pop("gpus_per_replica", None)

@@ -1,5 +1,5 @@
-"""`invdiff serve`: the continuous-batching engine behind an HTTP service (FastAPI, run by uvicorn
-or by Ray Serve, see ray_serve.py).
+"""`invdiff serve`'s HTTP app: the continuous-batching engine behind a FastAPI service (run by
+uvicorn here, `serve`, or by Ray Serve, see ray_serve.py).
 
     POST /v1/images   {"prompt", "num", "seed", "steps", "guidance_scale", "strength", "scheduler",
                        "response_format": "png" | "b64_json"}
@@ -8,16 +8,16 @@ or by Ray Serve, see ray_serve.py).
     GET  /metrics     Prometheus text format
 
 One worker owns the model and the device (worker.py's `EngineWorker`, by default in a process of
-its own: engine_process.py). HTTP handlers never touch torch: they validate, hand a job to the
-worker and await its future.
+its own: engine_process.py; `make_worker` picks). HTTP handlers never touch torch: they validate,
+hand a job to the worker and await its future.
 Between two engine steps the worker takes new images into free slots, drops cancelled ones (a
 client that disconnects or times out frees its slots) and resolves the jobs that finished. An
 image is sampled exactly as `invdiff sample` samples it: the same engine settings, seed + i for
 image i, so the same request gives the same pixels.
 
 Every accepted request ends with its images or an error: 429 (with Retry-After) when the queue is
-full, 422 for input the caller can fix, 500 naming the cause when the worker failed on its
-images (the others keep going), 503 when the server drains past its deadline.
+full (admission.py decides), 422 for input the caller can fix, 500 naming the cause when the
+worker failed on its images (the others keep going), 503 when the server drains past its deadline.
 """
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime,
 # and the request model is built per app (its limits come from the settings).
@@ -31,11 +31,15 @@ import socket
 import time
 from typing import List, Literal, Optional
 
-from .spec import SCHEDULERS
-from .worker import SEED_LIMIT, MAX_GUIDANCE_SCALE, MAX_STEPS, MAX_STRENGTH, EngineWorker, ImageJob, Metrics, ServeSettings, ServiceError, queue_full_message  # noqa: F401
+from ..config import SCHEDULER_NAMES, SEED_LIMIT
+from .errors import ServiceError
+from .metrics import Metrics
+from .settings import MAX_GUIDANCE_SCALE, MAX_STEPS, MAX_STRENGTH, ServeSettings
+from .worker import EngineWorker, ImageJob, Worker
 
 log = logging.getLogger("invdiff.serve")
 SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"  # which replica answered: for logs and load balancing checks
+SEED_LIMIT_TEXT = f"2**{SEED_LIMIT.bit_length() - 1}"  # "2**64", for messages
 
 # --------------------------------------------------------------------- the HTTP app
 def _request_model(settings: ServeSettings):
@@ -54,13 +58,13 @@ def _request_model(settings: ServeSettings):
                                       description="classifier-free guidance scale w (1 = off)")
         strength: float = Field(1.0, ge=0.0, le=MAX_STRENGTH, allow_inf_nan=False,
                                 description="G_psi strength s (0 = the frozen model, 1 = the calibrated push, or G as trained when uncalibrated)")
-        scheduler: Literal[tuple(sorted(SCHEDULERS))] = "ddim"  # type: ignore[valid-type]
+        scheduler: Literal[tuple(sorted(SCHEDULER_NAMES))] = "ddim"  # type: ignore[valid-type]
         response_format: Literal["png", "b64_json"] = "b64_json"
 
     return ImagesRequest
 
 
-def make_worker(settings: ServeSettings, metrics: Metrics):
+def make_worker(settings: ServeSettings, metrics: Metrics) -> Worker:
     """The engine worker the settings ask for: in a process of its own (the default) or a thread."""
     if settings.engine_process:
         from .engine_process import EngineProcess
@@ -100,29 +104,30 @@ async def _client_gone(request) -> None:
 
 class ShedWhenFull:
     """ASGI middleware: while the queue is already full, POST /v1/images gets its 429 before the
-    body is read, parsed or validated. Under overload most requests are refused, and each one
-    refused this way costs the server a few microseconds instead of FastAPI's full request path,
-    CPU the engine would otherwise lose on a busy machine."""
+    body is read, parsed or validated (the worker's Admission.when_full). Under overload most
+    requests are refused, and each one refused this way costs the server a few microseconds
+    instead of FastAPI's full request path, CPU the engine would otherwise lose on a busy machine."""
 
-    def __init__(self, app, state, max_queue: int, metrics: Metrics):
-        self.app, self.state, self.max_queue, self.metrics = app, state, max_queue, metrics
+    def __init__(self, app, state, metrics: Metrics):
+        self.app, self.state, self.metrics = app, state, metrics
 
     async def __call__(self, scope, receive, send):
         worker = self.state["worker"]
         if (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/images"
-                and worker is not None and worker.ready.is_set() and worker.queue_depth() >= self.max_queue):
-            waiting = worker.queue_depth()
-            body = json.dumps({"detail": queue_full_message(waiting, self.max_queue)}).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       (b"retry-after", str(worker.retry_after(waiting)).encode())]
-            self.metrics.requests.labels("429").inc()
-            await send({"type": "http.response.start", "status": 429, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
+                and worker is not None and worker.ready.is_set()):
+            refusal = worker.admission.when_full()
+            if refusal is not None:
+                body = json.dumps({"detail": str(refusal)}).encode()
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                           (b"retry-after", str(refusal.retry_after).encode())]
+                self.metrics.requests.labels(str(refusal.status)).inc()
+                await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
         await self.app(scope, receive, send)
 
 
-def create_app(settings: ServeSettings, worker=None):
+def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
     """The FastAPI app. `worker`: a loaded EngineWorker or EngineProcess (make_worker; None: make
     and load one at startup). The worker thread starts with the app and drains at shutdown."""
     import contextlib
@@ -152,7 +157,7 @@ def create_app(settings: ServeSettings, worker=None):
 
     app = FastAPI(title="invdiff", summary="InvDiff guided sampling", lifespan=lifespan)
     app.state.invdiff = state
-    app.add_middleware(ShedWhenFull, state=state, max_queue=settings.max_queue, metrics=metrics)
+    app.add_middleware(ShedWhenFull, state=state, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, exc):
@@ -206,7 +211,7 @@ def create_app(settings: ServeSettings, worker=None):
             return error(422, "response_format 'png' returns one image; ask for num = 1 or use 'b64_json'")
         seed = body.seed if body.seed is not None else random.randrange(SEED_LIMIT - body.num)
         if seed + body.num > SEED_LIMIT:
-            return error(422, f"seed + num must stay below 2**63, got seed {seed} with num {body.num}")
+            return error(422, f"seed + num must stay below {SEED_LIMIT_TEXT}, got seed {seed} with num {body.num}")
         job = ImageJob(body.prompt, body.num, seed, body.steps, body.guidance_scale, body.strength, body.scheduler)
         try:
             w.submit(job)

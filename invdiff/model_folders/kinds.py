@@ -1,4 +1,4 @@
-"""What a model folder is and what size it samples at, read from its small JSON files alone.
+"""What a model folder is and what size it samples at, read from its small files alone.
 
 Kept free of torch and diffusers: the command line asks `sampling_size` before it imports
 anything heavy, so that a bad size or a damaged config file is one line in well under a second,
@@ -6,27 +6,38 @@ before any model is loaded. Every value read from a file is checked here, and a 
 CheckpointError naming the file and the key: a damaged config must not end in a TypeError,
 KeyError or ZeroDivisionError, nor in a MemoryError after the model has loaded.
 
-The folders (runs.load_model reads the same kinds):
+The kinds of folder, told apart by `classify` from which files exist (load.py loads each kind,
+write.py writes the run folders):
 
-    a Stable Diffusion folder     model_index.json, unet/config.json, vae/config.json, ...
-    an invdiff base folder        invdiff_base.json, unet/config.json, conditioner/, scheduler/
-    a debias run on an embedded   invdiff_run.json, base/ (an invdiff base folder), guidance/
-      base
-    a debias run on an SD base    invdiff_run.json (with "vae_factor", "resolution" and the base's
-      (refers to its base)        place: models/base_reference.py), guidance/
+    FolderKind.SD             a Stable Diffusion folder: model_index.json, unet/config.json,
+                              vae/config.json, text_encoder/, tokenizer/, scheduler/
+    FolderKind.PIPELINE       an SD folder that also holds G_psi in guidance/: one written by
+                              InvDiffPipeline.save_pretrained, or a --copy-base SD run
+    FolderKind.BASE           an invdiff base folder: invdiff_base.json, unet/config.json,
+                              conditioner/, scheduler/
+    FolderKind.RUN            a debias run on an embedded base: invdiff_run.json, base/ (an
+                              invdiff base folder), guidance/
+    FolderKind.REFERRING_RUN  a debias run on an SD base that refers to its base: invdiff_run.json
+                              (with "vae_factor", "resolution" and the base's place:
+                              models/base_reference.py), guidance/
+
+Anything else is no model folder: `classify` raises NotAModelFolder, one line.
 """
 from __future__ import annotations
 
 import json
 import numbers
 import os
+from enum import Enum
 from typing import Any, Dict, Optional, Tuple
 
-from .errors import CheckpointError
-from .limits import MAX_IMAGE_SIDE, check_image_side
+from ..errors import CheckpointError
+from ..limits import MAX_IMAGE_SIDE, check_image_side
 
 RUN_META = "invdiff_run.json"  # a debias run folder's record of what was run
 BASE_META = "invdiff_base.json"  # an invdiff base folder's record of how it was trained
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")  # a Stable Diffusion folder's parts
+SD_WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")  # the tokenizer and scheduler are config files only
 
 
 def _shown(value: Any, most: int = 60) -> str:
@@ -76,6 +87,43 @@ def refers_to_base(path: str) -> bool:
     base's files (a --copy-base SD run has model_index.json, an embedded run has base/)."""
     return (os.path.isfile(os.path.join(path, RUN_META)) and not os.path.isfile(os.path.join(path, "model_index.json"))
             and not os.path.isdir(os.path.join(path, "base")))
+
+
+class NotAModelFolder(CheckpointError):
+    """`classify` found none of the files that make a model folder (or no folder at all)."""
+
+
+class FolderKind(str, Enum):
+    """The kinds of model folder (see the module's docstring for what each holds)."""
+
+    BASE = "base"
+    RUN = "run"
+    SD = "sd"
+    PIPELINE = "pipeline"
+    REFERRING_RUN = "referring-run"
+
+    @property
+    def latent(self) -> bool:
+        """Its frozen base is a Stable Diffusion model in latent space (models/sd.py), not an
+        embedded invdiff base."""
+        return self in (FolderKind.SD, FolderKind.PIPELINE, FolderKind.REFERRING_RUN)
+
+
+def classify(path: str) -> FolderKind:
+    """The kind of model folder at `path`, from which of its files exist (none is read, so a
+    damaged one is named by whoever reads it). The first that fits, in this order: a run that
+    refers to its base, an SD folder (a pipeline folder when it holds guidance/), a run on an
+    embedded base, an invdiff base. Anything else, a missing path included, is NotAModelFolder,
+    one line."""
+    if refers_to_base(path):
+        return FolderKind.REFERRING_RUN
+    if is_sd_folder(path):
+        return FolderKind.PIPELINE if os.path.isdir(os.path.join(path, "guidance")) else FolderKind.SD
+    if os.path.isfile(os.path.join(path, RUN_META)):
+        return FolderKind.RUN
+    if os.path.isfile(os.path.join(path, BASE_META)) or os.path.isdir(os.path.join(path, "unet")):
+        return FolderKind.BASE
+    raise NotAModelFolder(f"{path!r} is neither an invdiff base model, a run folder nor a Stable Diffusion folder")
 
 
 def check_image_size(pixels: int, factor: int, name: str = "height") -> None:
@@ -189,25 +237,29 @@ def sampling_size(path: str, height: Optional[int] = None, width: Optional[int] 
     limits.MAX_IMAGE_SIDE is a ValueError naming --height / --width; a damaged config file (not a
     JSON object, a missing or bad 'sample_size', 'vae_factor' or 'resolution', a size past the
     cap) a CheckpointError naming the file and the key. Both are one line. A path that is no model
-    folder is passed through, as given, for runs.load_model to name."""
+    folder is passed through, as given, for load.load_model to name."""
     for name, pixels in (("--height", height), ("--width", width)):
         if pixels is not None:
             check_image_size(pixels, 1, name)  # the factor is checked below, once it is known
     run_meta = os.path.join(path, RUN_META)
     meta = read_json_object(run_meta, "run metadata") if os.path.isfile(run_meta) else None
+    try:
+        kind = classify(path)
+    except NotAModelFolder:
+        return height, width
     unet_dir: Optional[str]
-    if meta is not None and refers_to_base(path):
+    if kind is FolderKind.REFERRING_RUN:
         # The run records its VAE factor and resolution: its base need not be found (or read) yet.
         unet_dir = None
         factor = _check_factor(meta.get("vae_factor"), f"{run_meta}: 'vae_factor'")
-    elif is_sd_folder(path):
+    elif kind.latent:
         unet_dir, factor = os.path.join(path, "unet"), read_vae_factor(os.path.join(path, "vae"))
-    elif meta is not None:
+    elif kind is FolderKind.RUN:
         unet_dir, factor = os.path.join(path, "base", "unet"), 1
-    elif os.path.isdir(os.path.join(path, "unet")):
-        unet_dir, factor = os.path.join(path, "unet"), 1
     else:
-        return height, width
+        unet_dir, factor = os.path.join(path, "unet"), 1
+        if not os.path.isdir(unet_dir):  # invdiff_base.json alone: load.load_model names what is missing
+            return height, width
     trained, trained_where = (None, "") if meta is None else _run_resolution(run_meta, meta, required=unet_dir is None)
     needs_default = height is None or width is None
     if unet_dir is not None:

@@ -1,80 +1,31 @@
-"""The engine worker behind `invdiff serve`: one thread that owns the model and the device.
+"""The engine worker behind `invdiff serve`: what a worker is (the `Worker` protocol), one job
+(`ImageJob`), and the worker thread that owns the model and the device (`EngineWorker`).
 
-HTTP handlers (service.py) never touch torch: they hand jobs to the worker, which takes new images
+HTTP handlers (app.py) never touch torch: they hand jobs to the worker, which takes new images
 into free engine slots between steps, drops cancelled ones, fails only the requests a failed step
 touched, and resolves each job's future with its images. engine_process.py runs the same worker
-in a process of its own.
+in a process of its own, behind the same protocol; both decide admission (429, 503) with one
+`Admission` (admission.py).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import itertools
 import logging
-import math
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
+
+from .admission import Admission
+from .errors import ServiceError
+from .metrics import Metrics
+from .settings import MAX_STEPS, ServeSettings
 
 log = logging.getLogger("invdiff.serve")
 
-SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes 64-bit seeds; image i uses seed + i
-MAX_STEPS = 1000
-MAX_GUIDANCE_SCALE = 50.0
-MAX_STRENGTH = 10.0
 PROMPT_TABLE_LIMIT = 4096  # prompts a text-encoder model's table holds before it is reset when idle
-
-
-def retry_after_seconds(waiting_images: int, steps: int, image_steps_per_s: float) -> int:
-    """A 429's Retry-After: when `waiting_images` images of `steps` steps would be done at the
-    measured rate (1 image-step/s before any step was measured); between 1 and 300 s."""
-    rate = image_steps_per_s or 1.0
-    return int(min(300, max(1, math.ceil(waiting_images * steps / rate))))
-
-
-def queue_full_message(waiting: int, max_queue: int) -> str:
-    return f"the queue is full ({waiting} images waiting, --max-queue {max_queue}); retry later"
-
-
-class ServiceError(Exception):
-    """A request the service ends with an HTTP error: `status` and a message for the caller."""
-
-    def __init__(self, status: int, message: str, retry_after: Optional[int] = None):
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
-
-
-@dataclass
-class ServeSettings:
-    """What `invdiff serve` was started with (plain data: it travels to Ray Serve replicas)."""
-
-    model: str
-    base: Optional[str] = None
-    device: Optional[str] = None  # None: cuda if available, else cpu
-    max_batch: int = 16  # engine slots: images sampled together
-    max_queue: int = 64  # images waiting for a slot; beyond it a request gets 429
-    max_images_per_request: int = 16
-    attention: str = "sdpa"
-    frozen_dtype: str = "fp32"
-    eta_below_band: Optional[float] = None  # as `invdiff sample --eta-below-band`
-    drain_seconds: float = 30.0  # SIGTERM: finish in-flight requests for at most this long
-    # The engine in a process of its own (engine_process.py), so that HTTP work never holds the
-    # GIL its sampling loop needs; False keeps it a thread of the server's process.
-    engine_process: bool = True
-
-    def __post_init__(self):
-        for name in ("max_batch", "max_queue", "max_images_per_request"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_images_per_request > self.max_queue:
-            raise ValueError(f"max_images_per_request ({self.max_images_per_request}) cannot exceed "
-                             f"max_queue ({self.max_queue}): such a request could never be queued")
-        if self.frozen_dtype not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"frozen_dtype must be fp32, bf16 or fp16, got {self.frozen_dtype!r}")
-        if not (self.drain_seconds >= 0 and math.isfinite(self.drain_seconds)):
-            raise ValueError(f"drain_seconds must be a finite number >= 0, got {self.drain_seconds}")
 
 
 @dataclass
@@ -97,37 +48,42 @@ class ImageJob:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
-class Metrics:
-    """The service's Prometheus metrics, in a registry of its own (several services, as in the
-    tests, do not collide in the global one)."""
+class Worker(Protocol):
+    """What the HTTP app (app.py) asks of an engine worker: EngineWorker (a thread of the server's
+    process) and EngineProcess (engine_process.py: the same worker in a process of its own).
 
-    def __init__(self, max_batch: int):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    The app calls `load` (before the port opens), `start` (with the app) and `stop` (at shutdown,
+    draining for at most the given seconds); handlers `submit` jobs, `cancel` those whose client
+    went away, and await each job's future: its images, or a ServiceError.
+    """
 
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.queue_depth = Gauge("invdiff_queue_depth", "images accepted and waiting for an engine slot", registry=r)
-        self.slots_occupied = Gauge("invdiff_slots_occupied", "engine slots sampling an image now", registry=r)
-        self.slots_total = Gauge("invdiff_slots_total", "engine slots (--max-batch)", registry=r)
-        self.slots_total.set(max_batch)
-        self.images_per_second = Gauge("invdiff_images_per_second", "images finished per second over the last 10 s", registry=r)
-        self.images = Counter("invdiff_images", "images delivered", registry=r)
-        self.requests = Counter("invdiff_requests", "requests answered, by HTTP status", ["status"], registry=r)
-        buckets = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
-        self.latency = Histogram("invdiff_request_latency_seconds", "accepted request to its last image", buckets=buckets, registry=r)
-        self.queue_wait = Histogram("invdiff_queue_wait_seconds", "accepted request to its first image taking a slot",
-                                    buckets=buckets, registry=r)
-        self.step_seconds = Histogram("invdiff_step_seconds", "one engine step (UNet batch and the fused update)",
-                                      buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
+    settings: ServeSettings
+    metrics: Metrics
+    admission: Admission  # queue depth, 429 / Retry-After, 503 once draining
+    ready: threading.Event  # set once warmed up (or failed to: load_error)
+    load_error: Optional[BaseException]
+    known_prompts: Optional[frozenset]  # None: any prompt (a text encoder)
+    num_train_timesteps: int
+    device: object
+    attention: Optional[str]
 
-    def exposition(self) -> bytes:
-        from prometheus_client import generate_latest
+    def load(self) -> None: ...
 
-        return generate_latest(self.registry)
+    def start(self) -> None: ...
+
+    def stop(self, deadline_seconds: float) -> None: ...
+
+    def submit(self, job: ImageJob) -> ImageJob: ...
+
+    def cancel(self, job: ImageJob) -> None: ...
+
+    def queue_depth(self) -> int: ...
+
+    def retry_after(self, waiting_images: int, steps: int = 25) -> int: ...
 
 
 class EngineWorker:
-    """The one thread that owns the model and the device.
+    """The one thread that owns the model and the device (a `Worker`).
 
     One `SamplingEngine` per (scheduler, strength) that requests ask for (engines differ in their
     schedule and combine coefficients), created on first use and stepped in turn; each image of a
@@ -138,11 +94,8 @@ class EngineWorker:
     def __init__(self, settings: ServeSettings, metrics: Metrics):
         self.settings = settings
         self.metrics = metrics
+        self.admission = Admission(settings.max_queue)
         self._inbox: "queue.Queue[Tuple[str, ImageJob]]" = queue.Queue()
-        self._lock = threading.Lock()  # guards the counters handlers read
-        self._outstanding = 0  # images accepted and not yet delivered, failed or cancelled
-        self._occupied = 0
-        self._step_rate = 0.0  # image-steps per second, smoothed: for Retry-After
         self._finished_at: List[float] = []
         self._ids = itertools.count()
         self._jobs: Dict[int, ImageJob] = {}
@@ -152,7 +105,7 @@ class EngineWorker:
         self._stop = threading.Event()
         self._deadline: Optional[float] = None
         # Called with a count whenever images leave the worker (delivered, failed or cancelled):
-        # an EngineProcess tells its parent, which keeps the queue depth that 429s are decided on.
+        # an EngineProcess tells its parent, whose Admission keeps the queue depth 429s are decided on.
         self.on_released: Optional[Callable[[int], None]] = None
         self.ready = threading.Event()
         self.load_error: Optional[BaseException] = None
@@ -160,15 +113,17 @@ class EngineWorker:
         self.size: Tuple[Optional[int], Optional[int]] = (None, None)
         self.known_prompts: Optional[frozenset] = None  # None: any prompt (a text encoder)
         self.num_train_timesteps = MAX_STEPS
+        self.device = self.attention = None  # set by load
 
     # ----------------------------------------------------------------- loading (caller's thread)
     def load(self) -> None:
         """Load the model (before the server takes requests: a bad folder fails the start)."""
         import torch
 
+        from ..model_folders import sampling_size
+        from ..model_folders.load import load_model
         from ..models.conditioner import PromptEmbedding
         from ..models.sd import set_attention
-        from ..runs import load_model, sampling_size
 
         s = self.settings
         device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -184,21 +139,14 @@ class EngineWorker:
 
     # ----------------------------------------------------------------- handler side (any thread)
     def queue_depth(self) -> int:
-        with self._lock:
-            return max(0, self._outstanding - self._occupied)
+        return self.admission.waiting()
 
     def submit(self, job: ImageJob) -> ImageJob:
-        """Accept `job` or raise ServiceError(429) when its images would overflow the queue."""
-        with self._lock:
-            waiting = self._outstanding - self._occupied
-            if self._stop.is_set():
-                raise ServiceError(503, "the server is shutting down; retry on another replica")
-            if waiting + job.num > self.settings.max_queue:
-                raise ServiceError(429, queue_full_message(waiting, self.settings.max_queue),
-                                   retry_after=self.retry_after(waiting + job.num, job.steps))
-            self._outstanding += job.num
-            if job.job_id < 0:  # an EngineProcess numbers its jobs itself
-                job.job_id = next(self._ids)
+        """Accept `job` or raise the admission's ServiceError (429 when its images would overflow
+        the queue, 503 while draining)."""
+        self.admission.admit(job.num, job.steps)
+        if job.job_id < 0:  # an EngineProcess numbers its jobs itself
+            job.job_id = next(self._ids)
         self._inbox.put(("submit", job))
         return job
 
@@ -209,7 +157,7 @@ class EngineWorker:
     def retry_after(self, waiting_images: int, steps: int = 25) -> int:
         """Seconds until `waiting_images` images of `steps` steps would be done at the measured
         step rate (Retry-After of a 429); at least 1, at most 300."""
-        return retry_after_seconds(waiting_images, steps, self._step_rate)
+        return self.admission.retry_after(waiting_images, steps)
 
     # ----------------------------------------------------------------- the worker thread
     def start(self) -> None:
@@ -220,6 +168,7 @@ class EngineWorker:
         """Stop taking jobs; finish what is in flight for at most `deadline_seconds`, then fail
         the rest with 503 and end the thread."""
         self._deadline = time.perf_counter() + deadline_seconds
+        self.admission.close()
         self._stop.set()
         self._inbox.put(("wake", None))
         if self._thread is not None:
@@ -257,7 +206,7 @@ class EngineWorker:
         # allocates the engine's buffers before readyz says yes.
         if self.load_error is not None:
             raise self.load_error
-        from .engine import Request
+        from ..sampling.engine import Request
 
         engine = self._engine(("ddim", 1.0))
         prompt = sorted(self.known_prompts)[0] if self.known_prompts else ""
@@ -266,7 +215,7 @@ class EngineWorker:
 
     def _engine(self, key: Tuple[str, float]):
         if key not in self._engines:
-            from .sampler import GuidedDenoiser, sampling_engine
+            from ..sampling.sampler import GuidedDenoiser, sampling_engine
 
             scheduler, strength = key
             self._engines[key] = sampling_engine(GuidedDenoiser(self.base, self.guidance, strength), scheduler,
@@ -275,7 +224,7 @@ class EngineWorker:
         return self._engines[key]
 
     def _drain_inbox(self, block: bool) -> None:
-        from .engine import Request
+        from ..sampling.engine import Request
 
         while True:
             try:
@@ -319,9 +268,7 @@ class EngineWorker:
             return
         elapsed = time.perf_counter() - start
         self.metrics.step_seconds.observe(elapsed)
-        if elapsed > 0:
-            rate = (engine.slot_steps - before) / elapsed
-            self._step_rate = rate if not self._step_rate else 0.8 * self._step_rate + 0.2 * rate
+        self.admission.record_step(engine.slot_steps - before, elapsed)
         now = time.perf_counter()
         for rid in engine.active_ids():
             job = self._owner[rid][0]
@@ -348,14 +295,12 @@ class EngineWorker:
 
     def _update_occupancy(self) -> None:
         occupied = sum(e.active for e in self._engines.values())
-        with self._lock:
-            self._occupied = occupied
+        self.admission.occupy(occupied)
         self.metrics.slots_occupied.set(occupied)
         self.metrics.queue_depth.set(self.queue_depth())
 
     def _count_done(self, images: int) -> None:
-        with self._lock:
-            self._outstanding -= images
+        self.admission.release(images)
         if self.on_released is not None:
             self.on_released(images)
 
