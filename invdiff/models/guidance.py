@@ -18,7 +18,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..ops import guidance_combine
-from ..ops.reference import check_ratio
+from ..ops.reference import check_ratio, combine_coefficients
 from .prompt_gains import PromptGains
 
 # Width divisors per preset. "small" keeps G at roughly 1/16 of the frozen UNet's conv FLOPs
@@ -108,11 +108,26 @@ def in_band(timestep: torch.Tensor, t_min: int, batch: int) -> torch.Tensor:
     return (t.expand(batch) if t.numel() == 1 else t) >= t_min
 
 
-def gate_to_band(out: torch.Tensor, timestep: torch.Tensor, t_min: int) -> torch.Tensor:
-    """G's output zeroed outside its band, so eps_tilde is the frozen eps there. out: (B, C, H, W)."""
+def neutral_output(eps: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The G output that the combine with ratio r turns into the frozen eps itself: 0 for r > 1
+    (eps + r*g), eps for r <= 1 (r*g + (1-r)*eps). eps: (B, C, H, W); returns the same shape.
+    A zero there would be (1-r)*eps for r <= 1: a frozen prediction scaled down, not G switched off."""
+    a, b = combine_coefficients(ratio)
+    return torch.zeros_like(eps) if a == 1.0 else eps * ((1.0 - a) / b)
+
+
+def gate_to_band(out: torch.Tensor, timestep: torch.Tensor, t_min: int, ratio: float = 2.0,
+                 frozen_output: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """G's output outside its band replaced by `neutral_output`, so eps_tilde is the frozen eps
+    there. out, frozen_output: (B, C, H, W); frozen_output is needed for r <= 1 only."""
     if t_min <= 0:
         return out
-    return out * in_band(timestep, t_min, out.shape[0]).to(out.dtype).view(-1, 1, 1, 1)
+    rows = in_band(timestep, t_min, out.shape[0]).view(-1, 1, 1, 1)
+    if combine_coefficients(ratio)[0] == 1.0:
+        return out * rows.to(out.dtype)
+    if frozen_output is None:
+        raise ValueError(f"G with ratio r = {ratio} <= 1 acting from t_min = {t_min} needs the frozen prediction")
+    return torch.where(rows, out, neutral_output(frozen_output.to(out.dtype), ratio))
 
 
 def set_prompt_gains(guidance, record: Optional[Dict]) -> None:
@@ -230,7 +245,8 @@ class GuidanceModule(ModelMixin, ConfigMixin):
                 kwargs["class_labels"] = prompt_embeds[:, 0]
             out = self.unet(unet_in, timestep, prompt_embeds, **kwargs).sample
         if self.head is None:
-            return gate_to_band(self.calibrated_gains.apply(out, frozen_output, prompt_embeds, self.ratio, timestep), timestep, self.t_min)
+            return gate_to_band(self.calibrated_gains.apply(out, frozen_output, prompt_embeds, self.ratio, timestep), timestep,
+                                self.t_min, self.ratio, frozen_output)
         b, c = out.shape[:2]
         t = timestep.reshape(-1).expand(b) if timestep.numel() == 1 else timestep
         feats = [get_timestep_embedding(t, TIME_FEATURES).to(out.dtype), prompt_embeds.mean(1).to(out.dtype)]
@@ -246,7 +262,8 @@ class GuidanceModule(ModelMixin, ConfigMixin):
             mix, shift = mix - mix.mean(2, keepdim=True), torch.zeros_like(shift)
         frozen = frozen_output.to(out.dtype)
         out = out + torch.einsum("bij,bjhw->bihw", mix, frozen) + shift.view(b, c, 1, 1)
-        return gate_to_band(self.calibrated_gains.apply(out, frozen, prompt_embeds, self.ratio, timestep), timestep, self.t_min)
+        return gate_to_band(self.calibrated_gains.apply(out, frozen, prompt_embeds, self.ratio, timestep), timestep,
+                            self.t_min, self.ratio, frozen)
 
     def set_prompt_gains(self, record: Optional[Dict]) -> None:
         """Record the calibration's per-prompt gains in G's config and use them from now on."""

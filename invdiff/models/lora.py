@@ -174,7 +174,7 @@ class LoraGuidance(ModelMixin, ConfigMixin):
         result = torch.promote_types(out.dtype, frozen_output.dtype)
         correction = self.calibrated_gains.apply(out.to(result) - frozen_output.to(result), frozen_output, prompt_embeds, self.ratio,
                                                    timestep)
-        return gate_to_band(correction, timestep, self.t_min)
+        return gate_to_band(correction, timestep, self.t_min, self.ratio, frozen_output.to(result))
 
     def set_prompt_gains(self, record: Optional[Dict]) -> None:
         """Record the calibration's per-prompt gains in G's config and use them from now on."""

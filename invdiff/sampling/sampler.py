@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.base import FrozenBase
-from ..models.guidance import GuidanceModule, in_band
+from ..models.guidance import GuidanceModule, in_band, neutral_output
 from ..ops import cfg_combine
 from .engine import Request, SamplingEngine
 from .schedule import GuidedSchedule, guided_schedule
@@ -59,7 +59,8 @@ class GuidedDenoiser(torch.nn.Module):
             return out, None  # outside G's band (guidance_band): the frozen model alone, G not run
         else:
             t = timestep.reshape(-1).expand(eps.shape[0]) if timestep.numel() == 1 else timestep
-            g = torch.zeros_like(eps)
+            # rows outside the band get the output that combines to the frozen eps (0 for r > 1)
+            g = neutral_output(eps, self.guidance.ratio)
             g[rows] = self.guidance(sample[rows], t[rows], prompt_embeds[rows], eps[rows]).to(g.dtype)
         return out, g.to(out.dtype)
 
