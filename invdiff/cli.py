@@ -594,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, finish in-flight requests for at most this long")
     p.add_argument("--engine-in-process", action="store_true",
                    help="run the engine as a thread of the server's process; without this flag it runs in a process "
-                        "of its own, so that HTTP work never holds the GIL the sampling loop needs")
+                        "of its own, so that HTTP work never holds the GIL the sampling loop needs, and a dead engine "
+                        "process is restarted (docs/serving.md)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (starts Ray, or joins RAY_ADDRESS)")
     p.add_argument("--replicas", type=positive_int, default=1, help="--ray: replicas (one per GPU)")
     p.add_argument("--gpus-per-replica", type=finite_float, default=None, help="--ray: GPUs per replica (None: 1 on CUDA, else 0)")

@@ -283,21 +283,147 @@ def test_a_worker_exception_is_500_for_its_requests_and_the_service_keeps_servin
         assert metric(url, 'invdiff_requests_total{status="500"}') == 1
 
 
-def test_the_engine_runs_in_a_process_of_its_own_and_its_death_is_a_500(tiny_run):
-    run, _ = tiny_run
-    with running_server(ServeSettings(model=run, max_batch=2)) as (url, worker):
-        from invdiff.serve.engine_process import EngineProcess
+# ------------------------------------------------------------------ an engine death is healed
+def _post_keeping_reply(url, body, timeout):
+    """POST in a thread; returns (thread, list that receives the httpx response or the exception)."""
+    replies = []
 
-        assert isinstance(worker, EngineProcess) and worker._process.pid != os.getpid()
-        thread, result = _post_in_background(url, {"prompt": "digit 3", "num": 2, "steps": 1000, "seed": 0}, timeout=60)
+    def go():
+        try:
+            replies.append(httpx.post(f"{url}/v1/images", json=body, timeout=timeout))
+        except httpx.HTTPError as exc:
+            replies.append(exc)
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    return thread, replies
+
+
+def engine_pid(worker) -> int:
+    """The pid of the engine process (a new one after each restart)."""
+    return worker._child.process.pid
+
+
+def _b64_images(reply) -> list:
+    return [decode(base64.b64decode(im["b64_json"])) for im in reply.json()["images"]]
+
+
+def _corrupt_weights(model) -> None:
+    """The disk under a run folder's frozen UNet went bad: no engine can load the folder any more."""
+    weights = model / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.is_file()
+    weights.write_bytes(b"\x00not a safetensors file")
+
+
+def test_a_killed_engine_is_restarted_and_its_request_gets_a_503_to_retry():
+    """kill -9 of the engine process on the shipped base: the request it held gets a 503 with
+    Retry-After, the engine is restarted and ready within 30 s, and then samples the same pixels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from invdiff.demo import shipped_base
+    from invdiff.serve.engine_process import EngineProcess
+
+    request = {"prompt": "digit 3", "num": 2, "seed": 5, "steps": 4}
+    with running_server(ServeSettings(model=shipped_base(), max_batch=2)) as (url, worker):
+        assert isinstance(worker, EngineProcess)
+        first_pid = engine_pid(worker)
+        assert first_pid != os.getpid()  # the engine runs in a process of its own
+        before = httpx.post(f"{url}/v1/images", json=request, timeout=60)
+        assert before.status_code == 200, before.text
+        thread, replies = _post_keeping_reply(url, {"prompt": "digit 3", "num": 2, "steps": 1000, "seed": 0}, timeout=60)
         wait_for(lambda: metric(url, "invdiff_slots_occupied") == 2, what="the request sampling in the engine process")
-        os.kill(worker._process.pid, signal.SIGKILL)  # out of memory, a crash in native code, ...
+        killed = time.monotonic()
+        os.kill(first_pid, signal.SIGKILL)  # out of memory, a crash in native code, ...
         thread.join()
-        assert result == [500]
-        reply = httpx.post(f"{url}/v1/images", json={"prompt": "digit 3", "steps": 2}, timeout=30)
-        assert reply.status_code == 500 and "engine process exited unexpectedly" in reply.json()["detail"]
+        caught = replies[0]
+        assert caught.status_code == 503, caught.text
+        assert caught.headers["content-type"] == "application/json" and int(caught.headers["retry-after"]) >= 1
+        assert "engine process exited unexpectedly (exit code -9)" in caught.json()["detail"]
+        # While it restarts: new requests get a 503 to retry, readiness is off, liveness on, slots free.
+        during = httpx.post(f"{url}/v1/images", json=request, timeout=30)
+        assert during.status_code == 503 and int(during.headers["retry-after"]) >= 1
+        assert "the engine is restarting" in during.json()["detail"]
         ready = httpx.get(f"{url}/readyz")
-        assert ready.status_code == 503 and "engine process exited" in ready.json()["detail"]
+        assert ready.status_code == 503 and ready.json()["status"] == "restarting"
+        assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
+        assert metric(url, "invdiff_slots_occupied") == 0 and metric(url, "invdiff_queue_depth") == 0
+        assert worker.queue_depth() == 0 and worker.admission._outstanding == 0 and worker.admission._occupied == 0
+        wait_ready(url, timeout=30)
+        print(f"\nready again {time.monotonic() - killed:.1f} s after kill -9 of the engine process")
+        assert engine_pid(worker) != first_pid
+        after = httpx.post(f"{url}/v1/images", json=request, timeout=60)
+        assert after.status_code == 200, after.text
+        for a, b in zip(_b64_images(after), _b64_images(before)):
+            np.testing.assert_array_equal(a, b)
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+        restarts = [s for s in families["invdiff_engine_restarts"].samples if s.name == "invdiff_engine_restarts_total"]
+        assert [s.value for s in restarts] == [1.0]
+        assert metric(url, 'invdiff_requests_total{status="503"}') == 2
+        assert metric(url, 'invdiff_requests_total{status="200"}') == 2
+
+
+def test_an_engine_that_keeps_failing_to_restart_fails_healthz(tiny_run, tmp_path, monkeypatch):
+    """The engine dies and its model can no longer load: after MAX_FAILED_RESTARTS failed
+    restarts the parent gives up, and /healthz turns 503 so that a supervisor acts."""
+    import shutil
+
+    from invdiff.serve import engine_process
+
+    monkeypatch.setattr(engine_process, "RESTART_BACKOFF_S", 0.05)  # the documented count; shorter waits
+    model = tmp_path / "run"
+    shutil.copytree(tiny_run[0], model)
+    with running_server(ServeSettings(model=str(model), max_batch=2)) as (url, worker):
+        request = {"prompt": "digit 3", "num": 1, "seed": 0, "steps": 2}
+        assert httpx.post(f"{url}/v1/images", json=request, timeout=60).status_code == 200
+        _corrupt_weights(model)
+        os.kill(engine_pid(worker), signal.SIGKILL)
+        assert httpx.get(f"{url}/healthz").status_code == 200  # restarting: alive
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 503, timeout=180, what="/healthz 503")
+        health = httpx.get(f"{url}/healthz").json()
+        assert health["status"] == "failed"
+        assert f"the engine failed {engine_process.MAX_FAILED_RESTARTS} times in a row" in health["detail"]
+        assert "the restarted engine failed to load" in health["detail"]
+        assert metric(url, "invdiff_engine_restarts_total") == engine_process.MAX_FAILED_RESTARTS
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "failed"
+        refused = httpx.post(f"{url}/v1/images", json=request, timeout=30)
+        assert refused.status_code == 503 and "is not restarted again" in refused.json()["detail"]
+        time.sleep(1.0)
+        assert metric(url, "invdiff_engine_restarts_total") == engine_process.MAX_FAILED_RESTARTS  # it gave up
+
+
+def test_ray_check_health_raises_once_the_engine_gave_up(tiny_run, tmp_path, monkeypatch):
+    """Ray Serve's health check on the deployment's class: passes while the engine serves or
+    restarts, raises once it gave up, so that Ray replaces the replica; the deployment sets it."""
+    import dataclasses
+    import shutil
+
+    from invdiff.serve import engine_process
+    from invdiff.serve.ray_serve import HEALTH_CHECK_PERIOD_S, HEALTH_CHECK_TIMEOUT_S, InvDiffReplica, deployment
+
+    monkeypatch.setattr(engine_process, "RESTART_BACKOFF_S", 0.05)
+    monkeypatch.setattr(engine_process, "MAX_FAILED_RESTARTS", 1)  # give up at the first failed restart
+    model = tmp_path / "run"
+    shutil.copytree(tiny_run[0], model)
+    settings = ServeSettings(model=str(model), max_batch=2, device="cpu")
+    app = deployment(settings)
+    config = app._bound_deployment._deployment_config
+    assert (config.health_check_period_s, config.health_check_timeout_s) == (HEALTH_CHECK_PERIOD_S, HEALTH_CHECK_TIMEOUT_S)
+    assert issubclass(app._bound_deployment.func_or_class, InvDiffReplica)
+
+    replica = InvDiffReplica(dataclasses.asdict(settings))  # what Ray constructs on the replica
+    replica.worker.start()
+    try:
+        assert replica.worker.ready.wait(60) and replica.worker.unavailable() is None
+        replica.check_health()
+        _corrupt_weights(model)
+        os.kill(engine_pid(replica.worker), signal.SIGKILL)
+        replica.check_health()  # dead but restarting: healthy
+        wait_for(lambda: replica.worker.health() is not None, timeout=120, what="the engine giving up")
+        with pytest.raises(RuntimeError, match="the engine failed 1 time in a row and is not restarted again"):
+            replica.check_health()
+    finally:
+        replica.worker.stop(0.0)
 
 
 def test_a_model_that_fails_to_load_in_the_engine_process_is_one_error(tmp_path, capsys):

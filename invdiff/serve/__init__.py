@@ -5,7 +5,7 @@
     metrics.py         Metrics: the Prometheus metrics of GET /metrics
     admission.py       Admission: the queue count, 429 with Retry-After when full, 503 when draining
     worker.py          the Worker protocol, ImageJob, and EngineWorker (the thread that owns the model)
-    engine_process.py  EngineProcess: that worker in a process of its own (the default)
+    engine_process.py  EngineProcess: that worker in a process of its own (the default), restarted when it dies
     app.py             the FastAPI app (create_app, make_worker) and `serve` (uvicorn)
     ray_serve.py       the app as a Ray Serve deployment
 

@@ -3,8 +3,8 @@ uvicorn here, `serve`, or by Ray Serve, see ray_serve.py).
 
     POST /v1/images   {"prompt", "num", "seed", "steps", "guidance_scale", "strength", "scheduler",
                        "response_format": "png" | "b64_json"}
-    GET  /healthz     alive
-    GET  /readyz      model loaded and warmed up (503 before, and while draining)
+    GET  /healthz     alive (503 once a dead engine could not be restarted: engine_process.py)
+    GET  /readyz      model loaded and warmed up (503 before, while draining, while the engine restarts)
     GET  /metrics     Prometheus text format
 
 One worker owns the model and the device (worker.py's `EngineWorker`, by default in a process of
@@ -17,7 +17,8 @@ image i, so the same request gives the same pixels.
 
 Every accepted request ends with its images or an error: 429 (with Retry-After) when the queue is
 full (admission.py decides), 422 for input the caller can fix, 500 naming the cause when the
-worker failed on its images (the others keep going), 503 when the server drains past its deadline.
+worker failed on its images (the others keep going), 503 when the server drains past its deadline,
+503 with Retry-After when the engine process died with the request or is restarting.
 """
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime,
 # and the request model is built per app (its limits come from the settings).
@@ -173,6 +174,13 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
 
     @app.get("/healthz")
     async def healthz():
+        # Liveness: 503 only once the engine gave up (engine_process.py: it failed to restart
+        # MAX_FAILED_RESTARTS times in a row), so that a supervisor restarts the process. An
+        # engine that is restarting is alive: /readyz says it cannot take requests meanwhile.
+        w = state["worker"]
+        problem = w.health() if w is not None else None
+        if problem is not None:
+            return JSONResponse({"status": "failed", "detail": problem}, status_code=503)
         return {"status": "alive"}
 
     @app.get("/readyz")
@@ -184,6 +192,10 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
             return JSONResponse({"status": "loading"}, status_code=503)
         if w.load_error is not None:
             return JSONResponse({"status": "failed", "detail": f"{type(w.load_error).__name__}: {w.load_error}"}, status_code=503)
+        refusal = w.unavailable()  # the engine is restarting, or gave up
+        if refusal is not None:
+            status = "restarting" if w.health() is None else "failed"
+            return JSONResponse({"status": status, "detail": str(refusal)}, status_code=503)
         return {"status": "ready", "model": settings.model, "device": str(w.device), "attention": w.attention}
 
     @app.get("/metrics")

@@ -1,5 +1,5 @@
 """The engine worker in a process of its own (`EngineProcess`), behind the same `Worker` protocol
-as worker.py's `EngineWorker` thread.
+as worker.py's `EngineWorker` thread, restarted when it dies.
 
 Why a process: the HTTP side (parsing, validation, 429s, PNG and base64 encoding) runs Python
 for every request, and in the worker's process it would hold the GIL that the sampling loop
@@ -21,14 +21,36 @@ pipe:
 The child ignores SIGINT and SIGTERM: the parent drains it with "stop" (a terminal's Ctrl-C or a
 supervisor's SIGTERM to the process group must not kill in-flight work), and it exits when the
 pipe closes, so it never outlives its parent.
+
+When the child dies (killed, out of memory, a crash in native code), the parent heals it:
+
+    loading --ready--> ready --child exits--> restarting --wait backoff, spawn, load, warm up--> ready
+                                               |    ^  (a start that fails: back to restarting)
+                                               |    |
+                                               +----+--MAX_FAILED_RESTARTS failures in a row--> failed
+    (any state) --stop()--> stopping
+
+  - the jobs the dead child held fail with a 503 and Retry-After (the client may retry: nothing
+    of its request was delivered), its slots and queue are released (Admission, the gauges);
+  - while restarting, new requests get a 503 with Retry-After (the backoff left plus the last
+    measured start), /readyz is 503 and /healthz stays 200 (the replica is recovering);
+  - a failure is an engine that never became ready (its model did not load, its warm-up failed,
+    it exited or hung for START_TIMEOUT_S before ready) or a restarted engine that died within
+    STABLE_AFTER_S of becoming ready; an engine that served longer starts the count afresh.
+    After MAX_FAILED_RESTARTS failures in a row the parent gives up ("failed"): /healthz turns
+    503 (a supervisor restarts the process, Ray Serve replaces the replica: ray_serve.py) and
+    every request gets a 503.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
+import math
 import multiprocessing
 import signal
 import threading
+import time
 from typing import Dict, Optional
 
 from .admission import Admission
@@ -37,12 +59,54 @@ from .metrics import Metrics
 from .settings import ServeSettings
 from .worker import EngineWorker, ImageJob
 
+log = logging.getLogger("invdiff.serve")
+
 # ImageJob fields that travel to the child (the future and the images do not).
 _JOB_FIELDS = ("prompt", "num", "seed", "steps", "guidance_scale", "strength", "scheduler", "job_id")
 
+# Healing a dead engine (the module docstring's state machine; docs/serving.md, "When the engine
+# dies"). The wait before a restart is min(RESTART_BACKOFF_CAP_S, RESTART_BACKOFF_S * 2**k), k the
+# failures in a row so far: 0.5, 1, 2, 4, 8 s, then the parent gives up.
+#   RESTART_BACKOFF_S: short next to a start itself (about 5 s on the CPU, mostly importing torch),
+#     and time for the OS and a GPU driver to reclaim the dead process's memory.
+#   RESTART_BACKOFF_CAP_S: a cause that persists (a full GPU, a broken disk) is not hammered, and
+#     one that clears is healed within seconds.
+#   MAX_FAILED_RESTARTS: failures in a row before the parent gives up and /healthz turns 503, so
+#     that a supervisor acts: 15.5 s of backoff plus 5 starts (about a minute on the CPU).
+#   STABLE_AFTER_S: a restarted engine that served this long before it died did not fail: the count
+#     starts afresh (one that dies sooner is a crash loop, counted).
+#   START_TIMEOUT_S: a restart not ready by then failed: a hung load must not count as recovering
+#     forever (a Stable Diffusion folder on a slow disk takes minutes).
+#   ASSUMED_START_S: Retry-After's guess at a start before one was measured.
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_CAP_S = 8.0
+MAX_FAILED_RESTARTS = 5
+STABLE_AFTER_S = 60.0
+START_TIMEOUT_S = 600.0
+ASSUMED_START_S = 10.0
+
+LOADING, READY, RESTARTING, FAILED, STOPPING = "loading", "ready", "restarting", "failed", "stopping"
+
+
+class _Stopped(Exception):
+    """The server stopped while an engine was starting."""
+
+
+class _Child:
+    """One engine process: its pipe, its reader thread, and when it started and became ready."""
+
+    def __init__(self, process, conn, info: Dict, started: float, generation: int):
+        self.process, self.conn, self.info = process, conn, info
+        self.started, self.generation = started, generation
+        self.ready_at: Optional[float] = None
+        self.failure: Optional[str] = None  # why it failed before ready (warm-up error, start timeout)
+        self.settled = threading.Event()  # ready, or gone
+        self.reader: Optional[threading.Thread] = None
+
 
 class EngineProcess:
-    """The `Worker` protocol (worker.py) over a spawned process that runs an `EngineWorker`."""
+    """The `Worker` protocol (worker.py) over a spawned process that runs an `EngineWorker`,
+    restarted with backoff when it dies (the module docstring)."""
 
     def __init__(self, settings: ServeSettings, metrics: Metrics):
         self.settings = settings
@@ -53,65 +117,111 @@ class EngineProcess:
         self.known_prompts = None
         self.num_train_timesteps = 1000
         self.device = self.attention = None
-        self._lock = threading.Lock()  # guards the job table (admitting a job and registering it are one step)
+        self.restarts = 0  # engines started after the first (invdiff_engine_restarts_total)
+        # Guards the job table, the state and the current child: admitting a job, registering it
+        # and sending it to the child are one step, so a child's death fails every job it was sent.
+        self._lock = threading.Lock()
         self._send_lock = threading.Lock()  # one message at a time on the pipe
         self._jobs: Dict[int, ImageJob] = {}
         self._ids = itertools.count()
-        self._process = self._conn = self._reader = None
+        self._child: Optional[_Child] = None
+        self._state = LOADING
+        self._failures = 0  # failed engines in a row (the module docstring)
+        self._last_failure = ""  # why the last engine died or failed to start
+        self._next_attempt_at = 0.0  # (time.monotonic) when the restart thread starts the next engine
+        self._start_seconds: Optional[float] = None  # spawn to ready, last measured
+        self._stopping = threading.Event()
 
     # ----------------------------------------------------------------- lifetime
     def load(self) -> None:
-        """Spawn the child and wait until its model is loaded; its load error is raised here."""
-        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        self._conn, child_end = ctx.Pipe()
-        self._process = ctx.Process(target=_child_main, args=(dataclasses.asdict(self.settings), child_end),
-                                    name="invdiff-engine", daemon=True)
-        self._process.start()
-        child_end.close()
-        try:
-            message = self._conn.recv()
-        except EOFError:
-            self._process.join(timeout=10)
-            raise RuntimeError(f"the engine process exited while loading the model (exit code {self._process.exitcode})") from None
-        if message[0] == "load_failed":
-            self._process.join(timeout=10)
-            raise message[1]
-        info = message[1]
+        """Spawn the child and wait until its model is loaded; its load error is raised here (the
+        first start is not retried: a bad model folder fails the start)."""
+        child = self._spawn(generation=0, timeout=None)
+        info = child.info
         self.known_prompts = info["known_prompts"]
         self.num_train_timesteps = info["num_train_timesteps"]
         self.device, self.attention = info["device"], info["attention"]
+        self._child = child
 
     def start(self) -> None:
-        self._reader = threading.Thread(target=self._read, name="invdiff-engine-reader", daemon=True)
-        self._reader.start()
-        self._send(("start",))
+        self._run_child(self._child)
 
     def stop(self, deadline_seconds: float) -> None:
-        """Drain the child (finish in-flight jobs for at most `deadline_seconds`), then end it."""
+        """Drain the child (finish in-flight jobs for at most `deadline_seconds`), then end it;
+        a restart in progress is abandoned."""
         self.admission.close()
+        self._stopping.set()
+        with self._lock:
+            self._state = STOPPING
+            child = self._child
+        if child is None:
+            return
         try:
-            self._send(("stop", deadline_seconds))
+            self._send(child, ("stop", deadline_seconds))
         except (OSError, ValueError):  # the child is gone already
             pass
-        if self._reader is not None:
-            self._reader.join()
-        self._process.join(timeout=30)
-        if self._process.is_alive():
-            self._process.kill()
+        if child.reader is not None:
+            child.reader.join()
+        child.process.join(timeout=30)
+        if child.process.is_alive():
+            child.process.kill()
+
+    def _spawn(self, generation: int, timeout: Optional[float]) -> _Child:
+        """Start an engine process and wait until its model is loaded (its "loaded" message);
+        raise its load error, or _Stopped when the server stops meanwhile."""
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        conn, child_end = ctx.Pipe()
+        process = ctx.Process(target=_child_main, args=(dataclasses.asdict(self.settings), child_end),
+                              name="invdiff-engine", daemon=True)
+        started = time.monotonic()
+        process.start()
+        child_end.close()
+        try:
+            while not conn.poll(0.25):  # True on a message or on EOF
+                if generation > 0 and self._stopping.is_set():
+                    raise _Stopped()
+                if timeout is not None and time.monotonic() - started > timeout:
+                    raise RuntimeError(f"the engine process did not load the model within {timeout:g} s")
+            message = conn.recv()
+        except EOFError:
+            process.join(timeout=10)
+            conn.close()
+            raise RuntimeError(f"the engine process exited while loading the model (exit code {process.exitcode})") from None
+        except BaseException:
+            process.kill()
+            process.join(timeout=10)
+            conn.close()
+            raise
+        if message[0] == "load_failed":
+            process.join(timeout=10)
+            conn.close()
+            raise message[1]
+        return _Child(process, conn, message[1], started, generation)
+
+    def _run_child(self, child: _Child) -> None:
+        child.reader = threading.Thread(target=self._read, args=(child,), name="invdiff-engine-reader", daemon=True)
+        child.reader.start()
+        self._send(child, ("start",))
 
     # ----------------------------------------------------------------- handler side
     def queue_depth(self) -> int:
         return self.admission.waiting()
 
     def submit(self, job: ImageJob) -> ImageJob:
-        """Accept `job` or raise the admission's ServiceError (503 while draining, 500 once the
-        engine failed, 429 when the queue is full)."""
+        """Accept `job` or raise the admission's ServiceError (503 while draining, while the engine
+        restarts (with Retry-After) or after it gave up; 500 once its warm-up failed; 429 when the
+        queue is full)."""
         with self._lock:
-            broken = None if self.load_error is None else ServiceError(500, f"the engine failed: {self.load_error}")
+            broken = self._refusal()
+            if broken is None and self.load_error is not None:
+                broken = ServiceError(500, f"the engine failed: {self.load_error}")
             self.admission.admit(job.num, job.steps, broken=broken)
             job.job_id = next(self._ids)
             self._jobs[job.job_id] = job
-        self._send(("submit", {name: getattr(job, name) for name in _JOB_FIELDS}))
+            try:
+                self._send(self._child, ("submit", {name: getattr(job, name) for name in _JOB_FIELDS}))
+            except (OSError, ValueError):  # the child just died: its reader fails this job with a 503
+                pass
         return job
 
     def retry_after(self, waiting_images: int, steps: int = 25) -> int:
@@ -120,23 +230,60 @@ class EngineProcess:
 
     def cancel(self, job: ImageJob) -> None:
         """The client went away: the child frees the job's slots (and reports them released)."""
-        self._pop(job.job_id)
+        with self._lock:
+            known = self._jobs.pop(job.job_id, None) is not None
+            child = self._child
+        if not known:  # delivered, failed, or held by an engine that died
+            return
         try:
-            self._send(("cancel", job.job_id))
+            self._send(child, ("cancel", job.job_id))
         except (OSError, ValueError):
             pass
 
-    def _send(self, message) -> None:
-        with self._send_lock:
-            self._conn.send(message)
+    def health(self) -> Optional[str]:
+        """None while the engine serves or is being restarted; why not once it gave up (/healthz
+        503, Ray Serve's check_health raises)."""
+        with self._lock:
+            if self._state != FAILED:
+                return None
+            return f"{self._gave_up()}; restart this replica"
 
-    # ----------------------------------------------------------------- the reader thread
-    def _read(self) -> None:
+    def unavailable(self) -> Optional[ServiceError]:
+        """The 503 a request gets now because the engine is restarting (with Retry-After) or gave
+        up; None while it serves."""
+        with self._lock:
+            return self._refusal()
+
+    def _refusal(self) -> Optional[ServiceError]:  # under self._lock
+        if self._state == RESTARTING:
+            wait = self._retry_after()
+            return ServiceError(503, f"the engine is restarting ({self._last_failure}); retry in {wait} s", retry_after=wait)
+        if self._state == FAILED:
+            return ServiceError(503, f"{self._gave_up()}; retry on another replica")
+        return None
+
+    def _gave_up(self) -> str:  # under self._lock
+        times = "time" if self._failures == 1 else "times"
+        return f"the engine failed {self._failures} {times} in a row and is not restarted again (last: {self._last_failure})"
+
+    def _retry_after(self) -> int:  # under self._lock: the backoff left plus one start, in whole seconds
+        start = self._start_seconds if self._start_seconds is not None else ASSUMED_START_S
+        left = max(0.0, self._next_attempt_at - time.monotonic()) + start
+        return int(min(300, max(1, math.ceil(left))))
+
+    def _send(self, child: Optional[_Child], message) -> None:
+        if child is None:
+            raise ValueError("no engine process")
+        with self._send_lock:
+            child.conn.send(message)
+
+    # ----------------------------------------------------------------- the reader thread (one per child)
+    def _read(self, child: _Child) -> None:
         while True:
             try:
-                message = self._conn.recv()
+                message = child.conn.recv()
             except (EOFError, OSError):
-                self._child_gone()
+                self._child_gone(child)
                 return
             kind = message[0]
             if kind == "done":
@@ -158,30 +305,123 @@ class EngineProcess:
                     continue
                 getattr(getattr(self.metrics, name), method)(value)
             elif kind == "ready":
-                if message[1] is not None:
-                    self.load_error = RuntimeError(message[1])
-                self.ready.set()
+                self._child_ready(child, message[1])
             elif kind == "stopped":
+                child.settled.set()
                 return
 
     def _pop(self, job_id: int) -> Optional[ImageJob]:
         with self._lock:
             return self._jobs.pop(job_id, None)
 
-    def _child_gone(self) -> None:
+    def _child_ready(self, child: _Child, error: Optional[str]) -> None:
+        if error is not None and child.generation > 0:
+            # A restarted engine that cannot warm up failed to start: end it; its reader counts it.
+            child.failure = f"the restarted engine failed to warm up: {error}"
+            child.process.kill()
+            return
+        now = time.monotonic()
+        with self._lock:
+            child.ready_at = now
+            self._start_seconds = now - child.started
+            if self._state in (LOADING, RESTARTING):
+                self._state = READY
+            if error is not None:  # the first engine's warm-up failed: readyz says so, requests get a 500
+                self.load_error = RuntimeError(error)
+            elif child.generation > 0:
+                self.load_error = None
+                log.warning("the engine is ready again after restart %d (%.1f s to start)", self.restarts, self._start_seconds)
+        child.settled.set()
+        self.ready.set()
+
+    def _child_gone(self, child: _Child) -> None:
         # The child died (killed, out of memory, a crash in native code): every job it held fails
-        # with a 500 that says so, and readyz reports it, so that a supervisor restarts the replica.
-        self._process.join(timeout=5)
-        error = f"the engine process exited unexpectedly (exit code {self._process.exitcode})"
+        # with a 503 the caller may retry, its slots and queue are released, and a restart is
+        # scheduled (or, after too many failures in a row, the engine gives up: /healthz 503).
+        child.process.join(timeout=5)
+        with self._send_lock:  # not while a handler writes to it (its descriptor could be reused)
+            child.conn.close()
+        now = time.monotonic()
         with self._lock:
             jobs, self._jobs = list(self._jobs.values()), {}
-            if not self.admission.closed:
-                self.load_error = RuntimeError(error)
             self.admission.release_all()
+            reason = child.failure or f"the engine process exited unexpectedly (exit code {child.process.exitcode})"
+            restart = False
+            if self._stopping.is_set():
+                error = ServiceError(503, f"{reason} while the server shut down")
+            else:
+                failed = child.ready_at is None or (child.generation > 0 and now - child.ready_at < STABLE_AFTER_S)
+                self._failures = self._failures + 1 if failed else 0
+                self._last_failure = reason
+                restart = self._schedule_restart(now)
+                error = self._refusal()
+        self.metrics.slots_occupied.set(0)
+        self.metrics.queue_depth.set(0)
+        self.metrics.images_per_second.set(0)
+        log.error("%s: %d request(s) in flight get a 503; %s", reason, len(jobs),
+                  "restarting the engine" if restart else "not restarted (failed or stopping)")
         for job in jobs:
             if not job.future.done():
-                job.future.set_exception(ServiceError(500, error))
+                job.future.set_exception(error)
+        child.settled.set()
+        if restart:
+            threading.Thread(target=self._restart, name="invdiff-engine-restart", daemon=True).start()
+        # Handlers check readiness before they submit: set it even when the first engine died
+        # before its warm-up ended, so that they reach the engine's 503 and not "still loading".
         self.ready.set()
+
+    def _schedule_restart(self, now: float) -> bool:  # under self._lock
+        """After a failure: restarting (the next attempt after the backoff) or failed; True to restart."""
+        if self._failures >= MAX_FAILED_RESTARTS:
+            self._state = FAILED
+            log.error("the engine failed %d times in a row; giving up (/healthz is 503)", self._failures)
+            return False
+        self._state = RESTARTING
+        self._next_attempt_at = now + min(RESTART_BACKOFF_CAP_S, RESTART_BACKOFF_S * 2 ** self._failures)
+        return True
+
+    def _restart(self) -> None:
+        """Start engines, each after its backoff, until one is loaded; then wait for its warm-up
+        (its reader reports the outcome: ready, or gone and counted)."""
+        while True:
+            with self._lock:
+                delay = max(0.0, self._next_attempt_at - time.monotonic())
+            if self._stopping.wait(delay):
+                return
+            self.restarts += 1
+            self.metrics.engine_restarts.inc()
+            log.warning("restarting the engine (restart %d, %d failure(s) in a row)", self.restarts, self._failures)
+            generation = self.restarts
+            try:
+                child = self._spawn(generation, timeout=START_TIMEOUT_S)
+            except _Stopped:
+                return
+            except BaseException as exc:  # noqa: BLE001 (a failed start: counted, retried or given up)
+                log.error("the restarted engine failed to load: %s: %s", type(exc).__name__, exc)
+                with self._lock:
+                    self._failures += 1
+                    self._last_failure = f"the restarted engine failed to load: {type(exc).__name__}: {exc}"
+                    if not self._schedule_restart(time.monotonic()):
+                        return
+                continue
+            with self._lock:
+                if self._stopping.is_set():
+                    child.process.kill()
+                    return
+                self._child = child
+            try:
+                self._run_child(child)
+            except (OSError, ValueError):  # it died at once: its reader counts the failure
+                pass
+            deadline = child.started + START_TIMEOUT_S
+            while not child.settled.wait(0.5):
+                if self._stopping.is_set():
+                    return
+                if time.monotonic() > deadline:
+                    child.failure = f"the restarted engine was not ready within {START_TIMEOUT_S:g} s"
+                    child.process.kill()  # its reader sees the pipe close and counts the failure
+                    return
+            return
 
 
 class _RelayMetric:

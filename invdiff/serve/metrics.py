@@ -27,6 +27,8 @@ class Metrics:
         self.latency = Histogram("invdiff_request_latency_seconds", "accepted request to its last image", buckets=buckets, registry=r)
         self.queue_wait = Histogram("invdiff_queue_wait_seconds", "accepted request to its first image taking a slot",
                                     buckets=buckets, registry=r)
+        self.engine_restarts = Counter("invdiff_engine_restarts", "engine processes started again after the engine died or "
+                                       "failed to start (engine_process.py)", registry=r)
         self.step_seconds = Histogram("invdiff_step_seconds", "one engine step (UNet batch and the fused update)",
                                       buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
 

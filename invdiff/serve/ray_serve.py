@@ -6,6 +6,13 @@
 Each replica is the same FastAPI app as `invdiff serve` (app.create_app), built on the replica
 after its model is loaded (Ray Serve's late-bound ingress), with its own engine worker; Ray Serve
 spreads requests over the replicas and scales them. Nothing here routes requests itself.
+
+Health: Ray Serve calls each replica's `check_health` every HEALTH_CHECK_PERIOD_S and replaces a
+replica after three failed checks in a row (an exception, or no answer within
+HEALTH_CHECK_TIMEOUT_S). `InvDiffReplica.check_health` raises what GET /healthz reports: once the
+engine process died and could not be restarted (engine_process.py), Ray replaces the replica;
+while the engine restarts it passes, as a restart (seconds) is cheaper than a new replica (a new
+actor, and the model loaded again).
 """
 from __future__ import annotations
 
@@ -15,6 +22,33 @@ from typing import Dict, Optional
 from .app import create_app, make_worker
 from .metrics import Metrics
 from .settings import ServeSettings
+
+# Ray Serve's defaults are 10 s and 30 s. A check is one call on the replica (worker.health(): a
+# lock and a comparison), so a short period costs nothing, and a replica whose engine gave up is
+# replaced about 3 x 5 s later instead of 30 s. The timeout covers an event loop busy with
+# requests (PNG encoding of large batches) without mistaking it for a dead replica.
+HEALTH_CHECK_PERIOD_S = 5.0
+HEALTH_CHECK_TIMEOUT_S = 10.0
+
+
+class InvDiffReplica:
+    """One replica: the engine worker, loaded in the constructor, and the app built around it
+    (Ray Serve's late-bound ingress: `deployment` wraps this class with serve.ingress())."""
+
+    def __init__(self, fields: Dict):
+        self.settings = ServeSettings(**fields)
+        self.worker = make_worker(self.settings, Metrics(self.settings.max_batch))
+        self.worker.load()
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.settings, self.worker)
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: raise when the engine is dead and no longer restarted (as
+        GET /healthz's 503), so that Ray replaces this replica."""
+        problem = self.worker.health()
+        if problem is not None:
+            raise RuntimeError(problem)
 
 
 def deployment(settings: ServeSettings, replicas: int = 1, gpus_per_replica: Optional[float] = None,
@@ -32,19 +66,10 @@ def deployment(settings: ServeSettings, replicas: int = 1, gpus_per_replica: Opt
         gpus_per_replica = 1.0 if (settings.device or "").startswith("cuda") else 0.0
     ongoing = max_ongoing_requests or settings.max_batch + settings.max_queue
 
-    @serve.ingress()
-    class InvDiffReplica:
-        def __init__(self, fields: Dict):
-            self.settings = ServeSettings(**fields)
-            self.worker = make_worker(self.settings, Metrics(self.settings.max_batch))
-            self.worker.load()
-
-        def __serve_build_asgi_app__(self):
-            return create_app(self.settings, self.worker)
-
     options = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
-    replica = serve.deployment(InvDiffReplica, name="invdiff", num_replicas=replicas, ray_actor_options=options,
-                               max_ongoing_requests=ongoing, graceful_shutdown_timeout_s=settings.drain_seconds)
+    replica = serve.deployment(serve.ingress()(InvDiffReplica), name="invdiff", num_replicas=replicas, ray_actor_options=options,
+                               max_ongoing_requests=ongoing, graceful_shutdown_timeout_s=settings.drain_seconds,
+                               health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S)
     return replica.bind(dataclasses.asdict(settings))
 
 

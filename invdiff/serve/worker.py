@@ -81,6 +81,16 @@ class Worker(Protocol):
 
     def retry_after(self, waiting_images: int, steps: int = 25) -> int: ...
 
+    def health(self) -> Optional[str]:
+        """None while the engine serves or is recovering; else why it cannot (GET /healthz turns
+        503 and Ray Serve's check_health raises, so that a supervisor replaces the replica)."""
+        ...
+
+    def unavailable(self) -> Optional[ServiceError]:
+        """The 503 any request gets now because the engine is restarting (with Retry-After) or
+        gone; None while it serves. GET /readyz is 503 while it is not None."""
+        ...
+
 
 class EngineWorker:
     """The one thread that owns the model and the device (a `Worker`).
@@ -144,7 +154,7 @@ class EngineWorker:
     def submit(self, job: ImageJob) -> ImageJob:
         """Accept `job` or raise the admission's ServiceError (429 when its images would overflow
         the queue, 503 while draining)."""
-        self.admission.admit(job.num, job.steps)
+        self.admission.admit(job.num, job.steps, broken=self.unavailable())
         if job.job_id < 0:  # an EngineProcess numbers its jobs itself
             job.job_id = next(self._ids)
         self._inbox.put(("submit", job))
@@ -158,6 +168,16 @@ class EngineWorker:
         """Seconds until `waiting_images` images of `steps` steps would be done at the measured
         step rate (Retry-After of a 429); at least 1, at most 300."""
         return self.admission.retry_after(waiting_images, steps)
+
+    def health(self) -> Optional[str]:
+        """None unless the worker thread ended without being stopped (a bug: nothing would take jobs)."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            return "the engine worker thread ended unexpectedly; restart this replica"
+        return None
+
+    def unavailable(self) -> Optional[ServiceError]:
+        problem = self.health()
+        return None if problem is None else ServiceError(503, problem)
 
     # ----------------------------------------------------------------- the worker thread
     def start(self) -> None:
