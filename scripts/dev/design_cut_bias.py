@@ -6,7 +6,7 @@
 
 Runs the demo's base and InvDiff rows on the design setting (colored digits, 2 colours, p = 0.9)
 with every DebiasConfig default but the fields given, so that its cells compare with the
-committed matrix's cells (docs/demo_matrix) seed by seed. The demo caches cells by their
+committed matrix's cells (docs/demo_matrix_previous_defaults) seed by seed. The demo caches cells by their
 settings, so a rerun reuses them.
 """
 import dataclasses
