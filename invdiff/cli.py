@@ -35,6 +35,43 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _DescribedDefaultsFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Flags with their defaults, and a description printed as written (its lists and columns)."""
+
+
+def _serve_description() -> str:
+    from .serve.settings import MAX_BODY_BYTES  # torch-free, as this whole module
+
+    return SERVE_DESCRIPTION.replace("{max_body}", f"{MAX_BODY_BYTES // 1024} KiB")
+
+
+SERVE_DESCRIPTION = """\
+Serve a model over HTTP: one sampling engine with continuous batching (docs/serving.md).
+
+model folders (--model): any folder `invdiff sample` takes: an invdiff base model, a debias run
+  folder, a Stable Diffusion folder or an InvDiffPipeline folder; checked before the model loads.
+
+endpoints:
+  POST /v1/images  JSON {"prompt", "num", "seed", "steps", "guidance_scale", "strength",
+                   "scheduler", "response_format": "b64_json" | "png"}; image i uses seed + i
+  GET  /healthz    200 alive; 503 once a dead engine could not be restarted
+  GET  /readyz     200 once the model is loaded and warm; 503 while loading, restarting, draining
+  GET  /metrics    Prometheus text
+
+statuses (the body is JSON, {"detail": "..."}):
+  413  the body is over {max_body} (refused before it is read)
+  415  the body is not Content-Type: application/json
+  422  input to fix: one phrase per bad field (a wrong type, out of range, an unknown prompt,
+       JSON that does not parse, named by its field or its line and column)
+  429  the queue is full (--max-queue images waiting): retry after Retry-After seconds
+  500  sampling failed in the engine, named; the other requests go on
+  503  the model is loading, the engine is restarting (Retry-After), or the server is draining
+
+SIGTERM: stop taking connections, /readyz 503, finish in-flight requests for at most
+  --drain-seconds, then exit. A port in use or a folder that is no model folder is one line
+  and exit 2 at once, before the model loads."""
+
+
 def finite_float(text: str) -> float:
     """argparse type: a float that is neither NaN nor infinite (NaN would train all-NaN weights)."""
     try:
@@ -411,7 +448,10 @@ def _demo(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    """The engine behind an HTTP service (invdiff/serve/app.py), or Ray Serve replicas of it."""
+    """The engine behind an HTTP service (invdiff/serve/app.py), or Ray Serve replicas of it.
+    Everything a start can fail on for the user's input (a model folder that is missing or no
+    model folder, a port in use, a bad setting) is checked first, torch-free, in well under a
+    second: one line and exit 2, not a 503 or an exit status after a model load of tens of seconds."""
     check_model_path(args.model, "--model")
     if args.base is not None:
         check_model_path(args.base, "--base")
@@ -433,7 +473,17 @@ def cmd_serve(args) -> None:
     settings = ServeSettings(model=args.model, base=args.base, device=args.device, max_batch=args.max_batch,
                              max_queue=args.max_queue, max_images_per_request=args.max_images_per_request,
                              attention=args.attention, frozen_dtype=args.frozen_dtype, eta_below_band=args.eta_below_band,
-                             drain_seconds=args.drain_seconds, engine_process=not args.engine_in_process)
+                             drain_seconds=args.drain_seconds, engine_process=not args.engine_in_process,
+                             expose_details=args.expose_details)
+    if os.path.exists(args.model):  # (a hub id, with downloads allowed, is named by its download)
+        from .model_folders import classify, sampling_size
+
+        classify(args.model)  # which kind of model folder, from which files exist: none is read
+        sampling_size(args.model)  # its config files, as `invdiff sample` reads them before a load
+    if not args.ray:  # Ray's proxy binds the port, and one already running on RAY_ADDRESS holds it
+        from .serve.settings import check_listen_address
+
+        check_listen_address(args.host, args.port)
     if args.ray:
         from .serve.ray_serve import run
 
@@ -578,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("serve", help="serve a model over HTTP (continuous batching; Ray Serve with --ray)")
+    p = sub.add_parser("serve", help="serve a model over HTTP (continuous batching; Ray Serve with --ray)",
+                       description=_serve_description(), formatter_class=_DescribedDefaultsFormatter)
     p.add_argument("--model", required=True, help="any model folder `invdiff sample` takes")
     p.add_argument("--base", default=None, help="a Stable Diffusion run's base model at a new place (as for sample)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -596,6 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the engine as a thread of the server's process; without this flag it runs in a process "
                         "of its own, so that HTTP work never holds the GIL the sampling loop needs, and a dead engine "
                         "process is restarted (docs/serving.md)")
+    p.add_argument("--expose-details", action="store_true",
+                   help="let responses show the model's absolute path (/readyz, the images' \"model\", paths in error details) "
+                        "and X-Served-By show host:pid; without it they show the model folder's name and a random id of "
+                        "the server process (logged at start)")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (starts Ray, or joins RAY_ADDRESS)")
     p.add_argument("--replicas", type=positive_int, default=1, help="--ray: replicas (one per GPU)")
     p.add_argument("--gpus-per-replica", type=finite_float, default=None, help="--ray: GPUs per replica (None: 1 on CUDA, else 0)")

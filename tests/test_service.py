@@ -6,6 +6,7 @@ Servers are real: uvicorn on 127.0.0.1 (in a thread, or the CLI in a subprocess)
 import base64
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -176,6 +177,14 @@ def strict_server(tiny_run):
     ({"response_format": "png", "num": 2}, "response_format 'png' returns one image"),
     ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
     ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+    # Strict types: no string or boolean passes for a number (pydantic's lax mode took "2" and true).
+    ({"num": "2"}, "num: Input should be a valid integer"),
+    ({"num": True}, "num: Input should be a valid integer"),
+    ({"steps": "4"}, "steps: Input should be a valid integer"),
+    ({"seed": 1.5}, "seed: Input should be a valid integer"),
+    ({"guidance_scale": "2"}, "guidance_scale: Input should be a valid number"),
+    ({"strength": True}, "strength: Input should be a valid number"),
+    ({"prompt": 3}, "prompt: Input should be a valid string"),
 ])
 def test_bad_input_is_422_with_a_message_to_act_on(strict_server, change, words):
     url, worker = strict_server
@@ -183,6 +192,7 @@ def test_bad_input_is_422_with_a_message_to_act_on(strict_server, change, words)
     reply = httpx.post(f"{url}/v1/images", json={"prompt": "digit 3", "steps": 2, **change}, timeout=30)
     assert reply.status_code == 422
     assert words in reply.json()["detail"], reply.json()
+    assert "\n" not in reply.json()["detail"]
     assert worker.queue_depth() == 0 and metric(url, 'invdiff_requests_total{status="422"}') == refused + 1
 
 
@@ -205,6 +215,222 @@ def test_bad_settings_fail_before_the_model_loads(tiny_run, capsys):
     assert "cannot exceed max_queue" in capsys.readouterr().err
     assert main(["serve", "--model", run, "--device", "gpu"]) == 2
     assert "--device must be cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ bodies, types and JSON refused cheaply
+def raw_request(url: str, head: bytes, body_parts=(), timeout: float = 10.0):
+    """One request written by hand on a socket (a Content-Length that lies about what follows, a
+    chunked body left unfinished): returns (status, lower-cased headers, body) of the reply."""
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head)
+        for part in body_parts:
+            sock.sendall(part)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"the server closed the connection without an answer: {data!r}"
+            data += chunk
+        head_blob, _, body = data.partition(b"\r\n\r\n")
+        lines = head_blob.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        while len(body) < int(headers.get("content-length", 0)):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def _count(url: str, status: int) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return metric(url, f'invdiff_requests_total{{status="{status}"}}') if f'status="{status}"' in text else 0.0
+
+
+def test_a_body_over_the_limit_is_413_from_its_content_length_before_it_is_read(strict_server):
+    from invdiff.serve.settings import MAX_BODY_BYTES
+
+    url, _ = strict_server
+    before = _count(url, 413)
+    head = (b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 400000000\r\n\r\n")
+    started = time.monotonic()
+    # 1 KiB of the announced 400 MB: the answer comes from the header, without waiting for the rest.
+    status, headers, body = raw_request(url, head, [b"{" + b" " * 1023])
+    assert time.monotonic() - started < 5
+    assert status == 413 and headers["content-type"] == "application/json" and headers["x-served-by"]
+    assert json.loads(body)["detail"] == (f"the request body is 400000000 bytes; the service reads at most "
+                                          f"{MAX_BODY_BYTES} bytes (a sampling request is a few hundred)")
+    assert _count(url, 413) == before + 1
+    # An ordinary client that sends a whole 1 MB body first reads the same 413 (the rest is discarded).
+    reply = httpx.post(f"{url}/v1/images", content=b" " * 1_000_000, headers={"content-type": "application/json"}, timeout=30)
+    assert reply.status_code == 413 and "1000000 bytes" in reply.json()["detail"]
+
+
+def test_a_chunked_body_is_413_as_soon_as_it_passes_the_limit(strict_server):
+    from invdiff.serve.settings import MAX_BODY_BYTES
+
+    url, _ = strict_server
+    before = _count(url, 413)
+    head = b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n%s\r\n" % (8192, b" " * 8192)
+    # 8 KiB past the limit and no last chunk: the server answers without waiting for the body's end.
+    status, headers, body = raw_request(url, head, [chunk] * (MAX_BODY_BYTES // 8192 + 1))
+    assert status == 413 and headers["x-served-by"]
+    assert "passed the limit while it was sent; the service reads at most" in json.loads(body)["detail"]
+    assert _count(url, 413) == before + 1
+
+
+def test_a_body_at_the_limit_is_read_chunked_or_not(strict_server):
+    from invdiff.serve.settings import MAX_BODY_BYTES
+
+    url, _ = strict_server
+    request = b'{"prompt": "digit 3", "steps": 1, "seed": 0}'
+    padded = request + b" " * (MAX_BODY_BYTES - len(request))  # JSON allows the trailing spaces
+    json_type = {"content-type": "application/json"}
+    assert httpx.post(f"{url}/v1/images", content=padded, headers=json_type, timeout=60).status_code == 200
+    chunked = httpx.post(f"{url}/v1/images", content=iter([padded[:1000], padded[1000:]]), headers=json_type, timeout=60)
+    assert chunked.status_code == 200, chunked.text
+    assert httpx.post(f"{url}/v1/images", content=padded + b" ", headers=json_type, timeout=60).status_code == 413
+
+
+@pytest.mark.parametrize("headers, words", [
+    ({"content-type": "text/plain"}, "must be JSON, with Content-Type: application/json; got 'text/plain'"),
+    ({"content-type": "application/x-www-form-urlencoded"}, "got 'application/x-www-form-urlencoded'"),
+    ({}, "must be JSON, with Content-Type: application/json; none was given"),
+])
+def test_a_body_that_is_not_json_by_its_content_type_is_415(strict_server, headers, words):
+    url, _ = strict_server
+    before = _count(url, 415)
+    reply = httpx.post(f"{url}/v1/images", content=b'{"prompt": "digit 3", "steps": 1}', headers=headers, timeout=30)
+    assert reply.status_code == 415 and words in reply.json()["detail"], reply.text
+    assert reply.headers["x-served-by"] and _count(url, 415) == before + 1
+    charset = httpx.post(f"{url}/v1/images", content=b'{"prompt": "digit 3", "steps": 1, "seed": 0}',
+                         headers={"content-type": "Application/JSON; charset=utf-8"}, timeout=60)
+    assert charset.status_code == 200, charset.text
+
+
+@pytest.mark.parametrize("body, detail", [
+    (b'{"prompt": "digit 3", "num": 2x}', "num: not valid JSON: Expecting ',' delimiter at line 1, column 31"),
+    (b'{"prompt": "digit 3", "num": }', "num: not valid JSON: Expecting value at line 1, column 30"),
+    (b'{"prompt": "digit 3', "prompt: not valid JSON: Unterminated string starting at line 1, column 12"),
+    (b'{"prompt": "digit 3",\n "seed": 1,\n "steps": 0x10\n}', "steps: not valid JSON: Expecting ',' delimiter at line 3, column 12"),
+    (b'{"prompt": "digit 3",\n "num": 2,\n}', "the body is not valid JSON: Expecting property name enclosed in double quotes "
+                                              "at line 3, column 1"),
+    (b'{not json', "the body is not valid JSON: Expecting property name enclosed in double quotes at line 1, column 2"),
+    (b'{"prompt": "digit 3"} 7', "the body is not valid JSON: Extra data at line 1, column 23"),
+    (b'', 'the body is empty: send a JSON object such as {"prompt": "..."}'),
+])
+def test_a_json_decode_error_names_the_field_or_the_line_and_column(strict_server, body, detail):
+    url, _ = strict_server
+    reply = httpx.post(f"{url}/v1/images", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert reply.status_code == 422
+    assert reply.json()["detail"] == detail
+
+
+def test_floats_take_json_integers(strict_server):
+    url, _ = strict_server
+    reply = httpx.post(f"{url}/v1/images", timeout=60,
+                       json={"prompt": "digit 3", "steps": 1, "seed": 0, "guidance_scale": 1, "strength": 1})
+    assert reply.status_code == 200, reply.text
+
+
+def test_every_error_is_counted_by_status_and_carries_x_served_by(strict_server):
+    url, _ = strict_server
+    ok = httpx.post(f"{url}/v1/images", json={"prompt": "digit 3", "steps": 1, "seed": 0}, timeout=60)
+    assert ok.status_code == 200
+    served_by = ok.headers["x-served-by"]
+    cases = [("GET", "/no/such/path", None, 404), ("POST", "/healthz", None, 405), ("GET", "/v1/images", None, 405),
+             ("POST", "/v1/images", b'{"prompt": "\xff"}', 400),  # not UTF-8: FastAPI's own 400
+             ("POST", "/v1/images", b'{"prompt": "a cat"}', 422)]
+    for method, path, content, status in cases:
+        before = _count(url, status)
+        reply = httpx.request(method, f"{url}{path}", content=content, headers={"content-type": "application/json"}, timeout=30)
+        assert reply.status_code == status, (path, reply.text)
+        assert reply.headers["content-type"] == "application/json" and reply.json()["detail"], (path, reply.text)
+        assert reply.headers["x-served-by"] == served_by, path
+        assert _count(url, status) == before + 1, (method, path)
+    # Probes and scrapes are not requests for images: they are stamped but not counted.
+    before = _count(url, 200)
+    for probe in ("/healthz", "/readyz", "/metrics"):
+        assert httpx.get(f"{url}{probe}").headers["x-served-by"] == served_by
+    assert _count(url, 200) == before
+
+
+def test_responses_show_no_path_or_pid_unless_asked(strict_server, tiny_run):
+    url, _ = strict_server
+    run = tiny_run[0]
+    name = os.path.basename(run)
+    ready = httpx.get(f"{url}/readyz")
+    assert ready.json()["model"] == name
+    reply = httpx.post(f"{url}/v1/images", json={"prompt": "digit 3", "steps": 1, "seed": 0}, timeout=60)
+    assert reply.json()["model"] == name
+    shown = json.dumps({k: v for k, v in reply.json().items() if k != "images"})  # (base64 can hold any word)
+    for text in (ready.text, shown, ready.headers["x-served-by"], reply.headers["x-served-by"]):
+        assert os.path.dirname(run) not in text and socket.gethostname() not in text and str(os.getpid()) not in text
+    assert re.fullmatch(r"invdiff-[0-9a-f]{12}", reply.headers["x-served-by"])
+    # --expose-details: the path and host:pid (a thread engine: no second process to start).
+    with running_server(ServeSettings(model=run, max_batch=2, engine_process=False, expose_details=True)) as (exposed, _):
+        ready = httpx.get(f"{exposed}/readyz")
+        assert ready.json()["model"] == os.path.abspath(run)
+        assert ready.headers["x-served-by"] == f"{socket.gethostname()}:{os.getpid()}"
+
+
+def test_error_details_show_the_model_path_only_when_asked(tmp_path):
+    from invdiff.serve.app import Redactor
+
+    model = tmp_path / "run"
+    (model / "guidance").mkdir(parents=True)
+    message = f"could not load G_psi from '{model}/guidance': bad file; see {model}"
+    redact = Redactor(ServeSettings(model=str(model)))
+    assert redact(message) == "could not load G_psi from '<model>/guidance': bad file; see <model>"
+    assert redact.model_name == "run"
+    assert Redactor(ServeSettings(model=str(model), expose_details=True))(message) == message
+
+
+def test_start_up_checks_fail_fast_without_loading_a_model(tiny_run, tmp_path):
+    """A port in use, a path that does not exist and a folder that is no model folder: one line
+    and exit 2 before torch is imported. The goal is < 1 s on an idle machine (about 0.1 s
+    measured); the bound here is generous for a slow shared CPU, and a model load would pass it
+    (~7 s for the tiny run on 2 busy cores)."""
+    run, _ = tiny_run
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    code = ("import sys; from invdiff.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    cases = [(["--model", run, "--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+             (["--model", str(tmp_path / "nonexistent")], "does not exist"),
+             (["--model", str(not_a_model)], "is neither an invdiff base model, a run folder nor a Stable Diffusion folder")]
+    try:
+        for args, words in cases:
+            started = time.monotonic()
+            proc = subprocess.run([sys.executable, "-c", code, "serve", *args], capture_output=True, text=True, timeout=60,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            elapsed = time.monotonic() - started
+            print(f"\n{words!r}: exit {proc.returncode} in {elapsed:.2f} s")
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("invdiff serve: error: ") and words in proc.stderr, proc.stderr
+            assert elapsed < 5
+    finally:
+        listener.close()
+
+
+def test_a_model_that_fails_to_load_in_the_engine_process_is_one_error_too(tiny_run, tmp_path, capsys):
+    """A folder that passes the start-up checks but does not load (its weights are damaged): the
+    engine process's error is still one line and exit 2 (what the test above did before the checks
+    came first)."""
+    import shutil
+
+    model = tmp_path / "run"
+    shutil.copytree(tiny_run[0], model)
+    _corrupt_weights(model)
+    assert main(["serve", "--model", str(model), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("invdiff serve: error: could not load the base model in ") and err.count("\n") == 1, err
 
 
 # ------------------------------------------------------------------ overload, cancellation, failures

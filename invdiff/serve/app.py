@@ -18,28 +18,34 @@ image i, so the same request gives the same pixels.
 Every accepted request ends with its images or an error: 429 (with Retry-After) when the queue is
 full (admission.py decides), 422 for input the caller can fix, 500 naming the cause when the
 worker failed on its images (the others keep going), 503 when the server drains past its deadline,
-503 with Retry-After when the engine process died with the request or is restarting.
+503 with Retry-After when the engine process died with the request or is restarting. Before any
+of that, a body over settings.MAX_BODY_BYTES is 413 and one that is not JSON 415, unparsed
+(asgi.py). Every response carries X-Served-By and is counted in invdiff_requests_total.
+
+What a response shows of the machine: the model by its folder's name and X-Served-By as a random
+id of this server process (logged at start), unless settings.expose_details (--expose-details)
+asks for the model's absolute path and host:pid.
 """
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime,
 # and the request model is built per app (its limits come from the settings).
 import asyncio
 import base64
 import io
-import json
 import logging
 import os
+import secrets
 import socket
 import time
 from typing import List, Literal, Optional
 
 from ..config import SCHEDULER_NAMES, SEED_LIMIT
+from .asgi import BoundedBody, StampResponses, send_json_error, validation_problems
 from .errors import ServiceError
 from .metrics import Metrics
 from .settings import MAX_GUIDANCE_SCALE, MAX_STEPS, MAX_STRENGTH, ServeSettings
 from .worker import EngineWorker, ImageJob, Worker
 
 log = logging.getLogger("invdiff.serve")
-SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"  # which replica answered: for logs and load balancing checks
 SEED_LIMIT_TEXT = f"2**{SEED_LIMIT.bit_length() - 1}"  # "2**64", for messages
 
 # --------------------------------------------------------------------- the HTTP app
@@ -49,7 +55,9 @@ def _request_model(settings: ServeSettings):
     class ImagesRequest(BaseModel):
         """POST /v1/images. Defaults are `invdiff sample`'s."""
 
-        model_config = ConfigDict(extra="forbid")
+        # strict: "num": "2" or true is a 422 naming the field, not a 2 or a 1 (pydantic's lax
+        # mode); a float field still takes a JSON integer ("strength": 1).
+        model_config = ConfigDict(extra="forbid", strict=True)
         prompt: str = Field(min_length=1, max_length=2000)
         num: int = Field(1, ge=1, le=settings.max_images_per_request,
                          description=f"images; at most {settings.max_images_per_request} per request (--max-images-per-request)")
@@ -63,6 +71,48 @@ def _request_model(settings: ServeSettings):
         response_format: Literal["png", "b64_json"] = "b64_json"
 
     return ImagesRequest
+
+
+def served_by(settings: ServeSettings) -> str:
+    """X-Served-By: which server process answered (for logs and load-balancing checks). host:pid
+    with settings.expose_details; else a random id drawn once per process, which `serve` logs at
+    start beside host:pid, so that an operator can tell the two apart and a caller learns neither."""
+    if settings.expose_details:
+        return f"{socket.gethostname()}:{os.getpid()}"
+    global _PROCESS_ID
+    if _PROCESS_ID is None:
+        _PROCESS_ID = f"invdiff-{secrets.token_hex(6)}"
+    return _PROCESS_ID
+
+
+_PROCESS_ID: Optional[str] = None
+
+
+class Redactor:
+    """What responses say of the model's place: its folder's name in "model" (the absolute path
+    with settings.expose_details), and error details with the model's and the base's absolute
+    paths written as <model> and <base> (kept with expose_details). A hub id is shown as given."""
+
+    def __init__(self, settings: ServeSettings):
+        self.model_name = settings.model
+        self.replacements: List[tuple] = []
+        if os.path.exists(settings.model):
+            self.model_name = (os.path.abspath(settings.model) if settings.expose_details
+                               else os.path.basename(os.path.normpath(os.path.abspath(settings.model))))
+        if settings.expose_details:
+            return
+        for path, name in ((settings.model, "<model>"), (settings.base, "<base>")):
+            if path and os.path.exists(path):
+                forms = {os.path.abspath(path), os.path.realpath(path)}
+                if os.sep in path:  # a bare folder name is a word too, and shows no place
+                    forms.add(os.path.normpath(path))
+                self.replacements += [(form, name) for form in forms if form not in (os.sep, ".")]
+        self.replacements.sort(key=lambda pair: -len(pair[0]))  # /a/run/base before /a/run
+
+    def __call__(self, text: str) -> str:
+        for form, name in self.replacements:
+            text = text.replace(form, name)
+        return text
 
 
 def make_worker(settings: ServeSettings, metrics: Metrics) -> Worker:
@@ -107,10 +157,11 @@ class ShedWhenFull:
     """ASGI middleware: while the queue is already full, POST /v1/images gets its 429 before the
     body is read, parsed or validated (the worker's Admission.when_full). Under overload most
     requests are refused, and each one refused this way costs the server a few microseconds
-    instead of FastAPI's full request path, CPU the engine would otherwise lose on a busy machine."""
+    instead of FastAPI's full request path, CPU the engine would otherwise lose on a busy machine.
+    (StampResponses, outside it, counts the 429 and stamps X-Served-By.)"""
 
-    def __init__(self, app, state, metrics: Metrics):
-        self.app, self.state, self.metrics = app, state, metrics
+    def __init__(self, app, state):
+        self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
         worker = self.state["worker"]
@@ -118,12 +169,7 @@ class ShedWhenFull:
                 and worker is not None and worker.ready.is_set()):
             refusal = worker.admission.when_full()
             if refusal is not None:
-                body = json.dumps({"detail": str(refusal)}).encode()
-                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                           (b"retry-after", str(refusal.retry_after).encode())]
-                self.metrics.requests.labels(str(refusal.status)).inc()
-                await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
+                await send_json_error(send, refusal.status, str(refusal), refusal.retry_after)
                 return
         await self.app(scope, receive, send)
 
@@ -138,10 +184,12 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     metrics = worker.metrics if worker is not None else Metrics(settings.max_batch)
     ImagesRequest = _request_model(settings)
     state = {"worker": worker, "draining": False}
+    redact = Redactor(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -158,19 +206,29 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
 
     app = FastAPI(title="invdiff", summary="InvDiff guided sampling", lifespan=lifespan)
     app.state.invdiff = state
-    app.add_middleware(ShedWhenFull, state=state, metrics=metrics)
+    # Added innermost first: a request meets StampResponses, then ShedWhenFull (a full queue is
+    # refused before anything is read), then BoundedBody (413, 415), then FastAPI.
+    app.add_middleware(BoundedBody)
+    app.add_middleware(ShedWhenFull, state=state)
+    app.add_middleware(StampResponses, metrics=metrics, served_by=served_by(settings))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request, exc):
-        # One readable line per bad field ("num: Input should be less than or equal to 16")
-        # rather than FastAPI's nested list: the caller reads it and fixes the request.
-        problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()]
-        return error(422, "; ".join(problems))
+        # One readable line per bad field ("num: Input should be less than or equal to 16"); a
+        # body that is not JSON names the field where decoding stopped (asgi.py).
+        return error(422, "; ".join(validation_problems(exc.errors(), getattr(exc, "body", None))))
 
-    def error(status: int, message: str, retry_after: Optional[int] = None):
-        metrics.requests.labels(str(status)).inc()
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-        return JSONResponse({"detail": message}, status_code=status, headers=headers)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        # Starlette's 404 and 405 and FastAPI's 400 (a body it could not decode), in the usual body.
+        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    def error(status: int, message: str, retry_after: Optional[int] = None, headers: Optional[dict] = None):
+        # Counted, with X-Served-By, by StampResponses.
+        headers = dict(headers or {})
+        if retry_after is not None:
+            headers["Retry-After"] = str(retry_after)
+        return JSONResponse({"detail": redact(message)}, status_code=status, headers=headers or None)
 
     @app.get("/healthz")
     async def healthz():
@@ -180,7 +238,7 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
         w = state["worker"]
         problem = w.health() if w is not None else None
         if problem is not None:
-            return JSONResponse({"status": "failed", "detail": problem}, status_code=503)
+            return JSONResponse({"status": "failed", "detail": redact(problem)}, status_code=503)
         return {"status": "alive"}
 
     @app.get("/readyz")
@@ -191,12 +249,13 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
         if w is None or not w.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503)
         if w.load_error is not None:
-            return JSONResponse({"status": "failed", "detail": f"{type(w.load_error).__name__}: {w.load_error}"}, status_code=503)
+            return JSONResponse({"status": "failed", "detail": redact(f"{type(w.load_error).__name__}: {w.load_error}")},
+                                status_code=503)
         refusal = w.unavailable()  # the engine is restarting, or gave up
         if refusal is not None:
             status = "restarting" if w.health() is None else "failed"
-            return JSONResponse({"status": status, "detail": str(refusal)}, status_code=503)
-        return {"status": "ready", "model": settings.model, "device": str(w.device), "attention": w.attention}
+            return JSONResponse({"status": status, "detail": redact(str(refusal))}, status_code=503)
+        return {"status": "ready", "model": redact.model_name, "device": str(w.device), "attention": w.attention}
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -243,18 +302,16 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
                 gone.cancel()
         if not waiting.done():
             w.cancel(job)
-            metrics.requests.labels("499").inc()  # nginx's "client closed request"
-            return Response(status_code=499)
+            return Response(status_code=499)  # nginx's "client closed request", counted as such
         try:
             result = waiting.result()
         except ServiceError as exc:
             return error(exc.status, str(exc), exc.retry_after)
         pngs = await run_in_threadpool(_png_bytes, result)
-        metrics.requests.labels("200").inc()
-        headers = {"X-Seed": str(seed), "X-Latency-Seconds": f"{time.perf_counter() - job.created:.3f}", "X-Served-By": SERVED_BY}
+        headers = {"X-Seed": str(seed), "X-Latency-Seconds": f"{time.perf_counter() - job.created:.3f}"}
         if body.response_format == "png":
             return Response(pngs[0], media_type="image/png", headers=headers)
-        return JSONResponse({"model": settings.model, "seed": seed,
+        return JSONResponse({"model": redact.model_name, "seed": seed,
                              "images": [{"seed": seed + i, "b64_json": base64.b64encode(p).decode("ascii")} for i, p in enumerate(pngs)]},
                             headers=headers)
 
@@ -276,4 +333,6 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, lo
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=settings.drain_seconds)
+    # uvicorn's logger: configured by now, it prints where uvicorn's own start-up lines go.
+    logging.getLogger("uvicorn.error").info("X-Served-By %s is %s:%d", served_by(settings), socket.gethostname(), os.getpid())
     DrainingServer(config).run()

@@ -17,9 +17,12 @@ actor, and the model loaded again).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import socket
 from typing import Dict, Optional
 
-from .app import create_app, make_worker
+from .app import create_app, make_worker, served_by
 from .metrics import Metrics
 from .settings import ServeSettings
 
@@ -39,6 +42,7 @@ class InvDiffReplica:
         self.settings = ServeSettings(**fields)
         self.worker = make_worker(self.settings, Metrics(self.settings.max_batch))
         self.worker.load()
+        logging.getLogger("ray.serve").info("X-Served-By %s is %s:%d", served_by(self.settings), socket.gethostname(), os.getpid())
 
     def __serve_build_asgi_app__(self):
         return create_app(self.settings, self.worker)
@@ -84,7 +88,8 @@ def app_builder(args: Dict[str, str]):
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown}; known: replicas, gpus_per_replica, cpus_per_replica, {sorted(fields)}")
     casts = {"max_batch": int, "max_queue": int, "max_images_per_request": int, "drain_seconds": float, "eta_below_band": float,
-             "engine_process": lambda v: v.lower() in ("1", "true", "yes")}
+             "engine_process": lambda v: v.lower() in ("1", "true", "yes"),
+             "expose_details": lambda v: v.lower() in ("1", "true", "yes")}
     settings = ServeSettings(**{k: casts.get(k, str)(v) for k, v in args.items()})
     return deployment(settings, replicas, float(gpus) if gpus is not None else None, cpus)
 
