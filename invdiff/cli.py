@@ -66,10 +66,14 @@ statuses (the body is JSON, {"detail": "..."}):
   429  the queue is full (--max-queue images waiting): retry after Retry-After seconds
   500  sampling failed in the engine, named; the other requests go on
   503  the model is loading, the engine is restarting (Retry-After), or the server is draining
+       (Retry-After)
 
-SIGTERM: stop taking connections, /readyz 503, finish in-flight requests for at most
-  --drain-seconds, then exit. A port in use or a folder that is no model folder is one line
-  and exit 2 at once, before the model loads."""
+SIGTERM (or Ctrl-C): stop taking connections, /readyz 503, finish in-flight requests for at most
+  --drain-seconds; a request still running then gets a 503 with Retry-After, and the process
+  exits (by the signal) at once. With --ray, Ray Serve drains the replicas for at
+  most --drain-seconds (then Ray kills a replica: its requests get Ray's 500), and exits 0.
+A port in use or a folder that is no model folder is one line and exit 2 at once, before the
+model loads."""
 
 
 def finite_float(text: str) -> float:
@@ -642,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=FROZEN_DTYPES, help="dtype of the frozen UNet (G stays fp32)")
     p.add_argument("--eta-below-band", type=finite_float, default=None, help="as for sample")
     p.add_argument("--drain-seconds", type=finite_float, default=30.0,
-                   help="on SIGTERM, finish in-flight requests for at most this long")
+                   help="on SIGTERM, finish in-flight requests for at most this long; those still running then get "
+                        "a 503 with Retry-After (with --ray: Ray Serve's graceful_shutdown_timeout_s)")
     p.add_argument("--engine-in-process", action="store_true",
                    help="run the engine as a thread of the server's process; without this flag it runs in a process "
                         "of its own, so that HTTP work never holds the GIL the sampling loop needs, and a dead engine "

@@ -686,7 +686,94 @@ def test_sigterm_drains_in_flight_requests(tiny_run):
     assert "Waiting for connections to close" in log and "Application shutdown complete" in log, log
 
 
+def test_a_request_still_running_at_the_drain_deadline_gets_a_503_and_the_server_exits_on_time(tiny_run):
+    """SIGTERM with --drain-seconds 2 and a request that needs far longer: at the deadline it gets
+    the service's JSON 503 with Retry-After (not uvicorn's plain-text 500 of a cancelled task and
+    its traceback), and the process exits within the deadline plus a few seconds (before: 34.7 s
+    with a 30 s drain)."""
+    run, _ = tiny_run
+    drain = 2.0
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "invdiff.cli", "serve", "--model", run, "--port", str(port), "--max-batch", "2",
+                             "--drain-seconds", str(drain)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url)
+        # 16 images of 1000 steps, 2 at a time: minutes of sampling, far past the deadline.
+        thread, replies = _post_keeping_reply(url, {"prompt": "digit 3", "num": 16, "steps": 1000, "seed": 0}, timeout=120)
+        wait_for(lambda: metric(url, "invdiff_slots_occupied") == 2, what="the request sampling")
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        thread.join(timeout=60)
+        answered = time.monotonic() - signalled
+        rc = proc.wait(timeout=60)
+        exited = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log = proc.stdout.read()
+    print(f"SIGTERM with a {drain:g} s drain: the request answered after {answered:.2f} s, the process exited after {exited:.2f} s")
+    reply = replies[0]
+    assert isinstance(reply, httpx.Response), reply
+    assert reply.status_code == 503, (reply.status_code, reply.text, log)
+    assert reply.headers["content-type"] == "application/json" and reply.headers["retry-after"] == "1"
+    assert "drain deadline passed" in reply.json()["detail"]
+    assert drain - 0.5 <= answered <= drain + 1.5  # in-flight work went on until the deadline, not longer
+    assert exited <= drain + 3.0, log
+    assert rc == -signal.SIGTERM  # uvicorn re-raises the signal once it has drained
+    assert "Traceback" not in log and "Exception in ASGI application" not in log and "timeout graceful shutdown exceeded" not in log, log
+    assert "still running at the drain deadline" in log, log
+
+
 # ------------------------------------------------------------------ Ray Serve
+def test_the_ray_deployment_drains_for_drain_seconds(tiny_run):
+    """Ray Serve's replica drain follows --drain-seconds: Ray kills a stopped replica after
+    graceful_shutdown_timeout_s, and checks for its in-flight requests every wait loop."""
+    from invdiff.serve.ray_serve import deployment
+
+    for drain, loop in ((2.0, 0.2), (30.0, 2.0), (0.0, 0.1)):
+        config = deployment(ServeSettings(model=tiny_run[0], device="cpu", drain_seconds=drain))._bound_deployment._deployment_config
+        assert (config.graceful_shutdown_timeout_s, config.graceful_shutdown_wait_loop_s) == (drain, loop)
+
+
+def test_sigterm_on_ray_serve_drains_in_flight_requests_and_exits_0(tiny_run):
+    """`invdiff serve --ray`: SIGTERM takes Ray Serve's shutdown path (the app is deleted, its
+    replica finishes its in-flight request, Serve and Ray stop) and the process exits with 0.
+    Before: the request was cut ("Server disconnected without sending a response") and the
+    process died with 134 after a native stack dump."""
+    run, _ = tiny_run
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "invdiff.cli", "serve", "--model", run, "--ray", "--port", str(port),
+                             "--device", "cpu", "--max-batch", "2", "--drain-seconds", "60"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout=180)
+        thread, replies = _post_keeping_reply(url, {"prompt": "digit 3", "num": 2, "steps": 300, "seed": 0}, timeout=120)
+        wait_for(lambda: metric(url, "invdiff_slots_occupied") == 2, timeout=30, what="the request sampling")
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        thread.join(timeout=120)
+        answered = time.monotonic() - signalled
+        rc = proc.wait(timeout=120)
+        exited = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log = proc.stdout.read()
+    print(f"Ray SIGTERM: the in-flight request answered {answered:.2f} s and the process exited {exited:.2f} s after it")
+    reply = replies[0]
+    assert isinstance(reply, httpx.Response), (reply, log)
+    assert reply.status_code == 200, (reply.status_code, reply.text, log)  # the in-flight request finished
+    assert len(reply.json()["images"]) == 2
+    assert rc == 0, log
+    assert "SIGTERM: draining for at most 60 s" in log and "drained and deleted" in log, log
+    assert "SIGTERM received" not in log, log  # Ray's native handler, with its stack dump
+
+
 def test_ray_serve_two_replicas_on_local_ray(tiny_run):
     run, _ = tiny_run
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

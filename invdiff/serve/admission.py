@@ -7,7 +7,7 @@ the same Admission object:
   - the queue is the images accepted and not yet released (delivered, failed or cancelled), less
     those in an engine slot; a request whose images would take it past --max-queue gets 429;
   - the 429's Retry-After is when the waiting images would be done at the measured step rate;
-  - once closed (the server drains) every request gets 503.
+  - once closed (the server drains) every request gets 503 with Retry-After SHUTDOWN_RETRY_AFTER_S.
 
 Accepted work is never dropped by this policy: it only refuses at the door.
 """
@@ -20,6 +20,10 @@ from typing import Optional
 from .errors import ServiceError
 
 SHUTTING_DOWN = "the server is shutting down; retry on another replica"
+# Retry-After of every 503 a draining server answers (a request refused while it drains, one still
+# running at the drain deadline): this server will not serve it, another replica behind the same
+# address (a load balancer, Ray's proxy) can at once.
+SHUTDOWN_RETRY_AFTER_S = 1
 
 
 def retry_after_seconds(waiting_images: int, steps: int, image_steps_per_s: float) -> int:
@@ -53,7 +57,7 @@ class Admission:
         dead engine process), then 429 with Retry-After when they would overflow the queue."""
         with self._lock:
             if self._closed:
-                raise ServiceError(503, SHUTTING_DOWN)
+                raise ServiceError(503, SHUTTING_DOWN, retry_after=SHUTDOWN_RETRY_AFTER_S)
             if broken is not None:
                 raise broken
             waiting = self._outstanding - self._occupied

@@ -17,7 +17,8 @@ image i, so the same request gives the same pixels.
 
 Every accepted request ends with its images or an error: 429 (with Retry-After) when the queue is
 full (admission.py decides), 422 for input the caller can fix, 500 naming the cause when the
-worker failed on its images (the others keep going), 503 when the server drains past its deadline,
+worker failed on its images (the others keep going), 503 with Retry-After when the server drains
+(a request that arrives meanwhile at once, one still running at the drain deadline then: `Drain`),
 503 with Retry-After when the engine process died with the request or is restarting. Before any
 of that, a body over settings.MAX_BODY_BYTES is 413 and one that is not JSON 415, unparsed
 (asgi.py). Every response carries X-Served-By and is counted in invdiff_requests_total.
@@ -39,14 +40,19 @@ import time
 from typing import List, Literal, Optional
 
 from ..config import SCHEDULER_NAMES, SEED_LIMIT
+from .admission import SHUTDOWN_RETRY_AFTER_S, SHUTTING_DOWN
 from .asgi import BoundedBody, StampResponses, send_json_error, validation_problems
 from .errors import ServiceError
 from .metrics import Metrics
 from .settings import MAX_GUIDANCE_SCALE, MAX_STEPS, MAX_STRENGTH, ServeSettings
-from .worker import EngineWorker, ImageJob, Worker
+from .worker import SHUT_DOWN_UNFINISHED, EngineWorker, ImageJob, Worker
 
 log = logging.getLogger("invdiff.serve")
 SEED_LIMIT_TEXT = f"2**{SEED_LIMIT.bit_length() - 1}"  # "2**64", for messages
+# `serve`: uvicorn's own graceful-shutdown timeout is the drain deadline plus this. Only a backstop:
+# every request has its answer at the deadline (`Drain`), and uvicorn would cancel one still
+# running with a plain-text 500 and a traceback.
+UVICORN_GRACE_S = 2.0
 
 # --------------------------------------------------------------------- the HTTP app
 def _request_model(settings: ServeSettings):
@@ -174,9 +180,51 @@ class ShedWhenFull:
         await self.app(scope, receive, send)
 
 
+class Drain:
+    """The drain deadline of one app. `begin` (SIGTERM: `serve`'s handler; else the app's shutdown)
+    stops new requests (503) and starts the clock: settings.drain_seconds later `passed` resolves,
+    and every request still waiting for its images is cancelled in the engine and answered 503
+    with Retry-After, in the service's JSON body, so that the server can exit on time.
+
+    `bind` (at the app's start, on its event loop) makes `passed`; `begin` may be called from any
+    thread or from a signal handler."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.started = False
+        self.deadline: Optional[float] = None  # time.monotonic() when the drain ends
+        self.passed: Optional[asyncio.Future] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop, self.passed = loop, loop.create_future()
+        if self.started:  # begun before the app started
+            loop.call_soon_threadsafe(self._arm)
+
+    def begin(self) -> None:
+        if self.started:
+            return
+        self.deadline = time.monotonic() + self.seconds
+        self.started = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._arm)
+
+    def left(self) -> float:
+        """Seconds until the deadline (the whole drain before `begin`)."""
+        return self.seconds if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def _arm(self) -> None:  # on the loop
+        self._loop.call_later(self.left(), self._pass)
+
+    def _pass(self) -> None:
+        if self.passed is not None and not self.passed.done():
+            self.passed.set_result(None)
+
+
 def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
     """The FastAPI app. `worker`: a loaded EngineWorker or EngineProcess (make_worker; None: make
-    and load one at startup). The worker thread starts with the app and drains at shutdown."""
+    and load one at startup). The worker thread starts with the app and drains at shutdown.
+    `app.state.drain` is the app's `Drain`: `serve` begins it on SIGTERM."""
     import contextlib
     import random
 
@@ -188,7 +236,8 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
 
     metrics = worker.metrics if worker is not None else Metrics(settings.max_batch)
     ImagesRequest = _request_model(settings)
-    state = {"worker": worker, "draining": False}
+    state = {"worker": worker}
+    drain = Drain(settings.drain_seconds)
     redact = Redactor(settings)
 
     @contextlib.asynccontextmanager
@@ -198,14 +247,17 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
             w = state["worker"] = make_worker(settings, metrics)
             await run_in_threadpool(w.load)
         w.start()
+        drain.bind(asyncio.get_running_loop())
         try:
             yield
         finally:
-            state["draining"] = True
-            await run_in_threadpool(w.stop, settings.drain_seconds)
+            # Under `serve` the drain began at SIGTERM and the requests have their answers by now.
+            drain.begin()
+            await run_in_threadpool(w.stop, drain.left())
 
     app = FastAPI(title="invdiff", summary="InvDiff guided sampling", lifespan=lifespan)
     app.state.invdiff = state
+    app.state.drain = drain
     # Added innermost first: a request meets StampResponses, then ShedWhenFull (a full queue is
     # refused before anything is read), then BoundedBody (413, 415), then FastAPI.
     app.add_middleware(BoundedBody)
@@ -244,7 +296,7 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
     @app.get("/readyz")
     async def readyz():
         w = state["worker"]
-        if state["draining"]:
+        if drain.started:
             return JSONResponse({"status": "draining"}, status_code=503)
         if w is None or not w.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503)
@@ -269,8 +321,8 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
     @app.post("/v1/images")
     async def images(body: ImagesRequest, request: Request):
         w = state["worker"]
-        if state["draining"]:
-            return error(503, "the server is shutting down; retry on another replica")
+        if drain.started:
+            return error(503, SHUTTING_DOWN, retry_after=SHUTDOWN_RETRY_AFTER_S)
         if w is None or not w.ready.is_set():
             return error(503, "the model is still loading; retry when /readyz is 200", retry_after=5)
         if w.known_prompts is not None and body.prompt not in w.known_prompts:
@@ -291,9 +343,11 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
         waiting = asyncio.wrap_future(job.future)
         # Watch the client without polling: the body is read, so the next ASGI message is the
         # disconnect (a client that closed or timed out), which frees the job's slots at once.
+        # And the drain deadline: a request still running then is answered, not cut.
         gone = asyncio.ensure_future(_client_gone(request))
+        watched = {waiting, gone} | ({drain.passed} if drain.passed is not None else set())
         try:
-            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # Ray Serve cancels the handler when its client leaves
             w.cancel(job)
             raise
@@ -302,7 +356,11 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
                 gone.cancel()
         if not waiting.done():
             w.cancel(job)
-            return Response(status_code=499)  # nginx's "client closed request", counted as such
+            if gone.done() and not gone.cancelled():
+                return Response(status_code=499)  # nginx's "client closed request", counted as such
+            # The drain deadline passed: one line, not uvicorn's traceback of a cancelled handler.
+            log.warning("a request of %d image(s) was still running at the drain deadline (%g s): 503", job.num, drain.seconds)
+            return error(503, SHUT_DOWN_UNFINISHED, retry_after=SHUTDOWN_RETRY_AFTER_S)
         try:
             result = waiting.result()
         except ServiceError as exc:
@@ -319,8 +377,10 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
 
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Load the model, then serve until SIGTERM/SIGINT; on the signal stop taking requests and
-    finish in-flight ones for at most settings.drain_seconds (uvicorn's graceful shutdown)."""
+    """Load the model, then serve until SIGTERM/SIGINT. On the signal: /readyz 503, no new
+    connections (uvicorn's graceful shutdown), in-flight requests finish for at most
+    settings.drain_seconds, and those still running then get a 503 with Retry-After (`Drain`);
+    then the engine stops and the process ends by the signal, as uvicorn ends it."""
     import uvicorn
 
     worker = make_worker(settings, Metrics(settings.max_batch))
@@ -329,10 +389,11 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, lo
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):  # readyz turns 503 at once, so balancers stop sending
-            app.state.invdiff["draining"] = True
+            app.state.drain.begin()  # the deadline counts from the signal
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=settings.drain_seconds)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=settings.drain_seconds + UVICORN_GRACE_S)
     # uvicorn's logger: configured by now, it prints where uvicorn's own start-up lines go.
     logging.getLogger("uvicorn.error").info("X-Served-By %s is %s:%d", served_by(settings), socket.gethostname(), os.getpid())
     DrainingServer(config).run()

@@ -15,7 +15,7 @@ pipe:
 
     parent -> child   ("start",) ("submit", job fields) ("cancel", job id) ("stop", seconds)
     child -> parent   ("loaded", info) ("load_failed", exception) ("ready", error or None)
-                      ("done", job id, (N, H, W, C) uint8) ("failed", job id, status, message)
+                      ("done", job id, (N, H, W, C) uint8) ("failed", job id, status, message, retry after)
                       ("released", images) ("metric", name, method, value) ("stopped",)
 
 The child ignores SIGINT and SIGTERM: the parent drains it with "stop" (a terminal's Ctrl-C or a
@@ -48,12 +48,15 @@ import itertools
 import logging
 import math
 import multiprocessing
+import multiprocessing.util
+import os
 import signal
+import sys
 import threading
 import time
 from typing import Dict, Optional
 
-from .admission import Admission
+from .admission import SHUTDOWN_RETRY_AFTER_S, Admission
 from .errors import ServiceError
 from .metrics import Metrics
 from .settings import ServeSettings
@@ -293,7 +296,7 @@ class EngineProcess:
             elif kind == "failed":
                 job = self._pop(message[1])
                 if job is not None and not job.future.done():
-                    job.future.set_exception(ServiceError(message[2], message[3]))
+                    job.future.set_exception(ServiceError(message[2], message[3], retry_after=message[4]))
             elif kind == "released":
                 self.admission.release(message[1])
             elif kind == "metric":
@@ -348,7 +351,7 @@ class EngineProcess:
             reason = child.failure or f"the engine process exited unexpectedly (exit code {child.process.exitcode})"
             restart = False
             if self._stopping.is_set():
-                error = ServiceError(503, f"{reason} while the server shut down")
+                error = ServiceError(503, f"{reason} while the server shut down", retry_after=SHUTDOWN_RETRY_AFTER_S)
             else:
                 failed = child.ready_at is None or (child.generation > 0 and now - child.ready_at < STABLE_AFTER_S)
                 self._failures = self._failures + 1 if failed else 0
@@ -478,9 +481,9 @@ def _child_main(fields: Dict, conn) -> None:
 
             send(("done", job.job_id, to_uint8(torch.stack(future.result())).numpy()))
         elif isinstance(error, ServiceError):
-            send(("failed", job.job_id, error.status, str(error)))
+            send(("failed", job.job_id, error.status, str(error), error.retry_after))
         else:
-            send(("failed", job.job_id, 500, f"{type(error).__name__}: {error}"))
+            send(("failed", job.job_id, 500, f"{type(error).__name__}: {error}", None))
         send(("metric", "step_rate", "set", worker.admission.step_rate))
 
     def report_ready():
@@ -510,4 +513,13 @@ def _child_main(fields: Dict, conn) -> None:
         elif kind == "stop":
             worker.stop(message[1])
             send(("stopped",))
-            return
+            # Skip the interpreter's teardown (torch's modules: 1.7 s on the CPU, which a SIGTERM's
+            # drain would wait for) after what Process._bootstrap itself runs at a child's end:
+            # multiprocessing's finalizers (they unlink the semaphore tqdm's lock made).
+            try:
+                multiprocessing.util._exit_function()
+            except Exception:  # noqa: BLE001 (a private function; without it only a warning at exit)
+                pass
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)

@@ -13,14 +13,23 @@ HEALTH_CHECK_TIMEOUT_S). `InvDiffReplica.check_health` raises what GET /healthz 
 engine process died and could not be restarted (engine_process.py), Ray replaces the replica;
 while the engine restarts it passes, as a restart (seconds) is cheaper than a new replica (a new
 actor, and the model loaded again).
+
+Shutdown: `run` (what `invdiff serve --ray` runs) serves until SIGTERM or SIGINT, then takes Ray
+Serve's own graceful path (`shutdown`): the app is deleted, so that each replica stops taking
+requests and finishes its in-flight ones, for at most --drain-seconds (the deployment's
+graceful_shutdown_timeout_s, after which Ray kills the replica), then Serve and Ray stop and the
+process exits with status 0. A second signal ends it at once.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import signal
 import socket
-from typing import Dict, Optional
+import threading
+import time
+from typing import Dict, List, Optional
 
 from .app import create_app, make_worker, served_by
 from .metrics import Metrics
@@ -32,6 +41,21 @@ from .settings import ServeSettings
 # requests (PNG encoding of large batches) without mistaking it for a dead replica.
 HEALTH_CHECK_PERIOD_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 10.0
+# The Serve application's name (`serve run` and `run` deploy it under it; `shutdown` deletes it).
+APP_NAME = "invdiff"
+# `shutdown` waits for the application's deletion for the drain plus this (Ray's controller stops
+# the replicas in its own loop, and a replica's engine stops after its drain) before it stops Serve.
+DELETE_GRACE_S = 15.0
+
+
+def drain_options(drain_seconds: float) -> Dict[str, float]:
+    """The deployment's drain (Ray Serve's replica shutdown): a replica that is stopped takes no
+    new requests and checks every graceful_shutdown_wait_loop_s whether its in-flight ones are
+    done; Ray's controller kills it graceful_shutdown_timeout_s after the stop. The loop is a
+    tenth of the drain, within 0.1 s and Ray's default 2 s, so that a replica leaves soon after
+    its last request."""
+    return {"graceful_shutdown_timeout_s": float(drain_seconds),
+            "graceful_shutdown_wait_loop_s": min(2.0, max(0.1, drain_seconds / 10))}
 
 
 class InvDiffReplica:
@@ -72,7 +96,7 @@ def deployment(settings: ServeSettings, replicas: int = 1, gpus_per_replica: Opt
 
     options = {"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}
     replica = serve.deployment(serve.ingress()(InvDiffReplica), name="invdiff", num_replicas=replicas, ray_actor_options=options,
-                               max_ongoing_requests=ongoing, graceful_shutdown_timeout_s=settings.drain_seconds,
+                               max_ongoing_requests=ongoing, **drain_options(settings.drain_seconds),
                                health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S)
     return replica.bind(dataclasses.asdict(settings))
 
@@ -96,13 +120,81 @@ def app_builder(args: Dict[str, str]):
 
 def run(settings: ServeSettings, replicas: int, host: str = "127.0.0.1", port: int = 8000,
         gpus_per_replica: Optional[float] = None, cpus_per_replica: float = 1.0, blocking: bool = True):
-    """Start (or join, with RAY_ADDRESS) a Ray cluster and serve on host:port until interrupted."""
+    """Start (or join, with RAY_ADDRESS) a Ray cluster and serve on host:port. blocking (from the
+    main thread): until SIGTERM or SIGINT, then drain and stop (`shutdown`) and return None; a
+    signal while the app deploys is acted on once it is deployed. Else return the app's handle."""
     import ray
     from ray import serve
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    handle = serve.run(deployment(settings, replicas, gpus_per_replica, cpus_per_replica), name="invdiff",
-                       route_prefix="/", blocking=blocking)
-    return handle
+    # After ray.init: Ray installs SIGTERM handlers of its own as it starts (its driver's
+    # sys.exit, its core worker's stack dump), which cut in-flight requests.
+    signals = Signals() if blocking else None
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        handle = serve.run(deployment(settings, replicas, gpus_per_replica, cpus_per_replica), name=APP_NAME, route_prefix="/")
+        if signals is None:
+            return handle
+        sig = signals.wait()
+    finally:
+        if signals is not None:
+            signals.restore()  # a second signal ends the process as Ray would have
+    _log().info("%s: draining for at most %g s (--drain-seconds)", signal.Signals(sig).name, settings.drain_seconds)
+    shutdown(settings.drain_seconds)
+    return None
+
+
+def _log() -> logging.Logger:
+    return logging.getLogger("ray.serve")  # Ray prints it on the driver's terminal
+
+
+class Signals:
+    """Records SIGTERM and SIGINT from its creation (on the main thread) until `restore`, which
+    puts the handlers that were there before back in place."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("serving until a signal needs the main thread (signal handlers belong to it)")
+        self.received: List[int] = []
+        self._previous = {sig: signal.signal(sig, self._record) for sig in signals}
+
+    def _record(self, sig, frame) -> None:
+        self.received.append(sig)
+
+    def wait(self, poll_s: float = 0.5) -> int:
+        """The first signal received, once there is one. Polls instead of signal.pause(): the
+        kernel may hand the signal to one of Ray's threads, and Python runs the handler on the
+        main thread only when it next runs bytecode."""
+        while not self.received:
+            time.sleep(poll_s)
+        return self.received[0]
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def shutdown(drain_seconds: float, name: str = APP_NAME) -> None:
+    """Ray Serve's graceful shutdown of the app: delete it, so that its replicas stop taking
+    requests and finish their in-flight ones (for at most `drain_seconds`: drain_options), and
+    wait for that; then stop Serve unless other applications run on it, and disconnect from Ray
+    (which stops a local Ray that this process started)."""
+    import ray
+    from ray import serve
+
+    started = time.monotonic()
+    serve.delete(name, _blocking=False)
+    deadline = started + drain_seconds + DELETE_GRACE_S
+    while True:
+        app = serve.status().applications.get(name)
+        if app is None or app.status == "NOT_STARTED":  # (a str enum)
+            _log().info("application %r drained and deleted in %.1f s", name, time.monotonic() - started)
+            break
+        if time.monotonic() > deadline:
+            _log().warning("application %r not deleted within %g s; stopping Serve", name, drain_seconds + DELETE_GRACE_S)
+            break
+        time.sleep(0.2)
+    if not serve.status().applications:
+        serve.shutdown()
+    ray.shutdown()

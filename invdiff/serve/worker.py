@@ -18,13 +18,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
-from .admission import Admission
+from .admission import SHUTDOWN_RETRY_AFTER_S, Admission
 from .errors import ServiceError
 from .metrics import Metrics
 from .settings import MAX_STEPS, ServeSettings
 
 log = logging.getLogger("invdiff.serve")
 
+# The 503 of a request still running when the drain deadline passed (the app answers it at the
+# deadline; a worker stopped with jobs left fails them with it too).
+SHUT_DOWN_UNFINISHED = "the server shut down before this request finished (its drain deadline passed); retry on another replica"
 PROMPT_TABLE_LIMIT = 4096  # prompts a text-encoder model's table holds before it is reset when idle
 
 
@@ -212,7 +215,7 @@ class EngineWorker:
                 if engine.pending or engine.active:
                     self._step(key, engine)
         for job in list(self._jobs.values()):
-            self._fail(job, ServiceError(503, "the server shut down before this request finished"))
+            self._fail(job, ServiceError(503, SHUT_DOWN_UNFINISHED, retry_after=SHUTDOWN_RETRY_AFTER_S))
 
     def _trim_prompt_table(self) -> None:
         # A text encoder's table keeps one (L, D) row per prompt ever asked for (118 KB in fp16 at
