@@ -11,6 +11,27 @@ invdiff.ops.
 """
 from __future__ import annotations
 
+import sys as _sys
+
+if __name__ == "kernels":
+    # This folder is invdiff's `invdiff.kernels`. Imported as a top-level `kernels`, it was found
+    # only because the root of an invdiff clone is on sys.path (python or pytest run from it),
+    # where it shadows the Hugging Face `kernels` package that transformers (>= 5.25) requires
+    # and diffusers imports. Give way to that package: the import system hands the importer
+    # whatever sys.modules holds once this module has run. Where it is not installed this folder
+    # stays what `kernels` names, as before: transformers (5.24) then imports it to read a version,
+    # finds none, and takes the hub kernels for absent.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+
+    _clone = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _clone])
+    if _spec is not None:
+        _sys.modules["kernels"] = _util.module_from_spec(_spec)
+        _spec.loader.exec_module(_sys.modules["kernels"])
+
 import importlib.util
 import os
 from typing import List, Optional, Sequence

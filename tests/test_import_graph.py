@@ -248,3 +248,22 @@ def test_a_kernel_module_imported_first_loads(first):
         print(sorted(b.name for b in invdiff.ops.BACKENDS))
     """, TRITON_INTERPRET="1")
     assert out == str(sorted(["triton", "reference", "cpp"]))
+
+
+def test_the_clones_kernels_folder_never_shadows_a_top_level_kernels_package():
+    # Run from the root of a clone, `import kernels` finds the kernels/ folder first. It must not
+    # be taken for the Hugging Face `kernels` package (transformers >= 5.25 requires it, and
+    # diffusers imports it when it is installed): diffusers' UNet must import from there, and
+    # where that package is installed, `kernels` must be it.
+    installed = subprocess.run([sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('kernels') is not None)"],
+                               cwd=os.path.dirname(REPO), capture_output=True, text=True, check=True).stdout.strip() == "True"
+    code = textwrap.dedent("""
+        import os, sys
+        from diffusers import UNet2DConditionModel  # imports diffusers.loaders.peft, which imports kernels if installed
+        import kernels
+        print(os.path.abspath(kernels.__file__))
+    """)
+    found = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr[-2000:]
+    inside_clone = found.stdout.strip().startswith(os.path.join(REPO, "kernels") + os.sep)
+    assert inside_clone is not installed, (installed, found.stdout)
