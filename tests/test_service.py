@@ -686,6 +686,26 @@ def test_sigterm_drains_in_flight_requests(tiny_run):
     assert "Waiting for connections to close" in log and "Application shutdown complete" in log, log
 
 
+def _sigterm_during_a_request(proc, url, body, ready_timeout=60.0, sampling_timeout=10.0, wait=60.0):
+    """Start `body` on the server of `proc`, SIGTERM it once the request samples, and return
+    (reply or exception, seconds to the reply, the exit code, seconds to the exit, the log)."""
+    try:
+        wait_ready(url, timeout=ready_timeout)
+        thread, replies = _post_keeping_reply(url, body, timeout=120)
+        wait_for(lambda: metric(url, "invdiff_slots_occupied") == 2, timeout=sampling_timeout, what="the request sampling")
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        thread.join(timeout=wait)
+        answered = time.monotonic() - signalled
+        rc = proc.wait(timeout=wait)
+        exited = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log = proc.stdout.read()
+    return replies[0], answered, rc, exited, log
+
+
 def test_a_request_still_running_at_the_drain_deadline_gets_a_503_and_the_server_exits_on_time(tiny_run):
     """SIGTERM with --drain-seconds 2 and a request that needs far longer: at the deadline it gets
     the service's JSON 503 with Retry-After (not uvicorn's plain-text 500 of a cancelled task and
@@ -698,23 +718,10 @@ def test_a_request_still_running_at_the_drain_deadline_gets_a_503_and_the_server
     proc = subprocess.Popen([sys.executable, "-m", "invdiff.cli", "serve", "--model", run, "--port", str(port), "--max-batch", "2",
                              "--drain-seconds", str(drain)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url)
-        # 16 images of 1000 steps, 2 at a time: minutes of sampling, far past the deadline.
-        thread, replies = _post_keeping_reply(url, {"prompt": "digit 3", "num": 16, "steps": 1000, "seed": 0}, timeout=120)
-        wait_for(lambda: metric(url, "invdiff_slots_occupied") == 2, what="the request sampling")
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        thread.join(timeout=60)
-        answered = time.monotonic() - signalled
-        rc = proc.wait(timeout=60)
-        exited = time.monotonic() - signalled
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log = proc.stdout.read()
+    # 16 images of 1000 steps, 2 at a time: minutes of sampling, far past the deadline.
+    reply, answered, rc, exited, log = _sigterm_during_a_request(
+        proc, url, {"prompt": "digit 3", "num": 16, "steps": 1000, "seed": 0})
     print(f"SIGTERM with a {drain:g} s drain: the request answered after {answered:.2f} s, the process exited after {exited:.2f} s")
-    reply = replies[0]
     assert isinstance(reply, httpx.Response), reply
     assert reply.status_code == 503, (reply.status_code, reply.text, log)
     assert reply.headers["content-type"] == "application/json" and reply.headers["retry-after"] == "1"
@@ -750,22 +757,9 @@ def test_sigterm_on_ray_serve_drains_in_flight_requests_and_exits_0(tiny_run):
                              "--device", "cpu", "--max-batch", "2", "--drain-seconds", "60"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, timeout=180)
-        thread, replies = _post_keeping_reply(url, {"prompt": "digit 3", "num": 2, "steps": 300, "seed": 0}, timeout=120)
-        wait_for(lambda: metric(url, "invdiff_slots_occupied") == 2, timeout=30, what="the request sampling")
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        thread.join(timeout=120)
-        answered = time.monotonic() - signalled
-        rc = proc.wait(timeout=120)
-        exited = time.monotonic() - signalled
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log = proc.stdout.read()
+    reply, answered, rc, exited, log = _sigterm_during_a_request(
+        proc, url, {"prompt": "digit 3", "num": 2, "steps": 300, "seed": 0}, ready_timeout=180, sampling_timeout=30, wait=120)
     print(f"Ray SIGTERM: the in-flight request answered {answered:.2f} s and the process exited {exited:.2f} s after it")
-    reply = replies[0]
     assert isinstance(reply, httpx.Response), (reply, log)
     assert reply.status_code == 200, (reply.status_code, reply.text, log)  # the in-flight request finished
     assert len(reply.json()["images"]) == 2
