@@ -479,7 +479,7 @@ def test_a_client_that_goes_away_frees_its_slots(tiny_run, engine_process):
         wait_for(lambda: metric(url, "invdiff_slots_occupied") == 0 and worker.queue_depth() == 0,
                  timeout=10, what="the slots freed")
         if not engine_process:  # the engine's own counters are in this process
-            engine = worker._engines[("ddim", 1.0)]
+            engine = worker._engines["ddim"]
             done = engine.slot_steps
             assert done < 4 * 1000  # stopped well before the images finished
             time.sleep(0.3)

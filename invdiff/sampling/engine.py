@@ -25,18 +25,20 @@ import torch
 from .. import ops
 from .schedule import EtaRule, GuidedSchedule
 from .spec import latent_shape, make_scheduler
-from .step_coeffs import NUM_COEFFS, Col, StepPlan, UnsupportedScheduler, guidance_columns, plan_steps
+from .step_coeffs import NUM_COEFFS, Col, StepPlan, UnsupportedScheduler, plan_steps, strength_coefficients
 
 
 @dataclass
 class Request:
-    """One image to sample. prompt_id: the base model's prompt index; steps >= 1."""
+    """One image to sample. prompt_id: the base model's prompt index; steps >= 1; strength: G_psi's
+    strength s for this image (None: the denoiser's), so that images at any strength share a batch."""
 
     prompt_id: int
     seed: int
     steps: int = 50
     guidance_scale: float = 2.0
     request_id: Optional[int] = None
+    strength: Optional[float] = None
 
 
 @dataclass
@@ -76,10 +78,11 @@ class SamplingEngine:
     whatever the model's dtype (rounding it to bf16 every step would add up over the schedule);
     the model's outputs go to the fused step in their own dtype. Per-slot numbers the device
     needs every step live on the device, written once at admission: the slot's row in the
-    concatenated per-plan table (plan offset + step, advanced on the device), its guidance scale
-    and its prompt embedding. The host keeps only what its control flow needs, as numpy mirrors
-    known without a sync: steps done and total (which slots finish), rows (which draw noise),
-    and guidance scales (whether any slot needs the unconditional branch).
+    concatenated per-plan table (plan offset + step, advanced on the device), its guidance scale,
+    its combine coefficients (C_EPS, C_G of its strength) and its prompt embedding. The host keeps
+    only what its control flow needs, as numpy mirrors known without a sync: steps done and total
+    (which slots finish), rows (which draw noise), guidance scales (whether any slot needs the
+    unconditional branch) and strengths (whether any slot needs G).
     """
 
     def __init__(self, denoiser, scheduler="ddim", max_batch: int = 64, device=None, eta: float = 0.0, dtype=None, postprocess=None,
@@ -121,6 +124,8 @@ class SamplingEngine:
         # Per-slot device state (rows [0, n) are the occupied slots).
         self._row = torch.zeros(max_batch, device=self.device, dtype=torch.long)
         self._cfg = torch.ones(max_batch, device=self.device, dtype=torch.float32)
+        self._c_eps = torch.ones(max_batch, device=self.device, dtype=torch.float32)
+        self._c_g = torch.zeros(max_batch, device=self.device, dtype=torch.float32)
         self._embeds: Optional[torch.Tensor] = None  # (max_batch, L, D), allocated at the first admission
         self._null_embeds: Optional[torch.Tensor] = None  # (1, L, D): the unconditional prompt
         # Host mirrors.
@@ -128,6 +133,9 @@ class SamplingEngine:
         self._h_step = np.zeros(max_batch, dtype=np.int64)
         self._h_total = np.zeros(max_batch, dtype=np.int64)
         self._h_cfg = np.ones(max_batch, dtype=np.float64)
+        self._h_strength = np.ones(max_batch, dtype=np.float64)
+        self._h_c_eps = np.ones(max_batch, dtype=np.float64)
+        self._h_c_g = np.zeros(max_batch, dtype=np.float64)
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request) -> int:
@@ -137,6 +145,8 @@ class SamplingEngine:
         known = self.denoiser.base.conditioner.null_id  # ids 0..null_id-1 are prompts
         if not 0 <= int(request.prompt_id) < known:
             raise ValueError(f"prompt id {request.prompt_id} is not one of the model's {known} prompts")
+        if request.strength is not None and not np.isfinite(request.strength):
+            raise ValueError(f"strength must be a finite number, got {request.strength}")
         if request.request_id is None:
             request = copy.copy(request)
             request.request_id = next(self._ids)
@@ -221,6 +231,10 @@ class SamplingEngine:
             self._x[i] = noise.to(self.device) * sigma
             self._h_step[i], self._h_total[i] = 0, total
             self._h_cfg[i] = float(request.guidance_scale)
+            strength = float(self.denoiser.strength if request.strength is None else request.strength)
+            ratio = self.denoiser.guidance.ratio if self.denoiser.guidance is not None else None
+            self._h_strength[i] = strength
+            self._h_c_eps[i], self._h_c_g[i] = strength_coefficients(ratio, strength)
             self._slots.append(_Slot(request, gen, plan, sched, etas))
         new = slice(first, len(self._slots))
         if new.start == new.stop:
@@ -235,7 +249,10 @@ class SamplingEngine:
         self._embeds[new] = embeds
         self._row[new] = torch.from_numpy(self._h_row[new]).to(self.device)
         # fp32, as the fused step's CFG_SCALE column and cfg_combine's per-sample scale take it.
+        # float64 on the host rounded once to fp32: the values a scalar strength's table held.
         self._cfg[new] = torch.from_numpy(self._h_cfg[new]).to(device=self.device, dtype=torch.float32)
+        self._c_eps[new] = torch.from_numpy(self._h_c_eps[new]).to(device=self.device, dtype=torch.float32)
+        self._c_g[new] = torch.from_numpy(self._h_c_g[new]).to(device=self.device, dtype=torch.float32)
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -257,16 +274,18 @@ class SamplingEngine:
             timesteps = torch.stack([s.scheduler.timesteps[int(self._h_step[i])] for i, s in enumerate(self._slots)]).to(self.device)
             model_in = torch.cat([s.scheduler.scale_model_input(x[i : i + 1], timesteps[i]) for i, s in enumerate(self._slots)])
         use_cfg = bool((self._h_cfg[:n] != 1.0).any())
+        use_g = bool((self._h_strength[:n] != 0.0).any())
         cond = self._embeds[:n]
         model_in = model_in.to(self.dtype)
         if use_cfg:
             uncond = self._null_embeds.expand(n, *self._null_embeds.shape[1:])
-            eps, g = self.denoiser.branches(torch.cat([model_in, model_in]), torch.cat([timesteps, timesteps]), torch.cat([uncond, cond]), native=True)
+            eps, g = self.denoiser.branches(torch.cat([model_in, model_in]), torch.cat([timesteps, timesteps]), torch.cat([uncond, cond]),
+                                            native=True, run_guidance=use_g)
             eps, g = self._step_inputs(eps, g)
             eps_u, eps_c = eps.chunk(2)
             g_u, g_c = g.chunk(2) if g is not None else (None, None)
         else:
-            eps_c, g_c = self._step_inputs(*self.denoiser.branches(model_in, timesteps, cond, native=True))
+            eps_c, g_c = self._step_inputs(*self.denoiser.branches(model_in, timesteps, cond, native=True, run_guidance=use_g))
             eps_u = g_u = None
         self.model_evaluations += 1
         self.slot_steps += n
@@ -288,9 +307,13 @@ class SamplingEngine:
 
     def _fused_update(self, x, eps_u, eps_c, g_u, g_c, coeffs) -> None:
         n = x.shape[0]
-        guidance = self.denoiser.guidance
-        ratio = guidance.ratio if guidance is not None and g_c is not None else None
-        guidance_columns(coeffs, ratio, self.denoiser.strength, self._cfg[:n])  # on the device, in place
+        # The per-slot columns of the table, on the device, in place. Without G's output (no G,
+        # every strength 0, or outside G's band) every slot takes the frozen eps alone.
+        if g_c is None:
+            coeffs[:, Col.C_EPS], coeffs[:, Col.C_G] = 1.0, 0.0
+        else:
+            coeffs[:, Col.C_EPS], coeffs[:, Col.C_G] = self._c_eps[:n], self._c_g[:n]
+        coeffs[:, Col.CFG_SCALE] = self._cfg[:n]
         draws = self._table_draws[self._h_row[:n]]
         noise = None
         if draws.any():
@@ -305,16 +328,31 @@ class SamplingEngine:
         self._h_row[:n] += 1
 
     def _scheduler_update(self, x, eps_u, eps_c, g_u, g_c, timesteps) -> None:
-        guidance = self.denoiser.guidance
         if g_c is not None:
-            eps_c = guidance.combine(eps_c, g_c, self.denoiser.strength)
-            eps_u = guidance.combine(eps_u, g_u, self.denoiser.strength) if eps_u is not None else None
+            eps_c = self._combine_per_strength(eps_c, g_c)
+            eps_u = self._combine_per_strength(eps_u, g_u) if eps_u is not None else None
         scales = self._cfg[: x.shape[0]]
         m = ops.cfg_combine(eps_u, eps_c, scales.to(eps_c)) if eps_u is not None else eps_c
         for i, slot in enumerate(self._slots):
             eta = slot.etas[int(self._h_step[i])]  # a DDIM the fused step cannot take (thresholding) still follows the rule
             extra = {} if eta is None else {"eta": eta}
             x[i : i + 1] = slot.scheduler.step(m[i : i + 1], timesteps[i], x[i : i + 1], generator=[slot.generator], **extra).prev_sample
+
+    def _combine_per_strength(self, eps: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """G's combine at each slot's strength (eps, g: (n, C, H, W)), one call per distinct
+        strength with the strength as a Python float: the same arithmetic (and rounding) as a
+        whole batch at that strength."""
+        strengths = self._h_strength[: eps.shape[0]]
+        values = np.unique(strengths)
+        if len(values) == 1:
+            return self.denoiser.guidance.combine(eps, g, float(values[0]))
+        out = None
+        for value in values:
+            rows = torch.from_numpy(np.flatnonzero(strengths == value)).to(eps.device)
+            part = self.denoiser.guidance.combine(eps[rows], g[rows], float(value))
+            out = torch.empty(eps.shape, dtype=part.dtype, device=eps.device) if out is None else out
+            out[rows] = part
+        return out
 
     def _retire(self) -> Dict[int, torch.Tensor]:
         n = len(self._slots)
@@ -340,11 +378,11 @@ class SamplingEngine:
         if not moved:
             return
         dst, src = (list(v) for v in zip(*moved))
-        for host in (self._h_row, self._h_step, self._h_total, self._h_cfg):
+        for host in (self._h_row, self._h_step, self._h_total, self._h_cfg, self._h_strength, self._h_c_eps, self._h_c_g):
             host[dst] = host[src]
         dst_d, src_d = torch.tensor(dst, device=self.device), torch.tensor(src, device=self.device)
         # Every source sits behind the packed front and every destination in it: no overlap.
-        for dev in (self._x, self._row, self._cfg, self._embeds):
+        for dev in (self._x, self._row, self._cfg, self._c_eps, self._c_g, self._embeds):
             dev[dst_d] = dev[src_d]
 
     # ------------------------------------------------------------------ driving

@@ -38,9 +38,12 @@ class GuidedDenoiser(torch.nn.Module):
         self.strength = strength
 
     @torch.no_grad()
-    def branches(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor, native: bool = False):
+    def branches(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor, native: bool = False,
+                 run_guidance: Optional[bool] = None):
         """(eps_theta, G_psi's output or None), uncombined: the fused step combines them.
-        sample: (B, C, H, W); timestep: (B,); prompt_embeds: (B, L, D).
+        sample: (B, C, H, W); timestep: (B,); prompt_embeds: (B, L, D). run_guidance: whether G
+        runs (None: unless the strength is 0); the engine, whose slots each have a strength of
+        their own, runs it when any slot's strength is not 0.
 
         native=False: both in fp32 (or wider), as G and the combine take them. native=True: both in
         the frozen UNet's dtype, for the engine's fused step, which reads a bf16/fp16 model output
@@ -50,7 +53,9 @@ class GuidedDenoiser(torch.nn.Module):
         raw = self.base.eps_native(sample, timestep, prompt_embeds)
         eps = raw.to(torch.promote_types(raw.dtype, torch.float32))  # what G reads: a no-op for fp32
         out = raw if native else eps
-        if self.guidance is None or self.strength == 0.0:
+        if run_guidance is None:
+            run_guidance = self.strength != 0.0
+        if self.guidance is None or not run_guidance:
             return out, None
         rows = in_band(timestep, self.guidance.t_min, eps.shape[0])
         if bool(rows.all()):

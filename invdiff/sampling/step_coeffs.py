@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -167,6 +167,16 @@ def plan_steps(scheduler, steps: int, eta: float = 0.0, eta_below: Optional[floa
     return StepPlan(timesteps, input_scale, coeffs, draws, float(sched.init_noise_sigma))
 
 
+def strength_coefficients(ratio: Optional[float], strength: float) -> Tuple[float, float]:
+    """(C_EPS, C_G) of one sample, as Python floats (the engine keeps one pair per slot, so that
+    requests at different strengths share a batch): m = C_EPS*eps + C_G*g is
+    eps + s*((a*eps + b*g) - eps) with (a, b) = combine_coefficients(r); (1, 0) without G or at s = 0."""
+    if ratio is None or strength == 0.0:
+        return 1.0, 0.0
+    a, b = combine_coefficients(ratio)
+    return 1.0 + strength * (a - 1.0), strength * b
+
+
 def guidance_columns(coeffs: torch.Tensor, ratio: Optional[float], strength: float, guidance_scale) -> torch.Tensor:
     """Fill C_EPS, C_G and CFG_SCALE of a (B, NUM_COEFFS) table in place and return it.
 
@@ -174,11 +184,6 @@ def guidance_columns(coeffs: torch.Tensor, ratio: Optional[float], strength: flo
     frozen model (0) to the trained combination (1) and beyond; guidance_scale: float or (B,).
     With (a, b) = combine_coefficients(r): m = eps + s*((a*eps + b*g) - eps).
     """
-    if ratio is None or strength == 0.0:
-        coeffs[:, Col.C_EPS], coeffs[:, Col.C_G] = 1.0, 0.0
-    else:
-        a, b = combine_coefficients(ratio)
-        coeffs[:, Col.C_EPS] = 1.0 + strength * (a - 1.0)
-        coeffs[:, Col.C_G] = strength * b
+    coeffs[:, Col.C_EPS], coeffs[:, Col.C_G] = strength_coefficients(ratio, strength)
     coeffs[:, Col.CFG_SCALE] = guidance_scale if not torch.is_tensor(guidance_scale) else guidance_scale.to(coeffs)
     return coeffs

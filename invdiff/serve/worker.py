@@ -9,6 +9,7 @@ in a process of its own, behind the same protocol; both decide admission (429, 5
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import itertools
 import logging
@@ -29,6 +30,9 @@ log = logging.getLogger("invdiff.serve")
 # deadline; a worker stopped with jobs left fails them with it too).
 SHUT_DOWN_UNFINISHED = "the server shut down before this request finished (its drain deadline passed); retry on another replica"
 PROMPT_TABLE_LIMIT = 4096  # prompts a text-encoder model's table holds before it is reset when idle
+# The scheduler the worker warms up with and keeps an engine for; engines of other schedulers
+# are freed as soon as they are idle (their buffers and plans are rebuilt in milliseconds).
+DEFAULT_SCHEDULER = "ddim"
 
 
 @dataclass
@@ -98,10 +102,14 @@ class Worker(Protocol):
 class EngineWorker:
     """The one thread that owns the model and the device (a `Worker`).
 
-    One `SamplingEngine` per (scheduler, strength) that requests ask for (engines differ in their
-    schedule and combine coefficients), created on first use and stepped in turn; each image of a
-    job is one engine request. Handlers talk to it only through `submit` and `cancel`, which put
-    a message in the inbox; the worker applies them between steps.
+    One `SamplingEngine` per scheduler that requests ask for (schedulers differ in their update
+    rule, so they cannot share a batch; the strength is a per-slot value, so every strength of
+    one scheduler shares its batch). Each image of a job is one engine request. The worker holds
+    the images in one FIFO and hands an engine an image only while the images in all engines are
+    fewer than --max-batch, so that the slots of every engine together never exceed it; an engine
+    other than the default scheduler's is freed once it is idle. Handlers talk to the worker only
+    through `submit` and `cancel`, which put a message in the inbox; the worker applies them
+    between steps.
     """
 
     def __init__(self, settings: ServeSettings, metrics: Metrics):
@@ -112,8 +120,9 @@ class EngineWorker:
         self._finished_at: List[float] = []
         self._ids = itertools.count()
         self._jobs: Dict[int, ImageJob] = {}
-        self._owner: Dict[int, Tuple[ImageJob, int, Tuple[str, float]]] = {}  # engine request id -> (job, image index, engine key)
-        self._engines: Dict[Tuple[str, float], object] = {}
+        self._owner: Dict[int, Tuple[ImageJob, int, str]] = {}  # engine request id -> (job, image index, scheduler)
+        self._engines: Dict[str, object] = {}  # scheduler -> its SamplingEngine
+        self._waiting: "collections.deque[Tuple[str, object]]" = collections.deque()  # (scheduler, engine Request) not yet in an engine
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._deadline: Optional[float] = None
@@ -205,15 +214,17 @@ class EngineWorker:
             self.load_error = exc
         self.ready.set()
         while True:
-            busy = any(e.pending or e.active for e in self._engines.values())
+            busy = bool(self._waiting) or any(e.pending or e.active for e in self._engines.values())
             if not busy:
                 self._trim_prompt_table()
             self._drain_inbox(block=not busy)
             if self._stop.is_set() and (not self._jobs or time.perf_counter() >= self._deadline):
                 break
-            for key, engine in list(self._engines.items()):
+            self._feed_engines()
+            for scheduler, engine in list(self._engines.items()):
                 if engine.pending or engine.active:
-                    self._step(key, engine)
+                    self._step(scheduler, engine)
+            self._free_idle_engines()
         for job in list(self._jobs.values()):
             self._fail(job, ServiceError(503, SHUT_DOWN_UNFINISHED, retry_after=SHUTDOWN_RETRY_AFTER_S))
 
@@ -231,20 +242,37 @@ class EngineWorker:
             raise self.load_error
         from ..sampling.engine import Request
 
-        engine = self._engine(("ddim", 1.0))
+        engine = self._engine(DEFAULT_SCHEDULER)
         prompt = sorted(self.known_prompts)[0] if self.known_prompts else ""
         prompt_id = int(self.base.conditioner.prompt_ids([prompt])[0])
         engine.run([Request(prompt_id, 0, steps=1, guidance_scale=1.0, request_id=-1)])
 
-    def _engine(self, key: Tuple[str, float]):
-        if key not in self._engines:
+    def _engine(self, scheduler: str):
+        if scheduler not in self._engines:
             from ..sampling.sampler import GuidedDenoiser, sampling_engine
 
-            scheduler, strength = key
-            self._engines[key] = sampling_engine(GuidedDenoiser(self.base, self.guidance, strength), scheduler,
-                                                 self.settings.max_batch, device=self.device,
-                                                 eta_below=self.settings.eta_below_band, height=self.size[0], width=self.size[1])
-        return self._engines[key]
+            # Strength 1 is only the default of a request without one: each request carries its own.
+            self._engines[scheduler] = sampling_engine(GuidedDenoiser(self.base, self.guidance, 1.0), scheduler,
+                                                       self.settings.max_batch, device=self.device,
+                                                       eta_below=self.settings.eta_below_band, height=self.size[0], width=self.size[1])
+        return self._engines[scheduler]
+
+    def images_in_engines(self) -> int:
+        """Images held by engines (in a slot, or queued in one to take a slot at its next step)."""
+        return sum(e.active + e.pending for e in self._engines.values())
+
+    def _feed_engines(self) -> None:
+        """Hand waiting images to their engines, oldest first, while all engines together hold
+        fewer than --max-batch: the cap on slots is global, not per engine."""
+        room = self.settings.max_batch - self.images_in_engines()
+        while self._waiting and room > 0:
+            scheduler, request = self._waiting.popleft()
+            self._engine(scheduler).submit(request)
+            room -= 1
+
+    def _free_idle_engines(self) -> None:
+        for scheduler in [k for k, e in self._engines.items() if k != DEFAULT_SCHEDULER and not (e.pending or e.active)]:
+            del self._engines[scheduler]
 
     def _drain_inbox(self, block: bool) -> None:
         from ..sampling.engine import Request
@@ -261,8 +289,7 @@ class EngineWorker:
                     continue
                 try:
                     prompt_id = int(self.base.conditioner.prompt_ids([job.prompt])[0])  # here: an SD table grows
-                    key = (job.scheduler, float(job.strength))
-                    engine = self._engine(key)
+                    self._engine(job.scheduler)  # a scheduler that cannot be built fails this job only
                 except Exception as exc:
                     self._fail(job, ServiceError(500, f"could not start the request: {type(exc).__name__}: {exc}"))
                     continue
@@ -270,13 +297,14 @@ class EngineWorker:
                 job.images = [None] * job.num
                 for i in range(job.num):
                     rid = next(self._ids)
-                    self._owner[rid] = (job, i, key)
-                    engine.submit(Request(prompt_id, job.seed + i, job.steps, job.guidance_scale, request_id=rid))
+                    self._owner[rid] = (job, i, job.scheduler)
+                    self._waiting.append((job.scheduler, Request(prompt_id, job.seed + i, job.steps, job.guidance_scale,
+                                                                 request_id=rid, strength=float(job.strength))))
             elif kind == "cancel" and job.job_id in self._jobs:
                 self._drop(job)
                 self._count_done(job.num - job.done)
 
-    def _step(self, key, engine) -> None:
+    def _step(self, scheduler: str, engine) -> None:
         start = time.perf_counter()
         before = engine.slot_steps
         try:
@@ -328,11 +356,14 @@ class EngineWorker:
             self.on_released(images)
 
     def _drop(self, job: ImageJob) -> None:
-        """Remove the job's images from the engines (queued or in a slot)."""
+        """Remove the job's images from the worker's FIFO and the engines (queued or in a slot)."""
         self._jobs.pop(job.job_id, None)
-        for rid in [rid for rid, (owner, _, _) in self._owner.items() if owner is job]:
-            _, _, key = self._owner.pop(rid)
-            self._engines[key].cancel(rid)
+        mine = {rid for rid, (owner, _, _) in self._owner.items() if owner is job}
+        self._waiting = collections.deque(item for item in self._waiting if item[1].request_id not in mine)
+        for rid in mine:
+            _, _, scheduler = self._owner.pop(rid)
+            if scheduler in self._engines:
+                self._engines[scheduler].cancel(rid)
         self._update_occupancy()
 
     def _fail(self, job: ImageJob, error: ServiceError) -> None:
