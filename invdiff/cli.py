@@ -71,7 +71,7 @@ statuses (the body is JSON, {"detail": "..."}):
 SIGTERM (or Ctrl-C): stop taking connections, /readyz 503, finish in-flight requests for at most
   --drain-seconds; a request still running then gets a 503 with Retry-After, and the process
   exits (by the signal) at once. With --ray, Ray Serve drains the replicas for at
-  most --drain-seconds (then Ray kills a replica: its requests get Ray's 500), and exits 0.
+  most --drain-seconds (a request still running then gets the same JSON 503), and exits 0.
 A port in use or a folder that is no model folder is one line and exit 2 at once, before the
 model loads."""
 
@@ -465,6 +465,14 @@ def cmd_serve(args) -> None:
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if not args.ray and (args.replicas != 1 or args.gpus_per_replica is not None):
         raise ValueError("--replicas and --gpus-per-replica apply to --ray")
+    if args.metrics_export_port is not None:
+        if not args.ray:
+            raise ValueError("--metrics-export-port applies to --ray (without it, scrape GET /metrics)")
+        if not 1 <= args.metrics_export_port <= 65535:
+            raise ValueError(f"--metrics-export-port must be in 1..65535, got {args.metrics_export_port}")
+        if os.environ.get("RAY_ADDRESS"):
+            raise ValueError("--metrics-export-port sets the port of the Ray that `invdiff serve --ray` starts; the cluster "
+                             "at RAY_ADDRESS exports on the port its nodes were started with (ray start --metrics-export-port)")
     import importlib.util
 
     needed = ["fastapi", "uvicorn", "prometheus_client"] + (["ray"] if args.ray else [])
@@ -484,18 +492,19 @@ def cmd_serve(args) -> None:
 
         classify(args.model)  # which kind of model folder, from which files exist: none is read
         sampling_size(args.model)  # its config files, as `invdiff sample` reads them before a load
+    sockets = None
     if not args.ray:  # Ray's proxy binds the port, and one already running on RAY_ADDRESS holds it
-        from .serve.settings import check_listen_address
+        from .serve.settings import listen_sockets
 
-        check_listen_address(args.host, args.port)
+        sockets = listen_sockets(args.host, args.port)  # held from here on: nothing can take it during the load
     if args.ray:
         from .serve.ray_serve import run
 
-        run(settings, args.replicas, args.host, args.port, args.gpus_per_replica)
+        run(settings, args.replicas, args.host, args.port, args.gpus_per_replica, metrics_export_port=args.metrics_export_port)
         return
     from .serve.app import serve
 
-    serve(settings, args.host, args.port)
+    serve(settings, args.host, args.port, sockets=sockets)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -659,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (starts Ray, or joins RAY_ADDRESS)")
     p.add_argument("--replicas", type=positive_int, default=1, help="--ray: replicas (one per GPU)")
     p.add_argument("--gpus-per-replica", type=finite_float, default=None, help="--ray: GPUs per replica (None: 1 on CUDA, else 0)")
+    p.add_argument("--metrics-export-port", type=positive_int, default=None,
+                   help="--ray: the port where the local Ray started here exports every replica's metrics for Prometheus "
+                        "(ray_invdiff_*, tagged by replica; None: a port Ray picks, logged at start; docs/serving.md)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="debias the shipped p=0.9 base model and report")

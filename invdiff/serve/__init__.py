@@ -24,7 +24,7 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     "ServeSettings": "settings", "MAX_STEPS": "settings", "MAX_GUIDANCE_SCALE": "settings", "MAX_STRENGTH": "settings",
-    "MAX_BODY_BYTES": "settings", "check_listen_address": "settings",
+    "MAX_BODY_BYTES": "settings", "listen_sockets": "settings",
     "ServiceError": "errors",
     "Metrics": "metrics",
     "Admission": "admission",

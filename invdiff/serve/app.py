@@ -3,7 +3,8 @@ uvicorn here, `serve`, or by Ray Serve, see ray_serve.py).
 
     POST /v1/images   {"prompt", "num", "seed", "steps", "guidance_scale", "strength", "scheduler",
                        "response_format": "png" | "b64_json"}
-    GET  /healthz     alive (503 once a dead engine could not be restarted: engine_process.py)
+    GET  /healthz     alive (503 once the engine cannot sample: it could not be restarted, engine_process.py,
+                      or its first warm-up failed: `engine_problem`)
     GET  /readyz      model loaded and warmed up (503 before, while draining, while the engine restarts)
     GET  /metrics     Prometheus text format
 
@@ -19,7 +20,8 @@ Every accepted request ends with its images or an error: 429 (with Retry-After) 
 full (admission.py decides), 422 for input the caller can fix, 500 naming the cause when the
 worker failed on its images (the others keep going), 503 with Retry-After when the server drains
 (a request that arrives meanwhile at once, one still running at the drain deadline then: `Drain`),
-503 with Retry-After when the engine process died with the request or is restarting. Before any
+503 with Retry-After when the engine process died with the request or is restarting, 503 naming the
+cause once the engine's first warm-up failed (/healthz 503 too: `engine_problem`). Before any
 of that, a body over settings.MAX_BODY_BYTES is 413 and one that is not JSON 415, unparsed
 (asgi.py). Every response carries X-Served-By and is counted in invdiff_requests_total.
 
@@ -44,7 +46,7 @@ from .admission import SHUTDOWN_RETRY_AFTER_S, SHUTTING_DOWN
 from .asgi import BoundedBody, StampResponses, send_json_error, validation_problems
 from .errors import ServiceError
 from .metrics import Metrics
-from .settings import MAX_GUIDANCE_SCALE, MAX_STEPS, MAX_STRENGTH, ServeSettings
+from .settings import LISTEN_BACKLOG, MAX_GUIDANCE_SCALE, MAX_STEPS, MAX_STRENGTH, ServeSettings, listen_sockets
 from .worker import SHUT_DOWN_UNFINISHED, EngineWorker, ImageJob, Worker
 
 log = logging.getLogger("invdiff.serve")
@@ -130,6 +132,27 @@ def make_worker(settings: ServeSettings, metrics: Metrics) -> Worker:
     return EngineWorker(settings, metrics)
 
 
+def warm_up_failure(worker: Worker) -> Optional[str]:
+    """Why the engine cannot sample although its model loaded: its first warm-up (one image
+    through the engine, run before /readyz says yes) failed. Both worker kinds then stay up and
+    would fail every request: it is no state to recover from in place. None otherwise."""
+    if not worker.ready.is_set() or worker.load_error is None:
+        return None
+    return f"the engine failed to warm up ({type(worker.load_error).__name__}: {worker.load_error})"
+
+
+def engine_problem(worker: Worker) -> Optional[str]:
+    """Liveness: why this server can no longer sample, or None while it serves, loads or heals
+    its engine. GET /healthz answers 503 with it and Ray Serve's check_health raises it
+    (ray_serve.py), so that a supervisor restarts the process or Ray replaces the replica: the
+    worker's own verdict (an engine that gave up restarting: worker.health()), or a failed first
+    warm-up (`warm_up_failure`)."""
+    problem = worker.health()
+    if problem is None and warm_up_failure(worker) is not None:
+        problem = f"{warm_up_failure(worker)}; restart this replica"
+    return problem
+
+
 def _png_bytes(images) -> List[bytes]:
     """A job's images -> PNG files, quantised exactly as `invdiff sample` saves them. images: a
     list of (C, H, W) tensors in [-1, 1] (a worker thread) or an (N, H, W, C) uint8 array (an
@@ -181,7 +204,8 @@ class ShedWhenFull:
 
 
 class Drain:
-    """The drain deadline of one app. `begin` (SIGTERM: `serve`'s handler; else the app's shutdown)
+    """The drain deadline of one app. `begin` (SIGTERM: `serve`'s handler; under Ray Serve, the start
+    of the replica's graceful shutdown: ray_serve.py; else the app's shutdown)
     stops new requests (503) and starts the clock: settings.drain_seconds later `passed` resolves,
     and every request still waiting for its images is cancelled in the engine and answered 503
     with Retry-After, in the service's JSON body, so that the server can exit on time.
@@ -284,11 +308,11 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
 
     @app.get("/healthz")
     async def healthz():
-        # Liveness: 503 only once the engine gave up (engine_process.py: it failed to restart
-        # MAX_FAILED_RESTARTS times in a row), so that a supervisor restarts the process. An
+        # Liveness: 503 only once the engine can no longer sample (`engine_problem`: it gave up
+        # restarting, or its first warm-up failed), so that a supervisor restarts the process. An
         # engine that is restarting is alive: /readyz says it cannot take requests meanwhile.
         w = state["worker"]
-        problem = w.health() if w is not None else None
+        problem = engine_problem(w) if w is not None else None
         if problem is not None:
             return JSONResponse({"status": "failed", "detail": redact(problem)}, status_code=503)
         return {"status": "alive"}
@@ -325,6 +349,8 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
             return error(503, SHUTTING_DOWN, retry_after=SHUTDOWN_RETRY_AFTER_S)
         if w is None or not w.ready.is_set():
             return error(503, "the model is still loading; retry when /readyz is 200", retry_after=5)
+        if w.load_error is not None:  # /healthz is 503 too: a supervisor restarts this server
+            return error(503, f"{warm_up_failure(w)}; retry on another replica")
         if w.known_prompts is not None and body.prompt not in w.known_prompts:
             known = ", ".join(repr(p) for p in sorted(w.known_prompts)[:20])
             return error(422, f"unknown prompt {body.prompt!r}: this model was trained on {known}")
@@ -376,15 +402,25 @@ def create_app(settings: ServeSettings, worker: Optional[Worker] = None):
     return app
 
 
-def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Load the model, then serve until SIGTERM/SIGINT. On the signal: /readyz 503, no new
-    connections (uvicorn's graceful shutdown), in-flight requests finish for at most
-    settings.drain_seconds, and those still running then get a 503 with Retry-After (`Drain`);
-    then the engine stops and the process ends by the signal, as uvicorn ends it."""
+def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          sockets: Optional[List[socket.socket]] = None) -> None:
+    """Take the port (settings.listen_sockets; or `sockets`, which the CLI took before its other
+    start-up checks), load the model, then serve until SIGTERM/SIGINT. On the
+    signal: /readyz 503, no new connections (uvicorn's graceful shutdown), in-flight requests
+    finish for at most settings.drain_seconds, and those still running then get a 503 with
+    Retry-After (`Drain`); then the engine stops and the process ends by the signal, as uvicorn
+    ends it."""
+    if sockets is None:
+        sockets = listen_sockets(host, port)  # first: a port in use is one error line, and the port is ours from here on
     import uvicorn
 
-    worker = make_worker(settings, Metrics(settings.max_batch))
-    worker.load()  # before the port opens: a bad model folder is one error line, not a 503 forever
+    try:
+        worker = make_worker(settings, Metrics(settings.max_batch))
+        worker.load()  # before the server runs: a bad model folder is one error line, not a 503 forever
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     app = create_app(settings, worker)
 
     class DrainingServer(uvicorn.Server):
@@ -392,8 +428,8 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, lo
             app.state.drain.begin()  # the deadline counts from the signal
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    config = uvicorn.Config(app, host=host, port=sockets[0].getsockname()[1], log_level=log_level, backlog=LISTEN_BACKLOG,
                             timeout_graceful_shutdown=settings.drain_seconds + UVICORN_GRACE_S)
     # uvicorn's logger: configured by now, it prints where uvicorn's own start-up lines go.
     logging.getLogger("uvicorn.error").info("X-Served-By %s is %s:%d", served_by(settings), socket.gethostname(), os.getpid())
-    DrainingServer(config).run()
+    DrainingServer(config).run(sockets=sockets)

@@ -40,6 +40,10 @@ When the child dies (killed, out of memory, a crash in native code), the parent 
     After MAX_FAILED_RESTARTS failures in a row the parent gives up ("failed"): /healthz turns
     503 (a supervisor restarts the process, Ray Serve replaces the replica: ray_serve.py) and
     every request gets a 503.
+
+The first engine is not restarted: a model that does not load fails the start, and a first
+warm-up that fails leaves the engine "ready" with its load_error, which /healthz answers with a
+503 and every request with a 503 naming it (app.engine_problem), for the supervisor to act.
 """
 from __future__ import annotations
 
@@ -77,14 +81,18 @@ _JOB_FIELDS = ("prompt", "num", "seed", "steps", "guidance_scale", "strength", "
 #   MAX_FAILED_RESTARTS: failures in a row before the parent gives up and /healthz turns 503, so
 #     that a supervisor acts: 15.5 s of backoff plus 5 starts (about a minute on the CPU).
 #   STABLE_AFTER_S: a restarted engine that served this long before it died did not fail: the count
-#     starts afresh (one that dies sooner is a crash loop, counted).
+#     starts afresh (one that dies sooner is a crash loop, counted). 30 s: a cause that kills each
+#     new engine at once (a request that crashes it as soon as it is retried, a device that faults)
+#     kills it within seconds of ready; at 60 s, independent deaths a minute apart (the soak
+#     benchmark's kill every 60 s, with a start of 5-20 s out of each minute) were counted as a
+#     crash loop, backed off ever longer, and would have given up at the sixth.
 #   START_TIMEOUT_S: a restart not ready by then failed: a hung load must not count as recovering
 #     forever (a Stable Diffusion folder on a slow disk takes minutes).
 #   ASSUMED_START_S: Retry-After's guess at a start before one was measured.
 RESTART_BACKOFF_S = 0.5
 RESTART_BACKOFF_CAP_S = 8.0
 MAX_FAILED_RESTARTS = 5
-STABLE_AFTER_S = 60.0
+STABLE_AFTER_S = 30.0
 START_TIMEOUT_S = 600.0
 ASSUMED_START_S = 10.0
 
@@ -212,12 +220,12 @@ class EngineProcess:
 
     def submit(self, job: ImageJob) -> ImageJob:
         """Accept `job` or raise the admission's ServiceError (503 while draining, while the engine
-        restarts (with Retry-After) or after it gave up; 500 once its warm-up failed; 429 when the
-        queue is full)."""
+        restarts (with Retry-After), after it gave up or once its first warm-up failed (as the
+        app's answer: app.engine_problem); 429 when the queue is full)."""
         with self._lock:
             broken = self._refusal()
             if broken is None and self.load_error is not None:
-                broken = ServiceError(500, f"the engine failed: {self.load_error}")
+                broken = ServiceError(503, f"the engine failed to warm up ({self.load_error}); retry on another replica")
             self.admission.admit(job.num, job.steps, broken=broken)
             job.job_id = next(self._ids)
             self._jobs[job.job_id] = job
@@ -329,7 +337,8 @@ class EngineProcess:
             self._start_seconds = now - child.started
             if self._state in (LOADING, RESTARTING):
                 self._state = READY
-            if error is not None:  # the first engine's warm-up failed: readyz says so, requests get a 500
+            if error is not None:  # the first engine's warm-up failed: readyz and healthz say so (app.engine_problem),
+                # requests get a 503; not restarted: the supervisor restarts the server
                 self.load_error = RuntimeError(error)
             elif child.generation > 0:
                 self.load_error = None

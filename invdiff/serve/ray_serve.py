@@ -12,13 +12,24 @@ replica after three failed checks in a row (an exception, or no answer within
 HEALTH_CHECK_TIMEOUT_S). `InvDiffReplica.check_health` raises what GET /healthz reports: once the
 engine process died and could not be restarted (engine_process.py), Ray replaces the replica;
 while the engine restarts it passes, as a restart (seconds) is cheaper than a new replica (a new
-actor, and the model loaded again).
+actor, and the model loaded again). A replica whose first engine warm-up failed fails the check
+too (app.engine_problem).
+
+Metrics: a scrape of GET /metrics through Ray's proxy reaches one replica, whichever the proxy
+picks; so each replica labels every series of its /metrics with `replica` (its Ray Serve replica
+id), and records the same metrics through ray.serve.metrics (`ray_metric`), which Ray's metrics
+agent on each node exports, tagged with deployment, replica and application, as
+ray_invdiff_images_total and so on on the node's metrics export port (`run`'s
+metrics_export_port, `ray start --metrics-export-port`): that port is what Prometheus scrapes.
 
 Shutdown: `run` (what `invdiff serve --ray` runs) serves until SIGTERM or SIGINT, then takes Ray
 Serve's own graceful path (`shutdown`): the app is deleted, so that each replica stops taking
 requests and finishes its in-flight ones, for at most --drain-seconds (the deployment's
 graceful_shutdown_timeout_s, after which Ray kills the replica), then Serve and Ray stop and the
-process exits with status 0. A second signal ends it at once.
+process exits with status 0. A second signal ends it at once. A replica begins its app's drain
+(app.Drain) when Ray begins its graceful shutdown (`on_graceful_shutdown`), with a deadline
+ANSWER_BEFORE_KILL_S short of Ray's: a request still running then gets the service's JSON 503 with
+Retry-After, as under `invdiff serve`, instead of a connection Ray cuts when it kills the replica.
 """
 from __future__ import annotations
 
@@ -31,7 +42,7 @@ import threading
 import time
 from typing import Dict, List, Optional
 
-from .app import create_app, make_worker, served_by
+from .app import create_app, engine_problem, make_worker, served_by
 from .metrics import Metrics
 from .settings import ServeSettings
 
@@ -46,6 +57,14 @@ APP_NAME = "invdiff"
 # `shutdown` waits for the application's deletion for the drain plus this (Ray's controller stops
 # the replicas in its own loop, and a replica's engine stops after its drain) before it stops Serve.
 DELETE_GRACE_S = 15.0
+# A replica answers a request still running at its drain deadline this long before Ray's
+# controller kills it (graceful_shutdown_timeout_s after it stopped the replica), or a quarter of a
+# shorter drain: time for the 503 to reach Ray's proxy and for Ray's drain loop
+# (graceful_shutdown_wait_loop_s, a tenth of the drain) to see the replica idle.
+ANSWER_BEFORE_KILL_S = 1.0
+# How often a replica sets its Ray gauges again (Metrics.refresh_mirror): Ray drops a gauge not set
+# within two export intervals, at least 2 s; one set per gauge per second costs nothing.
+RAY_GAUGE_REFRESH_S = 1.0
 
 
 def drain_options(drain_seconds: float) -> Dict[str, float]:
@@ -58,23 +77,106 @@ def drain_options(drain_seconds: float) -> Dict[str, float]:
             "graceful_shutdown_wait_loop_s": min(2.0, max(0.1, drain_seconds / 10))}
 
 
+def answer_deadline(drain_seconds: float) -> float:
+    """Seconds after Ray begins a replica's graceful shutdown at which the replica answers the
+    requests still running (app.Drain): ANSWER_BEFORE_KILL_S, or a quarter of a shorter drain,
+    before Ray kills it at drain_seconds."""
+    return drain_seconds - min(ANSWER_BEFORE_KILL_S, drain_seconds / 4)
+
+
+def ray_metric(kind: str, name: str, documentation: str, labelnames, buckets):
+    """metrics.Mirror for Ray: the Ray Serve metric that mirrors one of Metrics'. Ray adds the
+    deployment, replica and application tags, and its metrics agent exports it as ray_<name>
+    (a counter as ray_<name>_total) on the node's metrics export port."""
+    from ray.serve import metrics
+
+    tag_keys = tuple(labelnames) or None
+    if kind == "histogram":
+        return metrics.Histogram(name, documentation, boundaries=list(buckets), tag_keys=tag_keys)
+    return {"counter": metrics.Counter, "gauge": metrics.Gauge}[kind](name, documentation, tag_keys=tag_keys)
+
+
+def replica_id() -> Optional[str]:
+    """This Ray Serve replica's id (the `replica` tag Ray gives its metrics), or None outside a replica."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_replica_context().replica_tag
+    except RayServeException:
+        return None
+
+
+def _keep_ray_gauges(metrics: Metrics) -> None:
+    """The replica's thread that keeps its gauges in Ray's export (Metrics.refresh_mirror), for
+    the replica's life (a daemon thread: it ends with the actor's process)."""
+    while True:
+        time.sleep(RAY_GAUGE_REFRESH_S)
+        try:
+            metrics.refresh_mirror()
+        except Exception:  # noqa: BLE001 (Ray shutting down under it: the next round, or the process's end)
+            logging.getLogger("ray.serve").debug("refreshing the Ray gauges failed", exc_info=True)
+
+
+def on_graceful_shutdown(callback) -> bool:
+    """Call `callback()` (from Ray's event loop; it must not block) when Ray Serve begins this
+    replica's graceful shutdown: the controller stopped it (the app deleted or redeployed, the
+    replica scaled down or replaced) and will kill it graceful_shutdown_timeout_s later.
+
+    Ray Serve tells a replica's own code only once in-flight requests are done (__del__, the ASGI
+    lifespan's shutdown), too late for a request still running when Ray kills the replica. No
+    public hook says when the shutdown begins, so this wraps the replica's private
+    perform_graceful_shutdown (Ray 2.60's ReplicaActor._replica_impl, which the controller's stop
+    calls). False, and the caller's requests keep Ray's behaviour, when Ray's internals differ;
+    tests/test_service_ray.py checks it on the Ray installed."""
+    import ray
+
+    for actor in list(getattr(ray._private.worker.global_worker, "actors", {}).values()):
+        runtime = getattr(actor, "_replica_impl", None)
+        begin = getattr(runtime, "perform_graceful_shutdown", None)
+        if begin is None:
+            continue
+
+        async def perform_graceful_shutdown(begin=begin):
+            callback()
+            await begin()
+
+        runtime.perform_graceful_shutdown = perform_graceful_shutdown
+        return True
+    return False
+
+
 class InvDiffReplica:
     """One replica: the engine worker, loaded in the constructor, and the app built around it
     (Ray Serve's late-bound ingress: `deployment` wraps this class with serve.ingress())."""
 
     def __init__(self, fields: Dict):
         self.settings = ServeSettings(**fields)
-        self.worker = make_worker(self.settings, Metrics(self.settings.max_batch))
+        self.replica = replica_id()  # None when constructed outside Ray Serve (tests)
+        if self.replica is None:
+            metrics = Metrics(self.settings.max_batch)
+        else:
+            metrics = Metrics(self.settings.max_batch, labels={"replica": self.replica}, mirror=ray_metric)
+            threading.Thread(target=_keep_ray_gauges, args=(metrics,), name="invdiff-ray-gauges", daemon=True).start()
+        self.worker = make_worker(self.settings, metrics)
         self.worker.load()
-        logging.getLogger("ray.serve").info("X-Served-By %s is %s:%d", served_by(self.settings), socket.gethostname(), os.getpid())
+        logging.getLogger("ray.serve").info("X-Served-By %s is %s:%d, replica %s", served_by(self.settings), socket.gethostname(),
+                                            os.getpid(), self.replica)
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.settings, self.worker)
+        # The app's drain ends before Ray kills the replica, so that its answers get out first.
+        settings = dataclasses.replace(self.settings, drain_seconds=answer_deadline(self.settings.drain_seconds))
+        app = create_app(settings, self.worker)
+        if not on_graceful_shutdown(app.state.drain.begin):
+            logging.getLogger("ray.serve").warning(
+                "cannot tell when Ray Serve begins this replica's shutdown (Ray's internals changed): a request still "
+                "running at the drain deadline gets Ray's 500, not the service's 503")
+        return app
 
     def check_health(self) -> None:
-        """Ray Serve's health check: raise when the engine is dead and no longer restarted (as
-        GET /healthz's 503), so that Ray replaces this replica."""
-        problem = self.worker.health()
+        """Ray Serve's health check: raise when the engine can no longer sample (as GET /healthz's
+        503: it gave up restarting, or its first warm-up failed), so that Ray replaces this replica."""
+        problem = engine_problem(self.worker)
         if problem is not None:
             raise RuntimeError(problem)
 
@@ -119,15 +221,23 @@ def app_builder(args: Dict[str, str]):
 
 
 def run(settings: ServeSettings, replicas: int, host: str = "127.0.0.1", port: int = 8000,
-        gpus_per_replica: Optional[float] = None, cpus_per_replica: float = 1.0, blocking: bool = True):
+        gpus_per_replica: Optional[float] = None, cpus_per_replica: float = 1.0, blocking: bool = True,
+        metrics_export_port: Optional[int] = None):
     """Start (or join, with RAY_ADDRESS) a Ray cluster and serve on host:port. blocking (from the
     main thread): until SIGTERM or SIGINT, then drain and stop (`shutdown`) and return None; a
-    signal while the app deploys is acted on once it is deployed. Else return the app's handle."""
+    signal while the app deploys is acted on once it is deployed. Else return the app's handle.
+    metrics_export_port: where the local Ray this starts exports the replicas' metrics for
+    Prometheus (None: a port Ray picks; logged either way). A joined cluster exports on the ports
+    its nodes were started with."""
     import ray
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, _metrics_export_port=metrics_export_port)
+    exports = sorted(f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}" for node in ray.nodes()
+                     if node.get("Alive") and node.get("MetricsExportPort"))
+    _log().info("Ray exports the replicas' metrics (ray_invdiff_*) for Prometheus at %s",
+                ", ".join(f"http://{where}/metrics" for where in exports) or "no node yet")
     # After ray.init: Ray installs SIGTERM handlers of its own as it starts (its driver's
     # sys.exit, its core worker's stack dump), which cut in-flight requests.
     signals = Signals() if blocking else None

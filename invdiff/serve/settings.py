@@ -1,5 +1,5 @@
 """What `invdiff serve` was started with (ServeSettings), the caps on what one request may ask for,
-and the start-up check of the address it listens on (check_listen_address).
+and the sockets it listens on, taken at start-up (listen_sockets).
 
 Plain data, free of torch and FastAPI: the settings travel to the engine process (engine_process.py)
 and to Ray Serve replicas (ray_serve.py) as a dict, and the CLI builds them before anything heavy
@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from ..config import FROZEN_DTYPES
+
+if TYPE_CHECKING:
+    import socket
 
 # What one POST /v1/images may ask for (app.py's request model). A seed's range is config.SEED_LIMIT.
 MAX_STEPS = 1000
@@ -24,6 +27,9 @@ MAX_STRENGTH = 10.0
 # of memory and no parsing: before this cap a 400 MB body was read and parsed whole (11 s,
 # +1.2 GB of memory) only to get a 422.
 MAX_BODY_BYTES = 64 * 1024
+# Connections the listening sockets queue while the model loads or the server is busy (uvicorn's
+# own default is 2048 too).
+LISTEN_BACKLOG = 2048
 
 
 @dataclass
@@ -61,17 +67,14 @@ class ServeSettings:
             raise ValueError(f"drain_seconds must be a finite number >= 0, got {self.drain_seconds}")
 
 
-def check_listen_address(host: str, port: int) -> None:
-    """ValueError of one line when `host`:`port` cannot be listened on now (a port in use, one the
-    user may not bind, a host that does not resolve), found by binding every address uvicorn will
-    bind (asyncio's create_server: each address getaddrinfo gives, SO_REUSEADDR, IPv6 only on
-    IPv6 sockets) and releasing it at once.
-
-    Racy by nature: another process can take the port between this check and uvicorn's bind after
-    the model has loaded (seconds later; then uvicorn fails as before, one logged line and exit
-    status 3). Still worth it: a port in use is nearly always a server that was already running
-    before this one started (the same service started twice, a forgotten one), which this finds in
-    milliseconds instead of after a model load of tens of seconds."""
+def listen_sockets(host: str, port: int) -> List["socket.socket"]:
+    """Listening sockets on every address uvicorn would bind for `host`:`port` (asyncio's
+    create_server: each address getaddrinfo gives, SO_REUSEADDR, IPv6 only on IPv6 sockets), for
+    `app.serve` to hand to uvicorn. Bound and listening before the model loads: a port in use (the
+    same service started twice, a forgotten one), one the user may not bind or a host that does
+    not resolve is a ValueError of one line within milliseconds, and from then on the port is this
+    server's: no other process can take it during the load (seconds to minutes). Connections made
+    meanwhile wait in the backlog and are answered once the server runs."""
     import errno
     import socket
 
@@ -79,14 +82,25 @@ def check_listen_address(host: str, port: int) -> None:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ValueError(f"--host {host!r} cannot be listened on: {exc.strerror}") from None
-    for family, kind, proto, _, address in dict.fromkeys(infos):
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to uvicorn too
+    sockets: List[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
             if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind(address)
+                # Listening holds the port: a socket that is only bound leaves it to any other
+                # that sets SO_REUSEADDR too (Linux), as uvicorn's and most servers' do.
+                sock.listen(LISTEN_BACKLOG)
             except OSError as exc:
                 hint = "; another server is listening there: stop it or choose another --port" \
                     if exc.errno == errno.EADDRINUSE else ""
                 raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
