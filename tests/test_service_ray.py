@@ -163,6 +163,16 @@ def test_the_metrics_export_port_is_a_ray_option_for_the_ray_it_starts(tiny_run,
 
 
 # ------------------------------------------------------------------ Ray: SIGTERM and the drain deadline
+def _sigterm_and_wait(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """End a server subprocess as a supervisor does: SIGTERM, then kill if it outlives `timeout`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _ray_cli(run: str, port: int, *args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **RAY_ENV}
     env.pop("RAY_ADDRESS", None)
@@ -297,12 +307,7 @@ def test_a_failed_first_warm_up_fails_healthz_and_each_request_is_a_503_naming_i
         assert reply.status_code == 503 and reply.headers["content-type"] == "application/json", reply.text
         assert "the engine failed to warm up" in reply.json()["detail"] and "CUDA error: out of memory" in reply.json()["detail"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        _sigterm_and_wait(proc)
 
 
 def test_ray_check_health_raises_once_the_first_warm_up_failed(tiny_run, monkeypatch):
@@ -379,11 +384,6 @@ def test_the_port_is_held_while_the_model_loads_and_then_served(tiny_run, tmp_pa
         assert reply.status_code == 200, reply.text
     finally:
         load_now.touch()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        _sigterm_and_wait(proc)
         log = proc.stdout.read()
     assert "Traceback" not in log, log
