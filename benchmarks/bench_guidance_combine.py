@@ -81,7 +81,8 @@ def run_grid(shapes: List[Shape], dtypes: List[str], modes: List[str], providers
                     if (op, mode) not in PASSES:
                         continue
                     for provider in providers or PROVIDERS:
-                        row = {"op": op, "shape": str(shape), "dtype": dtype_name, "mode": mode, "provider": provider}
+                        row = {"op": op, "shape": str(shape), "batch": shape.batch, "dtype": dtype_name, "mode": mode,
+                               "provider": provider}
                         yield measured_row(row, provider, device, lambda: setup(op, provider, mode, shape, DTYPES[dtype_name], device),
                                            graph=mode != "backward")  # see bench_invariant_loss.run_grid
 

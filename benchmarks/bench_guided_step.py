@@ -97,11 +97,14 @@ def provider_unavailable(provider: str, device: str) -> Optional[str]:
 
 
 def run_grid(shapes: List[Shape], dtypes: List[str], modes: List[str], providers: Optional[List[str]], device: str) -> Iterator[Dict]:
-    for kind in ("ddim", "ddpm"):
-        for shape in shapes:
+    # Shapes outermost, in the order given (gpu_check.sh passes B = 1024 first, the graded batch),
+    # then both schedulers: a run cut short keeps DDIM and DDPM at B = 1024.
+    for shape in shapes:
+        for kind in ("ddim", "ddpm"):
             for dtype_name in dtypes:
                 for provider in providers or PROVIDERS:
-                    row = {"op": f"guided_step/{kind}", "shape": str(shape), "dtype": dtype_name, "mode": "forward", "provider": provider}
+                    row = {"op": f"guided_step/{kind}", "shape": str(shape), "batch": shape.batch, "dtype": dtype_name,
+                           "mode": "forward", "provider": provider}
                     why = provider_unavailable(provider, device)
                     if why:
                         row["skipped"] = why

@@ -15,7 +15,10 @@ Columns of a measured row (CUDA; see `measure`):
   us        kernel time: triton.testing.do_bench, CUDA events around each call, L2 flushed
             between calls; launch gaps the GPU waits through are included;
   graph_us  the same calls replayed from one CUDA graph (do_bench_cudagraph): the GPU time
-            without Python or launch overhead (L2 not flushed, so small inputs may hit L2);
+            without Python or launch overhead. L2 is WARM here (do_bench_cudagraph does not
+            flush it between replays): at B = 16 and 64 the inputs fit in an H100/H200's 50 MB
+            L2 and this column flatters them; at B = 1024 (3 x 32 MB and more) it matters little.
+            The JSON says so in "graph_l2";
   wall_us   per-call wall time of back-to-back calls, synchronised at the end: what a Python
             caller pays, custom-op dispatch and autograd bookkeeping included;
   GB/s      this design's traffic (`bytes`) over `us`;
@@ -48,6 +51,12 @@ DRY = {"enabled": False}
 
 # do_bench's budget per point, in ms. Short: gpu_check.sh times about 150 points in its minutes.
 WARMUP_MS, REP_MS, GRAPH_REP_MS = 10, 40, 10
+# What the graph_ms column's L2 state is (see the module doc), written into every result.
+GRAPH_L2 = "warm: do_bench_cudagraph does not flush L2 between replays"
+# gpu_check.sh's run_step puts the end of each step's budget here (Unix time, seconds); bench_main
+# stops starting rows before it (its --stop-at default), so a step ends by itself with its rows
+# written. A time, not a duration, so that the imports before bench_main count too.
+STEP_DEADLINE_ENV = "GPU_CHECK_STEP_DEADLINE"
 
 
 def configure(dry: bool) -> None:
@@ -320,11 +329,23 @@ def add_ratios(rows: List[Dict], eager: str = "reference-eager", compile_: str =
                 r[column] = peers[provider] / r["ms"]
 
 
+def stop_margin_s(longest_row_s: float) -> float:
+    """How long before the time limit bench_main stops starting rows: room for one more row as
+    slow as the slowest so far (a cold torch.compile or Triton JIT) and for the last write."""
+    return max(5.0, 1.5 * longest_row_s)
+
+
 def bench_main(description: str, run_grid: Callable, argv=None, ratios: Callable = None, defaults: Optional[Dict] = None) -> List[Dict]:
     """The command line the bench scripts share: parse the grid, run it, add the speed-up columns
     (`ratios`, default add_ratios), print the table (and the skipped providers with their
     reasons), and optionally write JSON for gpu_check.sh. `defaults` overrides argparse defaults
-    (e.g. a script's own device choice). --dry: tiny CPU sizes, see DRY."""
+    (e.g. a script's own device choice). --dry: tiny CPU sizes, see DRY.
+
+    The JSON is rewritten (atomically) after every row, with "complete": false until the grid
+    ends: a step killed at its timeout keeps every row it measured, and the grid's first rows
+    (gpu_check.sh passes B = 1024 first) are the ones kept. --stop-at T (Unix time; default: the
+    GPU_CHECK_STEP_DEADLINE that gpu_check.sh sets) starts no row when fewer than stop_margin_s
+    are left before T; the JSON then says "stopped_early" and how many rows were measured."""
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cuda", "cpu"])
@@ -337,7 +358,10 @@ def bench_main(description: str, run_grid: Callable, argv=None, ratios: Callable
     parser.add_argument("--providers", nargs="+", help="default: all of the script's providers")
     parser.add_argument("--dry", action="store_true",
                         help="exercise every code path at tiny CPU sizes (times nothing meaningful): gpu_check.sh's dry run")
-    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--json", help="also write the rows here, after every row")
+    deadline = os.environ.get(STEP_DEADLINE_ENV)
+    parser.add_argument("--stop-at", type=float, default=float(deadline) if deadline else None, metavar="UNIX_TIME",
+                        help=f"start no row once fewer than stop_margin_s are left before this time (default: ${STEP_DEADLINE_ENV})")
     if defaults:
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
@@ -345,20 +369,37 @@ def bench_main(description: str, run_grid: Callable, argv=None, ratios: Callable
     if args.dry:
         args.device = "cpu"
     shapes = [Shape(b, args.channels, args.size, args.groups) for b in args.batches]
-    rows = []
-    for row in run_grid(shapes, args.dtypes, args.modes, args.providers, args.device):
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    rows: List[Dict] = []
+    result = {"device": device_name, "dry": args.dry, "graph_l2": GRAPH_L2, "complete": False, "rows": rows}
+    grid = iter(run_grid(shapes, args.dtypes, args.modes, args.providers, args.device))
+    longest = 0.0
+    while True:
+        left = None if args.stop_at is None else args.stop_at - time.time()
+        if left is not None and left < stop_margin_s(longest):
+            result["stopped_early"] = (f"{len(rows)} rows measured; the rest of the grid was not started, "
+                                       f"{max(left, 0):.0f} s before the step's time limit")
+            print(f"stopped early: {result['stopped_early']}", file=sys.stderr, flush=True)
+            break
+        row_start = time.time()  # the deadline's clock
+        try:
+            row = next(grid)
+        except StopIteration:
+            result["complete"] = True
+            break
+        longest = max(longest, time.time() - row_start)
         print(f"  {row}", file=sys.stderr, flush=True)
         rows.append(row)
+        (ratios or add_ratios)(rows)  # idempotent: each write has the ratios of the rows so far
+        write_json(args.json, result)
     (ratios or add_ratios)(rows)
+    write_json(args.json, result)
     print(format_table([with_microseconds(r) for r in rows if "ms" in r], TABLE_COLUMNS))
     for r in rows:
         if "skipped" in r:
             print(f"skipped {r['op']} {r['provider']} {r['mode']} {r['dtype']}: {r['skipped']}")
         if r.get("graph_note", "").startswith("capture failed"):
             print(f"no graph time for {r['op']} {r['provider']} {r['mode']} {r['dtype']} {r['shape']}: {r['graph_note']}")
-    if args.json:
-        device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-        write_json(args.json, {"device": device, "dry": args.dry, "rows": rows})
     return rows
 
 
@@ -375,7 +416,10 @@ def measured_row(row: Dict, provider: str, device: str, setup: Callable[[], Tupl
 
 
 def write_json(path: Optional[str], result: Dict) -> None:
-    """Write a benchmark's result where --json asked (nothing when it was not given)."""
+    """Write a benchmark's result where --json asked (nothing when it was not given), atomically:
+    a reader, or a kill in the middle of a write, sees the previous complete file or this one."""
     if path:
-        with open(path, "w") as f:
+        partial = f"{path}.partial"
+        with open(partial, "w") as f:
             json.dump(result, f, indent=1)
+        os.replace(partial, path)

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import write_json  # noqa: E402
 from benchmarks.e2e_models import build, invdiff_g, measured_peak_flops, official_g, unet_flops  # noqa: E402
 
 
@@ -80,7 +81,9 @@ def main(argv=None):
     seeds = list(range(args.images))
     requests = [Request(int(p), s, args.steps, args.scale, request_id=i) for i, (p, s) in enumerate(zip(ids.tolist(), seeds))]
 
-    def timed(fn):
+    results = {}
+
+    def timed(name, fn):
         fn(warm=True)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -88,7 +91,12 @@ def main(argv=None):
         fn(warm=False)
         if device == "cuda":
             torch.cuda.synchronize()
-        return args.images / (time.perf_counter() - start)
+        results[name] = args.images / (time.perf_counter() - start)
+        # Each provider's rate as soon as it is measured: gpu_check.sh cuts this step at its
+        # budget, and what was measured by then is kept (the ratios come with the last write).
+        write_json(args.json, {"config": args.config, "device": device, "args": vars(args), "complete": False,
+                               "rows": [{"provider": p, "images_per_s": r} for p, r in results.items()]})
+        return results[name]
 
     def run_official(base, tf32):
         def fn(warm):
@@ -104,13 +112,13 @@ def main(argv=None):
             sample(denoiser, ids[:n], seeds[:n], args.steps, args.scale, "ddim", batch_size=args.batch, progress=False, device=device)
         return fn
 
-    results = {"official": timed(run_official(base_fast, tf32=True))}
+    timed("official", run_official(base_fast, tf32=True))
     if fast_dtype != torch.float32:
-        results["official-fp32"] = timed(run_official(base32, tf32=False))
+        timed("official-fp32", run_official(base32, tf32=False))
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # invdiff's setting, and the like-for-like official's
-    results["invdiff static"] = timed(run_static(GuidedDenoiser(base_fast, g_inv)))
-    results["ceiling"] = timed(run_static(GuidedDenoiser(base_fast, None)))
+    timed("invdiff static", run_static(GuidedDenoiser(base_fast, g_inv)))
+    timed("ceiling", run_static(GuidedDenoiser(base_fast, None)))
     # Arrivals at twice the static capacity (requests per second = images per second).
     seconds, _, _ = run_poisson(GuidedDenoiser(base_fast, g_inv), requests, args.batch, 2.0 * results["invdiff static"], seed=0)
     results["invdiff engine"] = args.images / seconds
@@ -128,11 +136,9 @@ def main(argv=None):
                      "vs_ceiling": rate / results["ceiling"], "frac_peak": used / peak})
         print(f"{name:15s} {rate:8.2f} img/s  {rate / results['official']:5.2f} x official  "
               f"{100 * rate / results['ceiling']:5.1f}% of ceiling  {100 * used / peak:5.1f}% of matmul peak")
-    if args.json:
-        from benchmarks.common import write_json
-
-        write_json(args.json, {"config": args.config, "device": device, "args": vars(args), "unet_gflops_per_image": flops / 1e9,
-                               "peak_flops": peak, "x_official_is": "like-for-like (same frozen dtype, TF32 on a GPU)", "rows": rows})
+    write_json(args.json, {"config": args.config, "device": device, "args": vars(args), "complete": True,
+                           "unet_gflops_per_image": flops / 1e9, "peak_flops": peak,
+                           "x_official_is": "like-for-like (same frozen dtype, TF32 on a GPU)", "rows": rows})
     return rows
 
 

@@ -276,6 +276,9 @@ def main(argv=None):
     # the SD-sized UNet is built once and copied (8 child processes each building one took more
     # than the GPU check's budget for this script).
     in_process = args.dry or args.device == "cuda"
+    threads = int(os.environ.get("OMP_NUM_THREADS", "2")) if args.device == "cpu" else None
+    result = {"config": args.config, "device": args.device, "dry": args.dry, "steps": args.steps, "threads": threads,
+              "unet_gflops_per_image": flops / 1e9, "baseline": BASELINE, "complete": False}
     rows = []
     for batch in args.batches:
         for provider in PROVIDERS:
@@ -285,6 +288,10 @@ def main(argv=None):
                 row = {"provider": provider, "batch": batch, **_run_child(args, ["--worker", provider, str(batch)])}
             rows.append(row)
             print(f"  {row}", file=sys.stderr, flush=True)
+            # Each provider's row as soon as it is measured: gpu_check.sh cuts this step at its
+            # budget, and the rows measured by then are kept ("complete": false; the ratios and
+            # the bank's rows come with the last write).
+            write_json(args.json, {**result, "rows": rows})
     bank = bank_build(args.config, args.device, bank_n, measure, template) if in_process else _run_child(
         args, ["--bank-worker", "--bank-n", str(bank_n), "--bank-measure", str(measure)])
     print(f"  bank build: {bank}", file=sys.stderr, flush=True)
@@ -330,9 +337,7 @@ def main(argv=None):
               f"amortised over debias's {bank['amortised_over_steps']} min steps: {bank['seconds'] / bank['amortised_over_steps'] * 1e3:.1f} ms a step; "
               f"it holds {bank['bank_mb']:.0f} MB (noise + predictions, fp32, host RAM"
               f"{', added to the amortised row' if args.device == 'cpu' else ''})")
-    write_json(args.json, {"config": args.config, "device": args.device, "dry": args.dry, "steps": args.steps,
-                           "threads": int(os.environ.get("OMP_NUM_THREADS", "2")) if args.device == "cpu" else None,
-                           "unet_gflops_per_image": flops / 1e9, "baseline": BASELINE, "rows": rows, "bank_build": bank})
+    write_json(args.json, {**result, "complete": True, "rows": rows, "bank_build": bank})
     return rows
 
 

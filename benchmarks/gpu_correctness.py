@@ -11,7 +11,8 @@ fast op's dtype) to every case below, and prints one PASS/FAIL line per case.
                combine and CFG combine (per-sample scale); every op again on a strided batch
                (x[::2]), channels-last, a misaligned start (storage offset of one element) and an
                odd row size (3x7x9); the learned CFG scale (a per-row weight that requires grad,
-               alone and with the inputs);
+               alone and with the inputs); the group reduction folded into pass 1
+               (TUNING["fuse_group"]) against the reference, and bitwise against its own launch;
   guided_step  (INVDIFF_BACKEND=cpp: the extension's CUDA kernel) every flag combination (with or
                without the CFG uncond branch, with or without G, with or without noise) on an
                aligned and an odd row size, in each dtype and with 16-bit model outputs next to an
@@ -19,13 +20,13 @@ fast op's dtype) to every case below, and prints one PASS/FAIL line per case.
 
     python benchmarks/gpu_correctness.py --json out.json                  # on the GPU
     TRITON_INTERPRET=1 python benchmarks/gpu_correctness.py --dry         # tiny, on the CPU
-Exits non-zero if any case fails.
+The JSON is rewritten after every case ("complete": false until the last). Exits non-zero if
+any case fails.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import traceback
@@ -36,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ["INVDIFF_BACKEND"] = "triton"
 
+from benchmarks.common import write_json  # noqa: E402
 from invdiff import ops  # noqa: E402
 from invdiff.ops import reference  # noqa: E402
 from tests.utils import assert_close_to_ref, compare_to_reference, rounding_atol  # noqa: E402
@@ -178,6 +180,38 @@ def with_fused_group(run: Callable[[], None]) -> Callable[[], None]:
     return go
 
 
+def fused_group_bitwise_case(dtype, batch, groups, device, sample) -> Callable[[], None]:
+    """The folded group reduction (TUNING["fuse_group"]) against the group kernel's own launch:
+    kernels/invariant_loss.py promises bitwise the same loss, statistics and gradients (the same
+    _group_body in a program of the same num_warps). The interpreter's tiny tiles cannot show a
+    difference in reduction order; the compiled kernels can."""
+    from invdiff.kernels.utils import TUNING
+
+    def run():
+        gen = torch.Generator().manual_seed(batch * 13 + groups)
+        shape = (batch,) + sample
+        eps = make_tensor(shape, dtype, device, gen)
+        target = make_tensor(shape, dtype, device, gen)
+        g = make_tensor(shape, dtype, device, gen, scale=0.3).requires_grad_()
+        w = torch.rand(batch, groups, generator=gen).to(device)
+        results = []
+        old = TUNING["fuse_group"]
+        try:
+            for fuse in (False, True):
+                TUNING["fuse_group"] = fuse
+                g.grad = None
+                stats = ops.invariant_loss_with_stats(eps, target, w, 1.0, g=g, ratio=2.0)
+                stats.loss.backward()
+                results.append([t.detach().clone() for t in stats] + [g.grad.clone()])
+        finally:
+            TUNING["fuse_group"] = old
+        names = ("loss", "per_sample", "risks", "weight_sums", "grad_g")
+        differ = [n for n, a, b in zip(names, *results) if not torch.equal(a, b)]
+        assert not differ, f"the folded group reduction is not bitwise the group kernel's: {differ} differ"
+
+    return run
+
+
 def cases(device: str, size: int, max_batch: int, dry: bool) -> Iterator[Case]:
     """Every case, in the order they run. `dry` keeps one of each kind (tiny CPU run)."""
     dtypes = [torch.float32, torch.bfloat16] if dry else [torch.float32, torch.bfloat16, torch.float16]
@@ -204,6 +238,8 @@ def cases(device: str, size: int, max_batch: int, dry: bool) -> Iterator[Case]:
         for batch, groups in loss_groups:  # the group reduction folded into pass 1 (off by default)
             yield Case("triton", f"invariant_loss fused-group {name} B={batch} K={groups} r=2",
                        with_fused_group(loss_case(dtype, batch, groups, 2.0, device, sd)))
+            yield Case("triton", f"invariant_loss fused-group bitwise {name} B={batch} K={groups}",
+                       fused_group_bitwise_case(dtype, batch, groups, device, sd))
         for learned in ("alone", "with_inputs"):
             yield Case("triton", f"cfg {name} learned scale ({learned}) B={big}",
                        combine_case("cfg", dtype, big, device, sd, learned_scale=learned))
@@ -237,6 +273,15 @@ def main(argv=None) -> int:
     if args.dry:
         args.device, args.size, args.max_batch = "cpu", 4, 3
     results: List[dict] = []
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+
+    def write(complete: bool) -> None:
+        # After every case, atomically: a step killed at its timeout keeps the cases it checked,
+        # and "complete": false says the rest were not.
+        failed = sum(not r["ok"] for r in results)
+        write_json(args.json, {"device": device, "dry": args.dry, "complete": complete, "passed": len(results) - failed,
+                               "failed": failed, "cases": results})
+
     for case in cases(args.device, args.size, args.max_batch, args.dry):
         if args.only and case.group != args.only:
             continue
@@ -247,12 +292,10 @@ def main(argv=None) -> int:
         except Exception as err:  # report every case, then fail at the end
             results.append({"group": case.group, "case": case.label, "ok": False, "error": f"{type(err).__name__}: {err}"[:2000]})
             print(f"FAIL {case.label}\n{traceback.format_exc(limit=3)}", flush=True)
+        write(complete=False)
+    write(complete=True)
     failed = sum(not r["ok"] for r in results)
     print(f"correctness{' (' + args.only + ')' if args.only else ''}: {len(results) - failed} passed, {failed} failed")
-    if args.json:
-        device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "dry": args.dry, "passed": len(results) - failed, "failed": failed, "cases": results}, f, indent=1)
     return 1 if failed or not results else 0
 
 

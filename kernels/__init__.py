@@ -67,7 +67,10 @@ def not_supported_reasons(op: str, tensors: Sequence[torch.Tensor], aux: Sequenc
         reasons.append("TRITON_INTERPRET=1 runs Triton on the CPU only; unset it for CUDA tensors")
     if "cpu" in device_types:
         if not interpreting():
-            reasons.append("CPU tensors run Triton only in its interpreter (TRITON_INTERPRET=1)")
+            # Says how to force it too, as the interpreter's reason below does: off the
+            # interpreter (a CUDA machine's test run) this is the reason a CPU input gets.
+            reasons.append("CPU tensors run Triton only in its interpreter (TRITON_INTERPRET=1 before importing "
+                           "invdiff, then INVDIFF_BACKEND=triton to force it)")
         elif not forced:
             reasons.append("the Triton interpreter is a test vehicle; INVDIFF_BACKEND=triton forces it on CPU tensors")
     dtypes = {t.dtype for t in tensors}

@@ -14,8 +14,9 @@ The work is memory-bound, so the kernels are built around the bytes:
   drops empty groups, and writes L_e together with the per-sample chain-rule coefficient
   c_i = dL_e/dl_i = sum_k W_ik (dL/dR_k) / sum_j W_jk. With TUNING["fuse_group"] on, the last
   program of pass 1 to finish (an atomic ticket on a zeroed int32 counter) does it instead, so the
-  forward is one launch (plus the counter's 4-byte fill): same arithmetic, bitwise the same
-  results. It is off by default until a GPU run has checked its memory ordering.
+  forward is one launch (plus the counter's 4-byte fill): same arithmetic in a program of the
+  same num_warps (the launch plan's), so bitwise the same results. It is off by default until a
+  GPU run has checked its memory ordering.
 - backward (`_grad_kernel`, the forward's grid): reads pred, g and target once more, recomputes
   the residual instead of having stored it, and writes
       grad_g = grad_out * c_i * 2 (eps_tilde_i - target_i) / D * b
@@ -226,7 +227,10 @@ def invariant_loss_fwd(
             _group_kernel[(1,)](
                 partial, weights, *group_outputs,
                 rows, n_groups, plan.splits, weights.stride(0), weights.stride(1), 1.0 / length, float(lam),
-                BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=block_k, num_warps=4,
+                # The plan's num_warps, as the folded reduction runs with in pass 1's program: the
+                # tile's reduction order follows the warp count, and the two paths promise
+                # bitwise the same results (gpu_correctness.py checks it on a GPU).
+                BLOCK_B=block_b, BLOCK_S=block_s, BLOCK_K=block_k, num_warps=plan.num_warps,
             )
     return loss, per_sample, risks, weight_sums, coeff, group_coeff
 

@@ -28,6 +28,7 @@ class _KernelSpy:
 
         def run(*args, **kwargs):
             self.record["launches"].append((self.name, tuple(grid), list(self.record["guards"])))
+            self.record["num_warps"].append((self.name, kwargs.get("num_warps")))
             return launch(*args, **kwargs)
 
         return run
@@ -39,7 +40,7 @@ def launches(monkeypatch):
     (kernel name, grid, devices of the guards active at launch) and "guards" the active guards."""
     from invdiff.kernels import guidance_combine, invariant_loss, utils
 
-    record = {"launches": [], "guards": []}
+    record = {"launches": [], "guards": [], "num_warps": []}
     real_guard = getattr(utils, "launch_device", None)
 
     @contextlib.contextmanager
@@ -104,6 +105,17 @@ def test_every_kernel_launch_runs_under_its_tensors_device_guard(triton_backend,
         assert len(guards) == 1 and guards[0].type == triton_backend.type, (
             f"{name} launched outside a device guard (guards active: {guards})")
     assert launches["guards"] == []
+
+
+def test_the_group_kernel_runs_with_pass_1s_num_warps(triton_backend, tuning, launches):
+    """The group reduction as its own launch and folded into pass 1 promise bitwise the same
+    results; a tile's reduction order follows the warp count, so the separate launch must use the
+    plan's num_warps, which pass 1 runs with. (The interpreter ignores num_warps, so only the
+    launch arguments show it here; gpu_correctness.py compares the bits on a GPU.)"""
+    tuning(fuse_group=False)
+    _run_every_kernel(triton_backend)
+    warps = dict(launches["num_warps"])
+    assert warps["_group_kernel"] == warps["_sq_partial_kernel"] is not None, warps
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -23,8 +23,12 @@ def test_triton_is_registered_ahead_of_the_reference():
     assert triton.available, triton.unavailable_reason  # triton is a test dependency
 
 
-def test_cpu_tensors_take_the_reference_unless_triton_is_forced():
-    """The interpreter is a test vehicle: plain dispatch must not route CPU training through it."""
+@pytest.mark.parametrize("interpret", ["1", "0"], ids=["interpreter", "no_interpreter"])
+def test_cpu_tensors_take_the_reference_unless_triton_is_forced(monkeypatch, interpret):
+    """The interpreter is a test vehicle: plain dispatch must not route CPU training through it,
+    and the reason says how to force it, with or without TRITON_INTERPRET (a CUDA machine runs
+    this file without it: gpu_check.sh's interpreter_suite)."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     assert ops.select_backend("invariant_loss", [X, X], [W]).name == "reference"
     triton = next(b for b in ops.BACKENDS if b.name == "triton")
     reasons = triton.not_supported_reasons("invariant_loss", [X, X], [W])
