@@ -51,8 +51,10 @@ def workload(n: int, seed: int) -> List[Dict]:
 
 
 def offline_rates(model: str, requests: List[Dict], max_batch: int, threads: int, repeats: int = 1) -> Dict[str, float]:
-    """Every image of `requests` through one engine, all queued at t = 0 (after a warm-up):
-    the median over `repeats` of images per wall second and per CPU second of this process."""
+    """Every image of `requests` through one engine per scheduler (a request's "scheduler", default
+    ddim; its "strength", default the server's 1, per image), each scheduler's images all queued
+    at t = 0 (after a warm-up) and the schedulers one after another, as `invdiff sample` runs
+    them: the median over `repeats` of images per wall second and per CPU second of this process."""
     import statistics
 
     import torch
@@ -63,18 +65,23 @@ def offline_rates(model: str, requests: List[Dict], max_batch: int, threads: int
     torch.set_num_threads(threads)
     base, guidance = load_model(model)
     denoiser = GuidedDenoiser(base, guidance, 1.0)
+    groups: Dict[str, List] = {}
+    for r in requests:
+        prompt_id = int(base.conditioner.prompt_ids([r["prompt"]])[0])
+        groups.setdefault(r.get("scheduler", "ddim"), []).extend(
+            Request(prompt_id, r["seed"] + i, r["steps"], r["guidance_scale"], strength=r.get("strength"))
+            for i in range(r["num"]))
+    total = sum(len(images) for images in groups.values())
     wall, cpu = [], []
     for _ in range(repeats):
-        engine = sampling_engine(denoiser, "ddim", max_batch)
-        engine.run([Request(0, 0, steps=2, guidance_scale=2.0)])  # warm-up
-        images = []
-        for r in requests:
-            prompt_id = int(base.conditioner.prompt_ids([r["prompt"]])[0])
-            images += [Request(prompt_id, r["seed"] + i, r["steps"], r["guidance_scale"]) for i in range(r["num"])]
+        engines = {name: sampling_engine(denoiser, name, max_batch) for name in groups}
+        for engine in engines.values():
+            engine.run([Request(0, 0, steps=2, guidance_scale=2.0)])  # warm-up
         start, start_cpu = time.perf_counter(), time.process_time()
-        engine.run(images)
-        wall.append(len(images) / (time.perf_counter() - start))
-        cpu.append(len(images) / (time.process_time() - start_cpu))
+        for name, images in groups.items():
+            engines[name].run(images)
+        wall.append(total / (time.perf_counter() - start))
+        cpu.append(total / (time.process_time() - start_cpu))
     return {"images_per_s": statistics.median(wall), "images_per_cpu_s": statistics.median(cpu)}
 
 
@@ -112,8 +119,10 @@ def arrivals(rate_images: float, seconds: float, max_requests: int, seed: int):
     return workload(len(times), seed), times
 
 
-async def drive(url: str, requests: List[Dict], times: List[float]) -> Dict:
-    """Send `requests` at `times` (s from now); how each one ended, images/s and latency."""
+async def drive(url: str, requests: List[Dict], times: List[float], timeout: float = 600) -> Dict:
+    """Send `requests` at `times` (s from now), each once (no retries), with `timeout` s for its
+    answer; how each one ended (its status, or the client-side exception's name when no answer
+    came), images/s and latency. "t0" is the time.perf_counter() that "sent" and "done" count from."""
     import httpx
 
     results = []
@@ -123,14 +132,14 @@ async def drive(url: str, requests: List[Dict], times: List[float]) -> Dict:
         sent = time.perf_counter()
         try:
             reply = await client.post(f"{url}/v1/images", json=body)
-            status = reply.status_code
+            status, headers = reply.status_code, reply.headers
         except httpx.HTTPError as exc:
-            status = type(exc).__name__
+            status, headers = type(exc).__name__, {}
         results.append({"index": index, "status": status, "num": body["num"], "sent": sent - start, "done": time.perf_counter() - start,
-                        "steps": body["steps"]})
+                        "steps": body["steps"], "retry_after": headers.get("retry-after"), "served_by": headers.get("x-served-by")})
 
     limits = httpx.Limits(max_connections=len(requests), max_keepalive_connections=len(requests))
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         start = time.perf_counter()
         await asyncio.gather(*(one(client, i, body, at) for i, (body, at) in enumerate(zip(requests, times))))
     served = [r for r in results if r["status"] == 200]
@@ -143,7 +152,7 @@ async def drive(url: str, requests: List[Dict], times: List[float]) -> Dict:
     ended = {}
     for r in results:
         ended[str(r["status"])] = ended.get(str(r["status"]), 0) + 1
-    return {"requests": len(requests), "ended": ended,
+    return {"requests": len(requests), "ended": ended, "t0": start,
             "served_images": sum(r["num"] for r in served), "images_per_s": sum(r["num"] for r in served) / span if served else 0.0,
             "p50_s": pct(0.50), "p99_s": pct(0.99), "served_ids": sorted(r["index"] for r in results if r["status"] == 200),
             "results": results}
@@ -155,19 +164,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, max_queue: int, threads: int):
+def start_server(model: str, max_batch: int, max_queue: int, threads: int, extra_args=(), ready_timeout: float = 120,
+                 log_path=None, port=None):
+    """`invdiff serve` on 127.0.0.1 (`extra_args` added to its command line); (process, url) once
+    /readyz is 200. Its stderr goes to `log_path` (a long run: a pipe nobody reads fills and
+    blocks the server's logging) or to a pipe."""
     import httpx
 
-    port = free_port()
+    port = port or free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "invdiff.cli", "serve", "--model", model, "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--max-images-per-request", "4"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = open(log_path, "w") if log_path else subprocess.PIPE
+    proc = subprocess.Popen([sys.executable, "-m", "invdiff.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+                             "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--max-images-per-request", "4",
+                             *extra_args], env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    if log_path:
+        log.close()
+
+    def tail():
+        if log_path:
+            with open(log_path) as f:
+                return f.read()[-2000:]
+        return proc.stderr.read()[-2000:]
+
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"invdiff serve exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"invdiff serve exited: {tail()}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return proc, url
@@ -175,7 +198,7 @@ def start_server(model: str, max_batch: int, max_queue: int, threads: int):
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("invdiff serve was not ready within 120 s")
+    raise RuntimeError(f"invdiff serve was not ready within {ready_timeout:g} s")
 
 
 def main(argv=None):
