@@ -1,13 +1,15 @@
-"""`invdiff serve`'s engines: one engine per scheduler, every strength in its batch, and
---max-batch as a cap over all engines together. Real uvicorn servers, as in test_service.py."""
+"""`invdiff serve`'s engines: one engine per scheduler, every strength in its batch,
+--max-batch as a cap over all engines together, and requests held while an engine restarts. Real uvicorn servers, as in test_service.py."""
 import base64
 import concurrent.futures
 import os
+import signal
 import threading
 import time
 
 import httpx
 import numpy as np
+import pytest
 
 from invdiff.cli import main
 from invdiff.sampling.job import prompt_dirname
@@ -73,3 +75,33 @@ def test_max_batch_caps_the_slots_of_all_engines_together_and_idle_engines_are_f
         assert peaks and max(p[1] for p in peaks) <= 3, peaks  # slots and engine queues, over all engines
         assert max(p[2] for p in peaks) >= 2  # several schedulers did run at once
         assert list(worker._engines) == ["ddim"]  # the others were freed when idle
+
+
+def test_a_request_during_a_restart_waits_for_the_engine_when_the_server_holds_requests():
+    """ServeSettings.hold_while_restarting_s (what Ray Serve replicas run with): a request that
+    arrives while the engine restarts is held and served once the engine is back, instead of a
+    503 at once, so that Ray's router, which counts it in flight, prefers the other replicas."""
+    from invdiff.demo import shipped_base
+
+    from .test_service import _b64_images, engine_pid
+
+    request = {"prompt": "digit 3", "num": 2, "seed": 5, "steps": 4}
+    with running_server(ServeSettings(model=shipped_base(), max_batch=2, hold_while_restarting_s=30)) as (url, worker):
+        before = httpx.post(f"{url}/v1/images", json=request, timeout=60)
+        assert before.status_code == 200, before.text
+        first_pid = engine_pid(worker)
+        os.kill(first_pid, signal.SIGKILL)
+        wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 503, timeout=10, what="the restart seen by /readyz")
+        assert httpx.get(f"{url}/readyz").json()["status"] == "restarting"
+        sent = time.monotonic()
+        during = httpx.post(f"{url}/v1/images", json=request, timeout=60)
+        waited = time.monotonic() - sent
+        assert during.status_code == 200, during.text  # held, then served: not a 503
+        assert engine_pid(worker) != first_pid and waited > 0.5  # it did wait for the new engine
+        for a, b in zip(_b64_images(during), _b64_images(before)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_hold_while_restarting_is_validated():
+    with pytest.raises(ValueError, match="hold_while_restarting_s must be a finite number >= 0"):
+        ServeSettings(model="m", hold_while_restarting_s=-1)

@@ -62,6 +62,10 @@ DELETE_GRACE_S = 15.0
 # shorter drain: time for the 503 to reach Ray's proxy and for Ray's drain loop
 # (graceful_shutdown_wait_loop_s, a tenth of the drain) to see the replica idle.
 ANSWER_BEFORE_KILL_S = 1.0
+# A request reaching a replica whose engine restarts waits this long for it (ServeSettings.
+# hold_while_restarting_s): the readiness goal after an engine death; a restart measured 6 to 9 s
+# on the CPU (benchmarks/RESULTS.md, the soak).
+HOLD_WHILE_RESTARTING_S = 30.0
 # How often a replica sets its Ray gauges again (Metrics.refresh_mirror): Ray drops a gauge not set
 # within two export intervals, at least 2 s; one set per gauge per second costs nothing.
 RAY_GAUGE_REFRESH_S = 1.0
@@ -165,7 +169,10 @@ class InvDiffReplica:
 
     def __serve_build_asgi_app__(self):
         # The app's drain ends before Ray kills the replica, so that its answers get out first.
-        settings = dataclasses.replace(self.settings, drain_seconds=answer_deadline(self.settings.drain_seconds))
+        # And a request that arrives while the engine restarts waits for it (in flight to Ray's
+        # router, which then prefers the other replicas), instead of a 503 at once.
+        settings = dataclasses.replace(self.settings, drain_seconds=answer_deadline(self.settings.drain_seconds),
+                                       hold_while_restarting_s=HOLD_WHILE_RESTARTING_S)
         app = create_app(settings, self.worker)
         if not on_graceful_shutdown(app.state.drain.begin):
             logging.getLogger("ray.serve").warning(
