@@ -134,8 +134,6 @@ class SamplingEngine:
         self._h_total = np.zeros(max_batch, dtype=np.int64)
         self._h_cfg = np.ones(max_batch, dtype=np.float64)
         self._h_strength = np.ones(max_batch, dtype=np.float64)
-        self._h_c_eps = np.ones(max_batch, dtype=np.float64)
-        self._h_c_g = np.zeros(max_batch, dtype=np.float64)
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request) -> int:
@@ -231,10 +229,7 @@ class SamplingEngine:
             self._x[i] = noise.to(self.device) * sigma
             self._h_step[i], self._h_total[i] = 0, total
             self._h_cfg[i] = float(request.guidance_scale)
-            strength = float(self.denoiser.strength if request.strength is None else request.strength)
-            ratio = self.denoiser.guidance.ratio if self.denoiser.guidance is not None else None
-            self._h_strength[i] = strength
-            self._h_c_eps[i], self._h_c_g[i] = strength_coefficients(ratio, strength)
+            self._h_strength[i] = float(self.denoiser.strength if request.strength is None else request.strength)
             self._slots.append(_Slot(request, gen, plan, sched, etas))
         new = slice(first, len(self._slots))
         if new.start == new.stop:
@@ -251,8 +246,10 @@ class SamplingEngine:
         # fp32, as the fused step's CFG_SCALE column and cfg_combine's per-sample scale take it.
         # float64 on the host rounded once to fp32: the values a scalar strength's table held.
         self._cfg[new] = torch.from_numpy(self._h_cfg[new]).to(device=self.device, dtype=torch.float32)
-        self._c_eps[new] = torch.from_numpy(self._h_c_eps[new]).to(device=self.device, dtype=torch.float32)
-        self._c_g[new] = torch.from_numpy(self._h_c_g[new]).to(device=self.device, dtype=torch.float32)
+        ratio = self.denoiser.guidance.ratio if self.denoiser.guidance is not None else None
+        columns = np.array([strength_coefficients(ratio, s) for s in self._h_strength[new]], dtype=np.float64)  # (k, 2)
+        self._c_eps[new] = torch.from_numpy(columns[:, 0].copy()).to(device=self.device, dtype=torch.float32)
+        self._c_g[new] = torch.from_numpy(columns[:, 1].copy()).to(device=self.device, dtype=torch.float32)
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -378,7 +375,7 @@ class SamplingEngine:
         if not moved:
             return
         dst, src = (list(v) for v in zip(*moved))
-        for host in (self._h_row, self._h_step, self._h_total, self._h_cfg, self._h_strength, self._h_c_eps, self._h_c_g):
+        for host in (self._h_row, self._h_step, self._h_total, self._h_cfg, self._h_strength):
             host[dst] = host[src]
         dst_d, src_d = torch.tensor(dst, device=self.device), torch.tensor(src, device=self.device)
         # Every source sits behind the packed front and every destination in it: no overlap.
