@@ -20,7 +20,8 @@ import sys
 import threading
 from typing import Dict, List, Optional
 
-from .config import ATTENTION_BACKENDS, FROZEN_DTYPES, GUIDANCE_KINDS, LAM_MODES, SCHEDULER_NAMES, SEED_LIMIT
+from .config import (ATTENTION_BACKENDS, DEFAULT_GUIDANCE_EVERY, FROZEN_DTYPES, GUIDANCE_KINDS, LAM_MODES, SCHEDULER_NAMES,
+                     SEED_LIMIT)
 from .limits import MAX_BATCH_SIZE, MAX_IMAGE_SIDE, MAX_IMAGES_PER_PROMPT, check_fits_in_memory
 from .outputs import check_output_file, check_output_folder, check_writable, output_lock
 
@@ -319,6 +320,8 @@ def cmd_sample(args) -> None:
     settings = {"model": os.path.abspath(args.model), "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "scheduler": args.scheduler, "strength": args.strength, "seed": args.seed, "attention": args.attention,
                 "eta_below_band": args.eta_below_band, "height": height, "width": width}
+    if args.guidance_every != 1:  # only when G is reused: sample folders made before the flag keep their settings
+        settings["guidance_every"] = args.guidance_every
     if args.base is not None:  # only when given: sample folders made before --base existed keep their settings
         settings["base"] = os.path.abspath(args.base)
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
@@ -345,6 +348,7 @@ def _sample_job(args) -> None:
         guidance_scale=args.guidance_scale, scheduler=args.scheduler, strength=args.strength,
         batch_size=args.batch_size, attention=args.attention, resume=args.resume, overwrite=args.overwrite,
         eta_below=args.eta_below_band, height=args.height, width=args.width, base_dir=args.base,
+        guidance_every=args.guidance_every,
     )
     if "manifest" in summary:
         print(f"{summary['items']} images in {args.out} ({summary['resumed']} kept from before); manifest {summary['manifest']}")
@@ -366,7 +370,8 @@ def _sample(args, settings: Dict, height: int, width: int) -> None:
     print(f"attention: {attention}")
     seeds = [args.seed + i for i in range(len(prompts))]
     images = sample(GuidedDenoiser(base, guidance, args.strength), ids, seeds, args.steps, args.guidance_scale, args.scheduler,
-                    batch_size=args.batch_size, eta_below=args.eta_below_band, height=height, width=width)
+                    batch_size=args.batch_size, eta_below=args.eta_below_band, height=height, width=width,
+                    guidance_every=args.guidance_every)
     pixels = to_uint8(images)
     entries = []
     counters: Dict[str, int] = {}
@@ -485,6 +490,7 @@ def cmd_serve(args) -> None:
     settings = ServeSettings(model=args.model, base=args.base, device=args.device, max_batch=args.max_batch,
                              max_queue=args.max_queue, max_images_per_request=args.max_images_per_request,
                              attention=args.attention, frozen_dtype=args.frozen_dtype, eta_below_band=args.eta_below_band,
+                             guidance_every=args.guidance_every,
                              drain_seconds=args.drain_seconds, engine_process=not args.engine_in_process,
                              expose_details=args.expose_details)
     if os.path.exists(args.model):  # (a hub id, with downloads allowed, is named by its download)
@@ -623,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=finite_float, default=1.0, help="G_psi strength s (0 = frozen model, 1 = the calibrated push, or G as trained when the run was not calibrated)")
     p.add_argument("--eta-below-band", type=finite_float, default=None,
                    help="DDIM eta under the attribute band recorded in G (None: 1, stochastic there; 0 = deterministic)")
+    p.add_argument("--guidance-every", type=positive_int, default=DEFAULT_GUIDANCE_EVERY,
+                   help="run G_psi at every K-th step of each image and reuse its output between (1: every step); "
+                        "fewer G evaluations, a measured effect on Bias and quality (docs/results.md)")
     p.add_argument("--height", type=image_side_int, default=None,
                    help="image height in pixels, a multiple of the VAE's downsampling factor (None: the size the run "
                         "trained at, else the model's native size, the UNet's sample_size x that factor)")
@@ -654,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default=d.attention, choices=ATTENTION_BACKENDS, help="attention backend of the frozen UNet")
     p.add_argument("--frozen-dtype", default=d.frozen_dtype, choices=FROZEN_DTYPES, help="dtype of the frozen UNet (G stays fp32)")
     p.add_argument("--eta-below-band", type=finite_float, default=None, help="as for sample")
+    p.add_argument("--guidance-every", type=positive_int, default=DEFAULT_GUIDANCE_EVERY, help="as for sample")
     p.add_argument("--drain-seconds", type=finite_float, default=30.0,
                    help="on SIGTERM, finish in-flight requests for at most this long; those still running then get "
                         "a 503 with Retry-After (with --ray: Ray Serve's graceful_shutdown_timeout_s)")

@@ -12,6 +12,9 @@ from typing import Dict, Optional
 FROZEN_DTYPES = ("fp32", "bf16", "fp16")  # how the frozen UNet, VAE and text encoder run; G stays fp32
 ATTENTION_BACKENDS = ("sdpa", "xformers")  # the frozen UNet's attention (models/sd.py)
 SCHEDULER_NAMES = ("ddim", "ddpm", "euler", "dpm")  # sampling schedulers (sampling/spec.py maps them)
+# G_psi at every sampling step by default (sampling.GuidedSchedule.guidance_every; docs/results.md
+# has what reusing its output between steps does to the effect and the speed).
+DEFAULT_GUIDANCE_EVERY = 1
 GUIDANCE_KINDS = ("unet", "lora")  # G_psi: a narrow zero-initialised UNet, or peft LoRA on the frozen UNet
 LAM_MODES = ("absolute", "relative")  # lambda as given (the official L_e), or in units of the batch's mean loss
 # torch.Generator.manual_seed takes [0, 2**64): a negative seed would wrap onto a positive one.

@@ -29,6 +29,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from .config import DEFAULT_GUIDANCE_EVERY
 from .models.guidance import GuidanceModule
 from .sampling.sampler import GuidedDenoiser, guided_loop
 from .sampling.schedule import guided_schedule
@@ -133,13 +134,15 @@ class InvDiffPipeline(DiffusionPipeline):
         return_dict: bool = True,
         eta: float = 0.0,
         eta_below_band: Optional[float] = None,
+        guidance_every: int = DEFAULT_GUIDANCE_EVERY,
     ):
         """The ordinary diffusers call. Returns ImagePipelineOutput(images) (PIL list, np array or
         (N, 3, H, W) tensor in [0, 1] by `output_type`; "latent" gives the (N, 4, H/f, W/f) latents).
         generator: one, or a list of N (one per image: image i then depends on generator i only,
         as with `invdiff sample`'s seeds); latents: (N, 4, H/f, W/f) initial noise, unscaled.
         eta: a DDIM scheduler's eta in G's attribute band; eta_below_band: its eta under the band
-        (None: stochastic, sampling.STOCHASTIC_BELOW_BAND; as `invdiff sample --eta-below-band`)."""
+        (None: stochastic, sampling.STOCHASTIC_BELOW_BAND; as `invdiff sample --eta-below-band`);
+        guidance_every: G at every k-th step, its output reused between (`--guidance-every`)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("give at least one prompt")
@@ -150,7 +153,8 @@ class InvDiffPipeline(DiffusionPipeline):
             raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
         # The frozen UNet and G as `invdiff sample` runs them, and the schedule it samples with.
         denoiser = GuidedDenoiser(_FrozenParts(self.unet, self.vae_scale_factor), self.guidance, guidance_strength)
-        schedule = guided_schedule(denoiser, self.scheduler, eta=eta, eta_below=eta_below_band, height=height, width=width)
+        schedule = guided_schedule(denoiser, self.scheduler, eta=eta, eta_below=eta_below_band, height=height, width=width,
+                                   guidance_every=guidance_every)
         device = self.unet.device
         cond = self.encode_prompt(prompts)
         uncond = self.encode_prompt([""] * len(prompts)) if guidance_scale != 1.0 else None

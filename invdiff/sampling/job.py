@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
+from ..config import DEFAULT_GUIDANCE_EVERY
 from ..errors import CheckpointError, DataError
 from ..io import atomic_write_text, path_inside, read_json
 from ..limits import MAX_JOB_IMAGES, SEED_LIMIT
@@ -260,10 +261,11 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
                    guidance_scale: float = 1.0, scheduler: str = "ddim", strength: float = 1.0, batch_size: int = 64,
                    attention: str = "sdpa", resume: bool = False, overwrite: bool = False, progress: bool = True,
                    eta_below: Optional[float] = None, height: Optional[int] = None, width: Optional[int] = None,
-                   base_dir: Optional[str] = None) -> Dict:
+                   base_dir: Optional[str] = None, guidance_every: int = DEFAULT_GUIDANCE_EVERY) -> Dict:
     """Run (or resume) the job on this rank's share of the items. Returns a summary. height, width:
     the images' size in pixels (None: the size the run trained at, else the model's native size;
-    model_folders.sampling_size). base_dir: a run's base model at a new place (model_folders.load.load_model)."""
+    model_folders.sampling_size). base_dir: a run's base model at a new place (model_folders.load.load_model).
+    guidance_every: G at every k-th step, reused between (sampling.GuidedSchedule)."""
     from ..distributed import barrier, init_from_env
     from ..io import atomic_write_json
     from ..models.sd import set_attention
@@ -281,6 +283,8 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
                 "guidance_scale": guidance_scale, "eta_below": eta_below, "height": height, "width": width}
     if base_dir is not None:  # only when given: jobs made before it existed keep their settings
         settings["base"] = os.path.abspath(base_dir)
+    if guidance_every != 1:  # likewise: only when G is reused (1 is what jobs before it sampled with)
+        settings["guidance_every"] = guidance_every
     job_path = os.path.join(out, JOB_FILE)
     from ..outputs import check_output_folder, read_marker, write_marker
 
@@ -308,7 +312,8 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
     prompts = sorted({it.prompt for it in items})
     id_of = dict(zip(prompts, base.conditioner.prompt_ids(prompts).tolist()))
     denoiser = GuidedDenoiser(base, guidance, strength)
-    engine = sampling_engine(denoiser, scheduler, batch_size, eta_below=eta_below, height=height, width=width)
+    engine = sampling_engine(denoiser, scheduler, batch_size, eta_below=eta_below, height=height, width=width,
+                             guidance_every=guidance_every)
     for it in mine:
         engine.submit(Request(id_of[it.prompt], it.seed, steps, it.guidance_scale, request_id=it.item_id))
 

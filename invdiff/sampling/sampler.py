@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from ..config import DEFAULT_GUIDANCE_EVERY
 from ..models.base import FrozenBase
 from ..models.guidance import GuidanceModule, in_band, neutral_output
 from ..ops import cfg_combine
@@ -39,11 +40,13 @@ class GuidedDenoiser(torch.nn.Module):
 
     @torch.no_grad()
     def branches(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor, native: bool = False,
-                 run_guidance: Optional[bool] = None):
+                 run_guidance: Optional[bool] = None, guidance_rows: Optional[torch.Tensor] = None):
         """(eps_theta, G_psi's output or None), uncombined: the fused step combines them.
         sample: (B, C, H, W); timestep: (B,); prompt_embeds: (B, L, D). run_guidance: whether G
         runs (None: unless the strength is 0); the engine, whose slots each have a strength of
-        their own, runs it when any slot's strength is not 0.
+        their own, runs it when any slot's strength is not 0. guidance_rows: (B,) bool, the rows G
+        runs on (None: all); the others get the output that combines to the frozen eps, for the
+        caller to replace (the engine puts the G output it reuses there).
 
         native=False: both in fp32 (or wider), as G and the combine take them. native=True: both in
         the frozen UNet's dtype, for the engine's fused step, which reads a bf16/fp16 model output
@@ -58,6 +61,8 @@ class GuidedDenoiser(torch.nn.Module):
         if self.guidance is None or not run_guidance:
             return out, None
         rows = in_band(timestep, self.guidance.t_min, eps.shape[0])
+        if guidance_rows is not None:
+            rows = rows & guidance_rows.to(rows.device)
         if bool(rows.all()):
             g = self.guidance(sample, timestep, prompt_embeds, eps)
         elif not bool(rows.any()):
@@ -87,11 +92,13 @@ def initial_noise(shape, seeds: Sequence[int]):
 
 def sampling_engine(denoiser: GuidedDenoiser, scheduler: str = "ddim", max_batch: int = 64, *, device=None, eta: float = 0.0,
                     eta_below: Optional[float] = None, band_start: Optional[int] = None,
-                    height: Optional[int] = None, width: Optional[int] = None) -> SamplingEngine:
+                    height: Optional[int] = None, width: Optional[int] = None,
+                    guidance_every: int = DEFAULT_GUIDANCE_EVERY) -> SamplingEngine:
     """The engine `sample`, `invdiff sample --prompts` and `invdiff serve` all sample with: the
     schedule of `guided_schedule` (per-step eta, image size), the one the plain loop samples with.
     Building it in one place is what keeps their images equal for the same request."""
-    schedule = guided_schedule(denoiser, scheduler, eta=eta, eta_below=eta_below, band_start=band_start, height=height, width=width)
+    schedule = guided_schedule(denoiser, scheduler, eta=eta, eta_below=eta_below, band_start=band_start, height=height, width=width,
+                               guidance_every=guidance_every)
     return SamplingEngine(denoiser, scheduler, max_batch=max_batch, device=device, schedule=schedule)
 
 
@@ -111,12 +118,16 @@ def sample(
     band_start: Optional[int] = None,
     height: Optional[int] = None,
     width: Optional[int] = None,
+    guidance_every: int = DEFAULT_GUIDANCE_EVERY,
 ) -> torch.Tensor:
     """Sample one image per (prompt id, seed) with the continuous-batching engine and the fused
     guided step. prompt_ids: (N,) int64. Returns (N, C, H, W) in [-1, 1], in request order
     (decoded by the VAE for a latent-space base), H x W = height x width pixels (None: the
     UNet's native size; see `latent_shape`).
     An image depends only on its prompt, seed and settings, not on batch_size.
+
+    guidance_every: G runs at every k-th step of each image and its output is reused between
+    (GuidedSchedule.guidance_every; 1: every step).
 
     band_start / eta_below: DDIM runs with `eta` at t >= band_start (where the attribute is
     decided; default: the band recorded in G's config, 0 without G) and with `eta_below`
@@ -126,24 +137,35 @@ def sample(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     engine = sampling_engine(denoiser, scheduler, batch_size, device=device, eta=eta, eta_below=eta_below, band_start=band_start,
-                             height=height, width=width)
+                             height=height, width=width, guidance_every=guidance_every)
     requests = [Request(int(p), int(s), steps, guidance_scale, request_id=i) for i, (p, s) in enumerate(zip(prompt_ids.tolist(), seeds))]
     images = engine.run(requests, progress=progress)
     return torch.stack([images[i] for i in range(len(requests))])
 
 
 def guided_output(denoiser: GuidedDenoiser, model_in: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
-                  uncond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0) -> torch.Tensor:
+                  uncond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0, reuse: Optional[bool] = None,
+                  reused: Optional[torch.Tensor] = None):
     """What the scheduler steps on: eps_tilde of each branch (GuidedDenoiser), then classifier-free
     guidance (ops.cfg_combine), the math the engine's fused step does in one op.
     model_in: (B, C, h, w) the scheduler's model input; timestep: 0-dim; cond, uncond: (B, L, D)
-    prompt embeddings (uncond None: no classifier-free guidance). Returns (B, C, h, w)."""
+    prompt embeddings (uncond None: no classifier-free guidance). Returns (B, C, h, w).
+
+    reuse (for GuidedSchedule.guidance_every): None returns the output alone; False runs G and
+    True combines `reused` (G's output at an earlier step, as this returned it; None there: G did
+    not act) in its place, and both return (output, the G output used: (2B, C, h, w) with uncond,
+    branches [uncond, cond], (B, C, h, w) without, or None)."""
     b, device = model_in.shape[0], model_in.device
-    if uncond is None:
-        return denoiser(model_in, timestep.expand(b).to(device), cond)
-    # One model call on both branches, as the engine batches them.
-    e_u, e_c = denoiser(torch.cat([model_in, model_in]), timestep.expand(2 * b).to(device), torch.cat([uncond, cond])).chunk(2)
-    return cfg_combine(e_u, e_c, guidance_scale)
+    if uncond is not None:  # one model call on both branches, as the engine batches them
+        model_in, cond = torch.cat([model_in, model_in]), torch.cat([uncond, cond])
+    t = timestep.expand(model_in.shape[0]).to(device)
+    if reuse:
+        eps, g = denoiser.branches(model_in, t, cond, run_guidance=False)[0], reused
+    else:
+        eps, g = denoiser.branches(model_in, t, cond)
+    eps_tilde = eps if g is None else denoiser.guidance.combine(eps, g, denoiser.strength)
+    m = eps_tilde if uncond is None else cfg_combine(*eps_tilde.chunk(2), guidance_scale)
+    return m if reuse is None else (m, g)
 
 
 @torch.no_grad()
@@ -168,8 +190,10 @@ def guided_loop(denoiser: GuidedDenoiser, scheduler, schedule: GuidedSchedule, s
     x = noise * scheduler.init_noise_sigma
     # Only schedulers that draw noise take a generator (PNDM, Stable Diffusion 1.5's own, does not).
     extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    for t, eta in per_step:
-        m = guided_output(denoiser, scheduler.scale_model_input(x, t), t, cond, uncond, guidance_scale)
+    g = None  # G's output (both branches) at its last step, for the steps that reuse it
+    for index, (t, eta) in enumerate(per_step):
+        m, g = guided_output(denoiser, scheduler.scale_model_input(x, t), t, cond, uncond, guidance_scale,
+                             reuse=schedule.reuses_guidance(index), reused=g)
         x = scheduler.step(m, t, x, **extra, **({} if eta is None else {"eta": eta})).prev_sample
         if on_step is not None:
             on_step()
@@ -192,9 +216,11 @@ def sample_unfused(
     band_start: Optional[int] = None,
     height: Optional[int] = None,
     width: Optional[int] = None,
+    guidance_every: int = DEFAULT_GUIDANCE_EVERY,
 ) -> torch.Tensor:
     """`sample` as a plain loop (`guided_loop`), one static batch at a time (the unfused eager
-    chain), with the same schedule (eta, eta_below, band_start, height, width: see `sample`).
+    chain), with the same schedule (eta, eta_below, band_start, height, width, guidance_every: see
+    `sample`).
     prompt_ids: (N,) int64. Returns (N, C, H, W) in [-1, 1]."""
     base = denoiser.base
     if len(seeds) != prompt_ids.numel():
@@ -202,7 +228,8 @@ def sample_unfused(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     device = device or next(base.unet.parameters()).device
-    schedule = guided_schedule(denoiser, scheduler, eta=eta, eta_below=eta_below, band_start=band_start, height=height, width=width)
+    schedule = guided_schedule(denoiser, scheduler, eta=eta, eta_below=eta_below, band_start=band_start, height=height, width=width,
+                               guidance_every=guidance_every)
     outputs: List[torch.Tensor] = []
     n = prompt_ids.numel()
     bar = tqdm(total=n * steps, desc="sample", disable=not progress, unit="img-step")

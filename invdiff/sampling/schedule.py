@@ -88,26 +88,53 @@ def scheduled_steps(scheduler, num_steps: int, rule: EtaRule, device=None) -> Li
 @dataclass(frozen=True)
 class GuidedSchedule:
     """What a guided sampler fixes before its first step. rule: DDIM's eta per timestep;
-    shape: (C, h, w), one sample's latent (pixels for a pixel-space base)."""
+    shape: (C, h, w), one sample's latent (pixels for a pixel-space base); guidance_every: G_psi
+    runs at a sample's steps 0, k, 2k, ... and its output is reused at the steps between (1: every
+    step). Its correction varies slowly in t, and G is the largest cost sampling adds to the
+    frozen model (see `reuses_guidance`)."""
 
     rule: EtaRule
     shape: Tuple[int, int, int]
+    guidance_every: int = 1
+
+    def __post_init__(self):
+        if int(self.guidance_every) != self.guidance_every or self.guidance_every < 1:
+            raise ValueError(f"guidance_every must be an integer >= 1, got {self.guidance_every}")
+
+    def reuses_guidance(self, step_index):
+        """Whether a sample at step `step_index` (an int or a numpy array of them, counted from 0)
+        reuses G's output from an earlier step instead of running G."""
+        return step_index % self.guidance_every != 0
 
     def steps(self, scheduler, num_steps: int, device=None) -> List[Tuple[torch.Tensor, Optional[float]]]:
         """[(t, eta)] per step of `scheduler` set to `num_steps` steps: scheduled_steps."""
         return scheduled_steps(scheduler, num_steps, self.rule, device)
 
 
+def check_guidance_reuse(denoiser, guidance_every: int) -> None:
+    """Refuse, with the reason, the one G that GuidedSchedule.guidance_every > 1 cannot reuse: a G
+    gated to a band (t_min > 0) with a ratio r <= 1. Outside its band such a G's output is not 0
+    but a multiple of each step's frozen prediction (models.guidance.neutral_output), so a stored
+    output would carry an earlier step's prediction into the next."""
+    guidance = getattr(denoiser, "guidance", None)
+    if guidance_every > 1 and guidance is not None and guidance.t_min > 0 and guidance.ratio <= 1.0:
+        raise ValueError(f"guidance_every = {guidance_every} reuses G's output between steps, which this G (ratio "
+                         f"r = {guidance.ratio} <= 1, gated to t >= {guidance.t_min}) cannot take: its output outside "
+                         "the band depends on each step's frozen prediction; use guidance_every = 1")
+
+
 def guided_schedule(denoiser, scheduler="ddim", *, eta: float = 0.0, eta_below: Optional[float] = None,
-                    band_start: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None) -> GuidedSchedule:
+                    band_start: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
+                    guidance_every: int = 1) -> GuidedSchedule:
     """The schedule `sample`, `sample_unfused`, `invdiff sample`, the service and InvDiffPipeline
     sample with.
 
     denoiser: a sampling.GuidedDenoiser (its base gives the latent shape, its G the band);
     scheduler: a name from sampling.SCHEDULERS or a diffusers scheduler; eta: DDIM's eta in the
     band; band_start / eta_below: see below_band_eta; height, width: the images' size in pixels
-    (None: the UNet's native size; spec.latent_shape)."""
+    (None: the UNet's native size; spec.latent_shape); guidance_every: see GuidedSchedule."""
     from .spec import latent_shape
 
+    check_guidance_reuse(denoiser, guidance_every)
     eta_below, t_switch = below_band_eta(denoiser, scheduler, eta_below, band_start)
-    return GuidedSchedule(EtaRule(eta, eta_below, t_switch), latent_shape(denoiser.base, height, width))
+    return GuidedSchedule(EtaRule(eta, eta_below, t_switch), latent_shape(denoiser.base, height, width), guidance_every)

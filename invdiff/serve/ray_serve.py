@@ -221,6 +221,7 @@ def app_builder(args: Dict[str, str]):
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown}; known: replicas, gpus_per_replica, cpus_per_replica, {sorted(fields)}")
     casts = {"max_batch": int, "max_queue": int, "max_images_per_request": int, "drain_seconds": float, "eta_below_band": float,
+             "guidance_every": int,
              "engine_process": lambda v: v.lower() in ("1", "true", "yes"),
              "expose_details": lambda v: v.lower() in ("1", "true", "yes")}
     settings = ServeSettings(**{k: casts.get(k, str)(v) for k, v in args.items()})

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional
 
-from ..config import FROZEN_DTYPES
+from ..config import DEFAULT_GUIDANCE_EVERY, FROZEN_DTYPES
 
 if TYPE_CHECKING:
     import socket
@@ -45,6 +45,7 @@ class ServeSettings:
     attention: str = "sdpa"
     frozen_dtype: str = "fp32"
     eta_below_band: Optional[float] = None  # as `invdiff sample --eta-below-band`
+    guidance_every: int = DEFAULT_GUIDANCE_EVERY  # as `invdiff sample --guidance-every`
     drain_seconds: float = 30.0  # SIGTERM: finish in-flight requests for at most this long
     # The engine in a process of its own (engine_process.py), so that HTTP work never holds the
     # GIL its sampling loop needs; False keeps it a thread of the server's process.

@@ -254,7 +254,8 @@ class EngineWorker:
             # Strength 1 is only the default of a request without one: each request carries its own.
             self._engines[scheduler] = sampling_engine(GuidedDenoiser(self.base, self.guidance, 1.0), scheduler,
                                                        self.settings.max_batch, device=self.device,
-                                                       eta_below=self.settings.eta_below_band, height=self.size[0], width=self.size[1])
+                                                       eta_below=self.settings.eta_below_band, height=self.size[0], width=self.size[1],
+                                                       guidance_every=self.settings.guidance_every)
         return self._engines[scheduler]
 
     def images_in_engines(self) -> int:
