@@ -1,4 +1,4 @@
-"""`invdiff` command line: train-base, debias, sample, evaluate, demo.
+"""`invdiff` command line: train-base, debias, inspect, sample, evaluate, demo.
 
 Every command answers bad input with one line on stderr and exit code 2, checked before any
 compute, and writes its outputs atomically, so a failed or interrupted command leaves what was
@@ -250,8 +250,72 @@ def _debias(args) -> None:
         print(describe_group_sizes(sizes, cfg.groups, [dataset.prompts[p] for p in sorted(set(dataset.prompt_ids.tolist()))]))
     if "calibration" in result["meta"]:
         print(describe_calibration(result["meta"]["calibration"]))
+    if os.path.isfile(os.path.join(args.out, "inspect", "report.json")):
+        print(f"the groups in pictures: {os.path.join(args.out, 'inspect', 'report.md')}")
     for warning in result["meta"]["diagnostics"].get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
+
+
+INSPECT_RUN_FILES = {  # what `inspect --run` reads, and who writes it
+    "invdiff_run.json": "it is not a debias run folder",
+    "losses.safetensors": "every `invdiff debias` writes the frozen model's losses there (invdiff 0.1.0 on, no flag "
+                          "needed): rerun debias, or run the max step alone with --base BASE --data DATA",
+    "environments.safetensors": "every `invdiff debias` writes its groups there (invdiff 0.1.0 on): rerun debias, or "
+                                "run the max step alone with --base BASE --data DATA",
+}
+
+
+def cmd_inspect(args) -> None:
+    """The run folder's files, the flags and the output folder are checked first, torch-free;
+    the data and --prompts once the data is loaded, before the base loads or a loss is computed."""
+    if args.run is not None:
+        if not os.path.isdir(args.run):
+            raise FileNotFoundError(f"--run {args.run!r} does not exist")
+        for name, why in INSPECT_RUN_FILES.items():
+            if not os.path.isfile(os.path.join(args.run, name)):
+                raise FileNotFoundError(f"--run {args.run!r} has no {name}: {why}")
+        given = [f"--{dest.replace('_', '-')}" for dest in DEBIAS_FLAGS if hasattr(args, dest)]
+        given += [f"--{dest.replace('_', '-')}" for dest in DEBIAS_SWITCHES if getattr(args, dest, False)]
+        if args.recipe != "invdiff" or given:
+            raise ValueError(f"{(given or ['--recipe'])[0]} applies to --base: with --run the run's own max step is read")
+        from .model_folders import RUN_META, read_json_object
+
+        if read_json_object(os.path.join(args.run, RUN_META), "run metadata").get("given_weights"):
+            raise ValueError(f"--run {args.run!r} was given its groups (debias(weights=...): the oracle or ERM row), "
+                             "so it has no inferred groups to inspect")
+    else:
+        check_model_path(args.base, "--base")
+    check_output_folder(args.out, "inspect")
+    with output_lock(args.out):
+        _inspect(args)
+
+
+def _inspect(args) -> None:
+    from .inspection import choose_prompts, inspect_base, inspect_run
+    from .io import staged_directory
+
+    data_args = argparse.Namespace(**{**vars(args), "data": args.data or "colored-digits"})
+    dataset = None if args.data is None and args.run is not None else _load_data(data_args)
+    if args.run is not None:
+        with staged_directory(args.out, kind="inspect") as stage:
+            report = inspect_run(args.run, stage, dataset, args.prompts)
+    else:
+        from .debiasing import _data_for_base
+        from .model_folders.load import load_base
+
+        cfg = debias_config_from_args(args)
+        cfg.validate(len(dataset))
+        present = sorted(set(dataset.prompt_ids.tolist()))
+        choose_prompts(dataset.prompts, present, args.prompts)  # an unknown prompt is one line, before the base loads
+        base = load_base(args.base, cfg).freeze()
+        data = _data_for_base(base, dataset, cfg, {}, progress=True)
+        source = {"base": os.path.abspath(args.base), "data": _data_spec(data_args)}
+        with staged_directory(args.out, kind="inspect") as stage:
+            report = inspect_base(base, data, dataset, cfg, stage, source, args.prompts)
+    print(f"wrote {os.path.join(args.out, 'report.md')} ({len(report['prompts'])} prompts)")
+    for row in report["prompts"]:
+        for warning in row["warnings"]:
+            print(f"warning: {row['prompt']}: {warning}", file=sys.stderr)
 
 
 def describe_calibration(record: Dict) -> str:
@@ -606,6 +670,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a hub id (org/name) given on this command line to be downloaded; without it invdiff "
                         "never goes online, and a run folder never decides what is downloaded")
     p.set_defaults(func=cmd_debias)
+
+    p = sub.add_parser("inspect", help="see what the max step finds before you debias: its groups in pictures (report.md, PNGs)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--base", default=None, help="base model folder: run the max step alone on --data (no min step)")
+    source.add_argument("--run", default=None,
+                        help="a debias run folder: read its saved losses and groups (its data is loaded again from its "
+                             "record unless --data is given)")
+    _add_data_args(p)
+    p.set_defaults(data=None)  # --base: colored-digits; --run: the run's own data
+    p.add_argument("--out", required=True, help="folder for report.md, report.json and the PNGs")
+    p.add_argument("--prompts", nargs="+", default=None,
+                   help="report only these prompts (the max step still runs on all, so its groups are debias's)")
+    p.add_argument("--recipe", default="invdiff", choices=sorted(RECIPES), help="--base: the max step of this debias preset")
+    # opt() (debias's) adds to `p` as it is when called: here, inspect's parser.
+    opt("--groups", "--base: number of environments K", type=positive_int)
+    opt("--max-step", "--base: environment inference (as for debias)", choices=list(MAX_STEP_METHODS))
+    opt("--aggregation", "--base: per-sample loss aggregation", choices=list(AGGREGATIONS))
+    p.add_argument("--pooled-groups", action="store_true", help="--base: infer K groups over all prompts instead of K per prompt")
+    opt("--loss-timesteps", "--base: size of the max step's t grid", type=positive_int)
+    opt("--loss-draws", "--base: noise draws per grid timestep", type=positive_int)
+    opt("--seed", "--base: seed of the max step's noise and cut", type=seed_int)
+    opt("--frozen-dtype", "--base: dtype of the frozen UNet, VAE and text encoder", choices=FROZEN_DTYPES)
+    opt("--latent-cache", "--base, Stable Diffusion bases: keep the VAE latents here (memory-mapped)")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("sample", help="sample PNGs from a base model or a run folder")
     p.add_argument("--model", required=True, help="base model folder, debias run folder, Stable Diffusion or InvDiffPipeline folder")

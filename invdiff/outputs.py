@@ -34,7 +34,8 @@ from .errors import OutputError
 
 MARKER = ".invdiff-output.json"
 KIND_NAMES = {"base": "a base model", "run": "a debias run", "samples": "samples (invdiff sample --prompt)",
-              "sample-job": "a sampling job (invdiff sample --prompts)", "demo": "a demo report"}
+              "sample-job": "a sampling job (invdiff sample --prompts)", "demo": "a demo report",
+              "inspect": "an inspect report (invdiff inspect)"}
 
 
 # ----------------------------------------------------------------------------- markers

@@ -9,6 +9,8 @@ A run folder on an embedded base is self-contained:
     RUN_DIR/losses.safetensors      the frozen model's (N, T) losses and the t grid, by sample id
     RUN_DIR/environments.safetensors  W (N, K) by sample id, with diagnostics in its metadata
     RUN_DIR/train_log.json          the min step's per-step loss, group risks and variance
+    RUN_DIR/inspect/                what the max step found, in pictures: report.md, report.json,
+                                    scores.png, groups/<prompt>.png (inspection.py; as `invdiff inspect`)
 
 On a Stable Diffusion base (gigabytes) it holds no copy of the base: invdiff_run.json records the
 base's place and content hash ("base_reference", models/base_reference.py), checked on every
@@ -26,6 +28,7 @@ import torch
 
 from ..config import describe_changes
 from ..environments import save_environments
+from ..inspection import INSPECT_DIR, write_run_inspection
 from ..io import CheckpointError, atomic_save_file, atomic_write_json, read_json, staged_directory
 from ..models.base import FrozenBase
 from ..models.base_reference import REFERENCE_KEY, describe_base
@@ -99,4 +102,7 @@ def write_run_folder(out: str, result: Dict, base: FrozenBase, guidance, base_di
                 os.path.join(stage, "losses.safetensors"),
             )
         atomic_write_json(os.path.join(stage, "train_log.json"), {"log": result["log"]})
+        # The groups the min step trained on, in pictures: a few seconds, from what is at hand
+        # (the training images are loaded again from the run's data record, only those shown).
+        write_run_inspection(os.path.join(stage, INSPECT_DIR), result, sample_ids)
         atomic_write_json(os.path.join(stage, RUN_META), meta)

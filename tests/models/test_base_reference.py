@@ -18,7 +18,9 @@ from invdiff.model_folders.load import load_model
 
 # What a run folder that refers to its base holds: what the run made, nothing of the base.
 RUN_FILES = [".invdiff-output.json", "README.md", "environments.safetensors", "guidance/config.json",
-             "guidance/diffusion_pytorch_model.safetensors", "invdiff_run.json", "losses.safetensors", "train_log.json"]
+             "guidance/diffusion_pytorch_model.safetensors", "inspect/groups/a_blue_square-42f6a6ec59.png",
+             "inspect/groups/a_red_square-659c55b258.png", "inspect/report.json", "inspect/report.md",
+             "inspect/scores.png", "invdiff_run.json", "losses.safetensors", "train_log.json"]
 
 
 @pytest.fixture(scope="module")
