@@ -1,6 +1,6 @@
 """Continuous batching under Poisson arrivals vs static full batches (the shipped p=0.9 base, G_psi on).
 
-    python benchmarks/bench_engine.py [--requests 256 --max-batch 16 --repeats 3 --json out.json]
+    python benchmarks/bench_engine.py [--requests 256 --max-batch 16 --repeats 5 --json out.json]
 
 Workload: N requests with mixed step counts (--steps, default 8 12 16) and guidance scales
 (1.5 to 3), as a production queue sees them.
@@ -15,8 +15,10 @@ Throughput = image-steps (useful UNet work) per second, from the first arrival t
 G_psi is on (--guidance off: the frozen base alone). No debiased run ships with the package, so G
 is `GuidanceModule.from_frozen` with debias's default preset and ratio (DebiasConfig): untrained,
 its output layer is zero, but it costs the FLOPs of a trained one.
-The goal (issue 14): engine >= 0.95 x static with G on. The ratio is printed with 3 decimals and
-compared as measured: 0.899 is a miss against 0.90.
+The goal (issue 14): engine >= 0.95 x static with G on. Graded (issue 24) on the median over the
+repeats of each repeat's engine/static ratio (static and engine run back to back in a repeat, so
+the load they see is alike), with the spread (min to max) beside it; at least 5 repeats. The ratio
+is printed with 3 decimals and compared as measured: 0.899 is a miss against 0.90.
 
 On a shared machine the wall-clock ratio swings with other processes' load (0.68 to 1.46 between
 repeats of one run on the 2-core CPU machine, where 3 other jobs ran). So each repeat also
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -145,7 +148,8 @@ def main(argv=None):
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--steps", type=int, nargs="+", default=[8, 12, 16])
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-unfused", action="store_true", help="leave out the unfused reference row (a third of the time)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--guidance", choices=["on", "off"], default="on")
     parser.add_argument("--overhead", action="store_true",
@@ -186,29 +190,35 @@ def main(argv=None):
         results["ratio_cpu"].append(results["engine_cpu"][-1] / results["static_cpu"][-1])
         results["engine_idle_s"].append(idle)
         results["engine_mean_occupancy"].append(engine.slot_steps / engine.model_evaluations / args.max_batch)
-        results["unfused"].append(image_steps / run_unfused(denoiser, requests, args.max_batch))
+        if not args.no_unfused:
+            results["unfused"].append(image_steps / run_unfused(denoiser, requests, args.max_batch))
         print(f"repeat {rep}: wall: static {results['static'][-1]:.1f}, engine {results['engine'][-1]:.1f} "
-              f"({results['ratio'][-1]:.3f} x static), unfused {results['unfused'][-1]:.1f} image-steps/s; CPU time: static "
+              f"({results['ratio'][-1]:.3f} x static), unfused {results['unfused'][-1] if results['unfused'] else float('nan'):.1f} "
+              f"image-steps/s; CPU time: static "
               f"{results['static_cpu'][-1]:.1f}, engine {results['engine_cpu'][-1]:.1f} ({results['ratio_cpu'][-1]:.3f} x static)",
               file=sys.stderr, flush=True)
-    mean = {k: sum(v) / len(v) for k, v in results.items()}
-    ratio = mean["engine"] / mean["static"]
-    ratio_cpu = mean["engine_cpu"] / mean["static_cpu"]
+    mean = {k: sum(v) / len(v) for k, v in results.items() if v}
+    ratio = statistics.median(results["ratio"])
+    ratio_cpu = statistics.median(results["ratio_cpu"])
     g_params = sum(p.numel() for p in guidance.parameters()) if guidance is not None else 0
     print(f"workload: {len(requests)} requests, steps {args.steps}, max_batch {args.max_batch}, "
-          f"{image_steps} image-steps, {args.threads} threads, {args.repeats} repeats (mean), device cpu")
+          f"{image_steps} image-steps, {args.threads} threads, {args.repeats} repeats (rates: mean; ratios: median), device cpu")
     print(f"G_psi: {'on, preset ' + guidance.config['preset'] + f' ({g_params / 1e6:.2f}M params)' if guidance is not None else 'off'}")
     print(f"static full batches     {mean['static']:8.1f} image-steps/s")
-    print(f"engine, Poisson arrival {mean['engine']:8.1f} image-steps/s  = {ratio:.3f} x static "
+    print(f"engine, Poisson arrival {mean['engine']:8.1f} image-steps/s  = {ratio:.3f} x static, median of repeats "
           f"(mean slot occupancy {mean['engine_mean_occupancy']:.3f}, waiting for arrivals {mean['engine_idle_s']:.2f} s)")
-    print(f"unfused static batches  {mean['unfused']:8.1f} image-steps/s  = {mean['unfused'] / mean['static']:.3f} x static")
-    print(f"CPU time: static {mean['static_cpu']:8.1f}, engine {mean['engine_cpu']:8.1f} image-steps/s  = {ratio_cpu:.3f} x static")
-    print(f"per repeat engine/static: wall {', '.join(f'{r:.3f}' for r in results['ratio'])}; "
-          f"CPU time {', '.join(f'{r:.3f}' for r in results['ratio_cpu'])}")
+    if results["unfused"]:
+        print(f"unfused static batches  {mean['unfused']:8.1f} image-steps/s  = {mean['unfused'] / mean['static']:.3f} x static")
+    print(f"CPU time: static {mean['static_cpu']:8.1f}, engine {mean['engine_cpu']:8.1f} image-steps/s  = {ratio_cpu:.3f} x static, "
+          "median of repeats")
+    print(f"per repeat engine/static: wall {', '.join(f'{r:.3f}' for r in results['ratio'])} "
+          f"(spread {min(results['ratio']):.3f} to {max(results['ratio']):.3f}); "
+          f"CPU time {', '.join(f'{r:.3f}' for r in results['ratio_cpu'])} "
+          f"(spread {min(results['ratio_cpu']):.3f} to {max(results['ratio_cpu']):.3f})")
     print(f"engine >= {TARGET:.2f} x static, wall clock: {verdict(ratio)}")
     print(f"engine >= {TARGET:.2f} x static, CPU time:   {verdict(ratio_cpu)}")
     write_json(args.json, {"args": vars(args), "runs": results, "mean": mean, "engine_over_static": ratio,
-                           "engine_over_static_cpu_time": ratio_cpu, "target": TARGET, "met": ratio >= TARGET,
+                           "engine_over_static_cpu_time": ratio_cpu, "ratio_is": "median over repeats of engine/static", "target": TARGET, "met": ratio >= TARGET,
                            "met_cpu_time": ratio_cpu >= TARGET, "guidance_params": g_params})
     return mean
 

@@ -423,3 +423,28 @@ def write_json(path: Optional[str], result: Dict) -> None:
         with open(partial, "w") as f:
             json.dump(result, f, indent=1)
         os.replace(partial, path)
+
+
+def memory_mark(device: str) -> tuple:
+    """Where a provider's memory is counted from: (peak resident set in MB, CUDA bytes allocated),
+    after freeing what earlier providers left on a GPU and resetting its peak counter."""
+    import gc
+    import resource
+
+    gpu = 0
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        gpu = torch.cuda.memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu
+
+
+def memory_peak_mb(device: str, mark: tuple) -> float:
+    """MB above `mark` (memory_mark): on a GPU the peak CUDA allocation, on the CPU the peak
+    resident set (a fresh process per provider makes it the provider's own)."""
+    import resource
+
+    if device == "cuda":
+        return (torch.cuda.max_memory_allocated() - mark[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - mark[0]

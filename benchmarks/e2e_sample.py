@@ -14,6 +14,11 @@ Every provider makes the same images (prompts, seeds, DDIM steps, CFG scale) in 
                    present at t = 0, the lightweight G_psi, the fused guided step (bf16 frozen
                    UNet on a GPU);
   invdiff engine   the same requests arriving as a Poisson process at twice the static capacity;
+  invdiff static, G every k
+                   invdiff static with G run at every k-th step of each image and its output
+                   reused between (--guidance-every k, sampling.GuidedSchedule), for each --every k
+                   other than the default's: fewer G evaluations, a measured effect on Bias and
+                   quality (docs/results.md);
   ceiling          the frozen UNet alone (no G) through the same engine, static.
 Reports images/s, the ratios, and the fraction of the device's measured matmul peak the sampler
 reaches (UNet forward FLOPs x 2 branches x steps x images / time / peak).
@@ -64,10 +69,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--scale", type=float, default=2.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--every", type=int, nargs="*", default=[2, 3],
+                        help="extra rows: G at every k-th step, its output reused between (the default k is 'invdiff static')")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     from benchmarks.bench_engine import run_poisson
     from invdiff.sampling.engine import Request
+    from invdiff.config import DEFAULT_GUIDANCE_EVERY
     from invdiff.sampling import GuidedDenoiser, sample
 
     device = args.device
@@ -106,10 +114,11 @@ def main(argv=None):
             official_sample(base, g_off, ids[:n], seeds[:n], args.steps, args.scale, args.batch, device)
         return fn
 
-    def run_static(denoiser):
+    def run_static(denoiser, every=DEFAULT_GUIDANCE_EVERY):
         def fn(warm):
             n = args.batch if warm else args.images
-            sample(denoiser, ids[:n], seeds[:n], args.steps, args.scale, "ddim", batch_size=args.batch, progress=False, device=device)
+            sample(denoiser, ids[:n], seeds[:n], args.steps, args.scale, "ddim", batch_size=args.batch, progress=False, device=device,
+                   guidance_every=every)
         return fn
 
     timed("official", run_official(base_fast, tf32=True))
@@ -119,6 +128,9 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True  # invdiff's setting, and the like-for-like official's
     timed("invdiff static", run_static(GuidedDenoiser(base_fast, g_inv)))
     timed("ceiling", run_static(GuidedDenoiser(base_fast, None)))
+    for k in args.every:
+        if k != DEFAULT_GUIDANCE_EVERY:
+            timed(f"invdiff static, G every {k}", run_static(GuidedDenoiser(base_fast, g_inv), k))
     # Arrivals at twice the static capacity (requests per second = images per second).
     seconds, _, _ = run_poisson(GuidedDenoiser(base_fast, g_inv), requests, args.batch, 2.0 * results["invdiff static"], seed=0)
     results["invdiff engine"] = args.images / seconds
@@ -134,9 +146,10 @@ def main(argv=None):
         used = rate * args.steps * 2 * flops  # frozen UNet FLOPs on both CFG branches (the useful work)
         rows.append({"provider": name, "images_per_s": rate, "x_official": rate / results["official"],
                      "vs_ceiling": rate / results["ceiling"], "frac_peak": used / peak})
-        print(f"{name:15s} {rate:8.2f} img/s  {rate / results['official']:5.2f} x official  "
+        print(f"{name:26s} {rate:8.2f} img/s  {rate / results['official']:5.2f} x official  "
               f"{100 * rate / results['ceiling']:5.1f}% of ceiling  {100 * used / peak:5.1f}% of matmul peak")
     write_json(args.json, {"config": args.config, "device": device, "args": vars(args), "complete": True,
+                           "default_guidance_every": DEFAULT_GUIDANCE_EVERY,
                            "unet_gflops_per_image": flops / 1e9, "peak_flops": peak,
                            "x_official_is": "like-for-like (same frozen dtype, TF32 on a GPU)", "rows": rows})
     return rows

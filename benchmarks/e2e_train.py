@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -46,16 +44,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import memory_mark, memory_peak_mb, write_json  # noqa: E402
 
 PROVIDERS = ("official", "official-fp32", "invdiff", "invdiff+bank")
 BASELINE = "official"  # like for like: the denominator of "x official"
 LAM, GROUPS = 1.0, 2
 BANK_SAMPLES = 256  # rows of the in-RAM bank the bank row gathers from (its size does not change a gather's cost)
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _debias_defaults():
@@ -97,12 +91,7 @@ def worker(config: str, provider: str, batch: int, steps: int, device: str, temp
 
         bank_dtype = torch.float32 if config == "small" else BANK_DTYPE
         bank = torch.randn((BANK_SAMPLES, draws, *latent_shape(config)), generator=gen).to(bank_dtype)
-    before = _rss_mb()
-    if device == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before_gpu = torch.cuda.memory_allocated()
+    mark = memory_mark(device)
     frozen_dtype = _precision(provider, device)
     if template is None:
         base, prompts = build(config, device, frozen_dtype)
@@ -177,7 +166,7 @@ def worker(config: str, provider: str, batch: int, steps: int, device: str, temp
     if device == "cuda":
         torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    peak = (torch.cuda.max_memory_allocated() - before_gpu) / 2**20 if device == "cuda" else _rss_mb() - before
+    peak = memory_peak_mb(device, mark)
     trainable = sum(p.numel() for p in g.parameters() if p.requires_grad)
     return {"provider": provider, "batch": batch, "steps_per_s": steps / seconds, "cpu_steps_per_s": steps / cpu, "peak_mb": peak,
             "trainable_params": trainable, "frozen_dtype": {torch.float32: "fp32", torch.bfloat16: "bf16"}[frozen_dtype],

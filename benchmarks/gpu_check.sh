@@ -37,6 +37,8 @@
 #   build (background)       only if no extension from these sources is in place (call 1's is reused)
 #   triton_gate
 #   e2e_train                SD-1.5-shaped UNet (random weights, 64x64 latents), training at B = 8, 32
+#   e2e_debias               whole debias runs (max step + min step) vs the official pipeline, SD-1.5
+#                            shape, 64 samples, 10 min steps at B = 8
 #   cuda_gate
 #   e2e_sample               sampling 32 images
 #   guidance_combine         the combine and CFG kernels' benchmark (the least needed)
@@ -71,7 +73,7 @@
 #                        (the package installed in .venv is used); each benchmark in --dry mode
 #   GPU_CHECK_BUDGET_S   the call's time budget in seconds (default 450 a call, 900 for both; dry 600)
 #   GPU_CHECK_ONLY       run only these steps (space- or comma-separated names); merge and summary always run
-#   GPU_CHECK_SKIP_E2E=1 leave out e2e_train and e2e_sample
+#   GPU_CHECK_SKIP_E2E=1 leave out e2e_train, e2e_debias and e2e_sample
 #   GPU_CHECK_DRY_FAIL   (dry run only) make the named step fail, to test what a failure skips and keeps
 set -euo pipefail
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -101,23 +103,23 @@ declare -A STEP_BUDGET=(
   [wheels]=20 [machine]=25 [install]=45 [build]=180 [triton_gate]=30
   [correctness_triton]=100 [interpreter_suite]=100 [invariant_loss]=80
   [cuda_gate]=20 [correctness_guided_step]=35 [guided_step]=60
-  [e2e_train]=140 [e2e_sample]=80 [guidance_combine]=50
+  [e2e_train]=100 [e2e_debias]=60 [e2e_sample]=80 [guidance_combine]=50
 )
 # The steps a step needs to have passed (or not to have run in this call) before it runs.
 declare -A STEP_NEEDS=(
   [build]="install" [triton_gate]="install"
   [correctness_triton]="install triton_gate" [interpreter_suite]="install triton_gate"
   [invariant_loss]="install triton_gate" [guidance_combine]="install triton_gate"
-  [e2e_train]="install triton_gate" [cuda_gate]="install build"
+  [e2e_train]="install triton_gate" [e2e_debias]="install triton_gate" [cuda_gate]="install build"
   [correctness_guided_step]="install cuda_gate" [guided_step]="install cuda_gate"
   [e2e_sample]="install triton_gate cuda_gate"
 )
 STEP_ORDER=(wheels machine install build triton_gate correctness_triton interpreter_suite invariant_loss cuda_gate
-  correctness_guided_step guided_step e2e_train e2e_sample guidance_combine)
+  correctness_guided_step guided_step e2e_train e2e_debias e2e_sample guidance_combine)
 # Steps that may also take the time earlier steps left unused, as long as every later step keeps
 # its whole budget: the benchmarks, which stop starting rows before their time is up, so more
 # time is more rows, never a hang that eats the call.
-ELASTIC_STEPS=" invariant_loss guided_step e2e_train e2e_sample guidance_combine "
+ELASTIC_STEPS=" invariant_loss guided_step e2e_train e2e_debias e2e_sample guidance_combine "
 CALL_BUDGET_S=450  # a device call runs with timeout_s 480: 30 s for the start-up and the kill-after margin
 RESERVE=20         # seconds of the budget kept for merge and summary
 
@@ -595,12 +597,21 @@ if [[ "$CALL" != "1" ]]; then
     run_step e2e_train "$PY" benchmarks/e2e_train.py --config sd15 --batches 8 32 --steps 3 --bank-measure 32 \
       --device cuda --json "$WORK/e2e_train.json"
   fi
+  if [[ "$DRY" == "1" ]]; then
+    run_step e2e_debias "$PY" benchmarks/e2e_debias.py --dry --json "$WORK/e2e_debias.json"
+  else
+    # Whole runs at SD 1.5 shape, small enough for its budget (the base built once and copied);
+    # invdiff without its calibration, which samples images and does not fit here (said in RESULTS.md).
+    run_step e2e_debias "$PY" benchmarks/e2e_debias.py --config sd15 --n 64 --steps 10 --batch 8 --no-calibrate \
+      --device cuda --json "$WORK/e2e_debias.json"
+  fi
   if [[ "$CALL" == "2" ]]; then cuda_gate; fi
   if [[ "$DRY" == "1" ]]; then
-    run_step e2e_sample "$PY" benchmarks/e2e_sample.py --config small --images 2 --batch 2 --steps 1 --device cpu \
+    run_step e2e_sample "$PY" benchmarks/e2e_sample.py --config small --images 2 --batch 2 --steps 2 --device cpu --every 2 \
       --json "$WORK/e2e_sample.json"
   else
-    run_step e2e_sample "$PY" benchmarks/e2e_sample.py --config sd15 --images 32 --batch 16 --steps 20 --device cuda \
+    # One reuse row (G every 2nd step) beside the default: each row is a few seconds at this size.
+    run_step e2e_sample "$PY" benchmarks/e2e_sample.py --config sd15 --images 32 --batch 16 --steps 20 --device cuda --every 2 \
       --json "$WORK/e2e_sample.json"
   fi
   run_step guidance_combine "$PY" benchmarks/bench_guidance_combine.py "${BENCH_ARGS[@]}" "${KERNEL_PROVIDERS[@]}" \
@@ -616,9 +627,9 @@ for name in "${!BG_PID[@]}"; do finish_bg "$name"; done  # none, unless a step w
 banner "merge: $OUT/results$SUFFIX.json"
 case "$CALL" in
   1) PART_NAMES=(machine build correctness_triton interpreter_suite invariant_loss correctness_guided_step guided_step) ;;
-  2) PART_NAMES=(machine build e2e_train e2e_sample guidance_combine) ;;
+  2) PART_NAMES=(machine build e2e_train e2e_debias e2e_sample guidance_combine) ;;
   *) PART_NAMES=(machine build correctness_triton interpreter_suite invariant_loss correctness_guided_step guided_step
-    e2e_train e2e_sample guidance_combine) ;;
+    e2e_train e2e_debias e2e_sample guidance_combine) ;;
 esac
 PARTS=()
 for part in "${PART_NAMES[@]}"; do

@@ -30,7 +30,7 @@ from typing import Dict, List, Tuple
 CALL_PARTS = {
     "1": ("machine", "build", "correctness_triton", "interpreter_suite", "invariant_loss", "correctness_guided_step",
           "guided_step"),
-    "2": ("machine", "build", "e2e_train", "e2e_sample", "guidance_combine"),
+    "2": ("machine", "build", "e2e_train", "e2e_debias", "e2e_sample", "guidance_combine"),
 }
 PARTS = CALL_PARTS["1"] + tuple(p for p in CALL_PARTS["2"] if p not in CALL_PARTS["1"])
 CALL_PARTS["all"] = PARTS
@@ -276,7 +276,7 @@ def table(results_path: str, out: str = None) -> int:
             text.append(f"{name} stopped early (its time budget): {part['stopped_early']}")
         elif part.get("complete") is False:
             text.append(f"{name} CUT: its step ended before the grid did; {len(part.get('rows', []))} rows kept")
-    for name in [n for n in ("e2e_train", "e2e_sample") if n in parts]:
+    for name in [n for n in ("e2e_train", "e2e_debias", "e2e_sample") if n in parts]:
         text.append("")
         text += e2e_lines(name, parts[name])
     summary = "\n".join(text) + "\n"

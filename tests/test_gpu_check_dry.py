@@ -86,7 +86,7 @@ def test_the_calls_split_the_work_and_each_stands_alone():
     assert steps["1"][:5] == setup and steps["2"][:5] == setup  # either runs on a fresh machine
     assert {"correctness_triton", "interpreter_suite", "invariant_loss", "cuda_gate", "correctness_guided_step",
             "guided_step"} <= set(steps["1"])
-    assert {"e2e_train", "cuda_gate", "e2e_sample", "guidance_combine"} <= set(steps["2"])
+    assert {"e2e_train", "e2e_debias", "cuda_gate", "e2e_sample", "guidance_combine"} <= set(steps["2"])
     assert set(steps["all"]) == set(steps["1"]) | set(steps["2"])
     # Part names in the merge follow the calls' steps.
     assert set(CALL_PARTS["1"]) <= set(steps["1"]) | {"machine"} and set(CALL_PARTS["2"]) <= set(steps["2"])
