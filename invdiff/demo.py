@@ -139,15 +139,16 @@ class _Data:
         self.majority = torch.tensor([majority_color(d, setting.num_values) for d in range(10)])
 
 
-def _evaluate(base, guidance, strength, settings, seed, classifier, data: _Data, band_start: int = 0):
+def _evaluate(base, guidance, strength, settings, seed, classifier, data: _Data, band_start: int = 0, guidance_every: int = 1):
     """Sample `per_digit` images per digit and score them. Returns (metrics dict, images).
     band_start: the setting's attribute band; every row is sampled with the same sampler
-    (deterministic DDIM in the band, stochastic below it: sampling.STOCHASTIC_BELOW_BAND)."""
+    (deterministic DDIM in the band, stochastic below it: sampling.STOCHASTIC_BELOW_BAND).
+    guidance_every: G at every k-th step, its output reused between (GuidedSchedule)."""
     per = settings["per_digit"]
     ids = torch.arange(10).repeat_interleave(per)
     seeds = [seed * 1_000_000 + i for i in range(ids.numel())]
     images = sample(GuidedDenoiser(base, guidance, strength), ids, seeds, settings["sample_steps"],
-                    settings["guidance_scale"], progress=False, band_start=band_start)
+                    settings["guidance_scale"], progress=False, band_start=band_start, guidance_every=guidance_every)
     result = evaluate_samples(images, ids, 10, data.setting.num_values, classifier, data.eval.images, data.majority,
                               attributes=data.measure(images, ids))
     return {k: result[k] for k in ("bias", "bias_std", "digit_accuracy", "frechet_distance", "majority_share")}, images
@@ -190,8 +191,10 @@ def _cell_key(setting: Setting, seed: int, row: str, settings: Dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _run_cell(setting, data: _Data, seed, row, settings, classifier, frozen_of, workdir) -> Dict:
-    """One (setting, seed, row): train if guided, sample over the strength sweep, evaluate."""
+def _run_cell(setting, data: _Data, seed, row, settings, classifier, frozen_of, workdir, guidance_every=()) -> Dict:
+    """One (setting, seed, row): train if guided, sample over the strength sweep, evaluate.
+    guidance_every: sampling-only variants of a guided row, evaluated at strength 1 on the same G
+    and seeds (extra["guidance_every"], {k: metrics}); not part of the demo's cells."""
     cfg = replace(settings["invdiff"], seed=seed)
     band_start = band_start_of(cfg, frozen_of(cfg)["losses"], data.train.prompt_ids, 1000)
     if row in ("base", "balanced"):
@@ -232,6 +235,9 @@ def _run_cell(setting, data: _Data, seed, row, settings, classifier, frozen_of, 
             res, images = r_s, imgs
     if res is None:
         res, images = _evaluate(base, guidance, 1.0, settings, seed, classifier, data, band_start)
+    if guidance_every:
+        extra["guidance_every"] = {str(k): _evaluate(base, guidance, 1.0, settings, seed, classifier, data, band_start,
+                                                     guidance_every=k)[0] for k in guidance_every}
     return {"result": res, "sweep": sweep, "images": images, "extra": extra}
 
 
