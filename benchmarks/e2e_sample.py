@@ -15,10 +15,9 @@ Every provider makes the same images (prompts, seeds, DDIM steps, CFG scale) in 
                    UNet on a GPU);
   invdiff engine   the same requests arriving as a Poisson process at twice the static capacity;
   invdiff static, G every k
-                   invdiff static with G run at every k-th step of each image and its output
-                   reused between (--guidance-every k, sampling.GuidedSchedule), for each --every k
-                   other than the default's: fewer G evaluations, a measured effect on Bias and
-                   quality (docs/results.md);
+                   invdiff static with G's UNet body run at every k-th step of each image and
+                   its output reused between, its head every step (--guidance-every k,
+                   sampling.GuidedSchedule), for each --every k other than the default's;
   ceiling          the frozen UNet alone (no G) through the same engine, static.
 Reports images/s, the ratios, and the fraction of the device's measured matmul peak the sampler
 reaches (UNet forward FLOPs x 2 branches x steps x images / time / peak).
@@ -70,7 +69,7 @@ def main(argv=None):
     parser.add_argument("--scale", type=float, default=2.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--every", type=int, nargs="*", default=[2, 3],
-                        help="extra rows: G at every k-th step, its output reused between (the default k is 'invdiff static')")
+                        help="extra rows: G's body at every k-th step, reused between (the default k is 'invdiff static')")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     from benchmarks.bench_engine import run_poisson

@@ -718,8 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta-below-band", type=finite_float, default=None,
                    help="DDIM eta under the attribute band recorded in G (None: 1, stochastic there; 0 = deterministic)")
     p.add_argument("--guidance-every", type=positive_int, default=DEFAULT_GUIDANCE_EVERY,
-                   help="run G_psi at every K-th step of each image and reuse its output between (1: every step); "
-                        "fewer G evaluations, a measured effect on Bias and quality (docs/results.md)")
+                   help="run G_psi's UNet body at every K-th step of each image and reuse its output between (its "
+                        "cheap head runs every step; 1: every step): fewer G evaluations, with a measured effect on "
+                        "Bias and quality (docs/results.md)")
     p.add_argument("--height", type=image_side_int, default=None,
                    help="image height in pixels, a multiple of the VAE's downsampling factor (None: the size the run "
                         "trained at, else the model's native size, the UNet's sample_size x that factor)")

@@ -143,7 +143,7 @@ def _evaluate(base, guidance, strength, settings, seed, classifier, data: _Data,
     """Sample `per_digit` images per digit and score them. Returns (metrics dict, images).
     band_start: the setting's attribute band; every row is sampled with the same sampler
     (deterministic DDIM in the band, stochastic below it: sampling.STOCHASTIC_BELOW_BAND).
-    guidance_every: G at every k-th step, its output reused between (GuidedSchedule)."""
+    guidance_every: G's body at every k-th step, its output reused between (GuidedSchedule)."""
     per = settings["per_digit"]
     ids = torch.arange(10).repeat_interleave(per)
     seeds = [seed * 1_000_000 + i for i in range(ids.numel())]

@@ -142,7 +142,7 @@ class InvDiffPipeline(DiffusionPipeline):
         as with `invdiff sample`'s seeds); latents: (N, 4, H/f, W/f) initial noise, unscaled.
         eta: a DDIM scheduler's eta in G's attribute band; eta_below_band: its eta under the band
         (None: stochastic, sampling.STOCHASTIC_BELOW_BAND; as `invdiff sample --eta-below-band`);
-        guidance_every: G at every k-th step, its output reused between (`--guidance-every`)."""
+        guidance_every: G's body at every k-th step, its output reused between (`--guidance-every`)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("give at least one prompt")

@@ -1,6 +1,7 @@
-"""guidance_every = k: G_psi runs at each image's steps 0, k, 2k, ... and its output is reused
-between. The engine (continuous batching, slots at different steps) must give every image what
-the plain one-request loop gives it, and run G on the fresh rows only."""
+"""guidance_every = k: G_psi's UNet body runs at each image's steps 0, k, 2k, ... and its output
+is reused between, while G's head, gains and band gate run at every step. The engine (continuous
+batching, slots at different steps) must give every image what the plain one-request loop gives
+it, and run the body on the fresh rows only."""
 import json
 import os
 import random
@@ -31,12 +32,12 @@ def _one_request(denoiser, request, scheduler, every):
 
 
 class _RowCounter:
-    """Counts the rows G's forward sees."""
+    """Counts the rows G's UNet body sees."""
 
     def __init__(self, guidance):
         self.rows = 0
-        self._forward = guidance.forward
-        guidance.forward = self
+        self._forward = guidance.unet.forward
+        guidance.unet.forward = self
 
     def __call__(self, sample, *args, **kwargs):
         self.rows += sample.shape[0]
@@ -63,7 +64,7 @@ def test_engine_with_reuse_equals_the_one_request_loop(frozen_tiny_base, schedul
                                    msg=lambda m: f"{scheduler}, every {every}, request {r.request_id}: {m}")
 
 
-def test_reuse_runs_g_on_the_fresh_steps_only_and_changes_the_images(frozen_tiny_base):
+def test_reuse_runs_the_body_on_the_fresh_steps_only_and_changes_the_images(frozen_tiny_base):
     denoiser = _guided(frozen_tiny_base)
     ids, seeds, steps = torch.tensor([1, 5, 8]), [3, 4, 5], 5
     counter = _RowCounter(denoiser.guidance)
@@ -72,7 +73,7 @@ def test_reuse_runs_g_on_the_fresh_steps_only_and_changes_the_images(frozen_tiny
     counter.rows = 0
     reused = sample(denoiser, ids, seeds, steps, 2.0, progress=False, guidance_every=2)
     assert counter.rows == 3 * 2 * 3  # steps 0, 2 and 4
-    # G's output is reused, not dropped: between the frozen model alone and G at every step.
+    # The body's output is reused, not dropped: closer to G at every step than the frozen model alone.
     frozen = sample(GuidedDenoiser(denoiser.base, None), ids, seeds, steps, 2.0, progress=False)
     assert not torch.allclose(reused, every_step, atol=1e-3)
     assert (reused - every_step).abs().mean() < (frozen - every_step).abs().mean()
@@ -85,25 +86,42 @@ def test_every_1_is_bitwise_the_default(frozen_tiny_base):
                        sample(denoiser, ids, seeds, 4, 2.0, progress=False, guidance_every=1))
 
 
-def test_reuse_inside_and_outside_a_band(frozen_tiny_base):
-    """A G gated to t >= 500: a step outside the band after a G step inside it reuses that output,
-    as the loop does; the engine and the loop agree."""
-    denoiser = _guided(frozen_tiny_base, t_min=500)
+@pytest.mark.parametrize("ratio", [2.0, 0.5])
+def test_reuse_inside_and_outside_a_band(frozen_tiny_base, ratio):
+    """A G gated to t >= 500, with either branch of the combine rule (r <= 1: its output outside
+    the band is a multiple of each step's frozen prediction): the engine and the loop agree, and
+    outside the band every image gets the frozen model alone."""
+    denoiser = _guided(frozen_tiny_base, ratio=ratio, t_min=500)
     requests = [Request(3, 7, 6, 2.0, request_id=0), Request(6, 8, 4, 1.0, request_id=1)]
     images = sampling_engine(denoiser, "ddim", max_batch=1, guidance_every=2).run(requests)
     for r in requests:
         torch.testing.assert_close(images[r.request_id], _one_request(denoiser, r, "ddim", 2), rtol=0, atol=1e-4)
 
 
-def test_bad_guidance_every_is_refused_with_the_reason(frozen_tiny_base):
+def test_the_head_runs_every_step(frozen_tiny_base):
+    """G without a body (the recalibration head alone): reusing the body changes nothing."""
+    torch.manual_seed(0)
+    guidance = GuidanceModule.from_frozen(frozen_tiny_base.unet.config, preset="tiny", body=False)
+    for p in guidance.parameters():
+        p.data.normal_(0.0, 0.05)
+    denoiser = GuidedDenoiser(frozen_tiny_base, guidance, 1.0)
+    ids, seeds = torch.tensor([2, 4]), [5, 6]
+    torch.testing.assert_close(sample(denoiser, ids, seeds, 4, progress=False, guidance_every=3),
+                               sample(denoiser, ids, seeds, 4, progress=False), rtol=0, atol=1e-5)
+
+
+def test_bad_guidance_every_is_refused_with_the_reason(tiny_sd):
+    from invdiff.models.lora import LoraGuidance
+    from invdiff.models.sd import LatentDiffusionBase
+
     with pytest.raises(ValueError, match="integer >= 1"):
         GuidedSchedule(EtaRule(0.0, None, 0), (3, 8, 8), guidance_every=0)
-    gated = _guided(frozen_tiny_base, ratio=0.5, t_min=500)
-    with pytest.raises(ValueError, match="depends on each step's frozen prediction"):
-        sample(gated, torch.tensor([0]), [0], 4, progress=False, guidance_every=2)
-    # The same G at every step, and an ungated r <= 1 G with reuse, are fine.
-    sample(gated, torch.tensor([0]), [0], 2, progress=False)
-    sample(_guided(frozen_tiny_base, ratio=0.5), torch.tensor([0]), [0], 2, progress=False, guidance_every=2)
+    base = LatentDiffusionBase.from_pretrained(tiny_sd).freeze()
+    ids = base.conditioner.prompt_ids(["a red square"])
+    lora = GuidedDenoiser(base, LoraGuidance.from_frozen(base.unet, rank=2), 1.0)
+    with pytest.raises(ValueError, match="no body apart from its output"):
+        sample(lora, ids, [0], 4, progress=False, guidance_every=2)
+    assert sample(lora, ids, [0], 2, progress=False).shape[0] == 1  # every step is fine
 
 
 @pytest.fixture(scope="module")

@@ -228,7 +228,15 @@ class GuidanceModule(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         """sample: (B, C, H, W) x_t; timestep: (B,); prompt_embeds: (B, L, D); frozen_output:
         (B, C, H, W) the frozen model's prediction, required when config.sees_frozen_output.
-        Returns (B, C, H, W)."""
+        Returns (B, C, H, W): `finish` of `body_output`."""
+        return self.finish(self.body_output(sample, timestep, prompt_embeds, frozen_output), timestep, prompt_embeds,
+                           frozen_output, sample)
+
+    def body_output(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
+                    frozen_output: torch.Tensor | None = None) -> torch.Tensor:
+        """G's UNet body alone (shapes as `forward`): (B, C, H, W) in G's dtype, zeros without a
+        body. Nearly all of G's cost; sampling may run it at every k-th step only and reuse its
+        output between (sampling.GuidedSchedule.guidance_every), while `finish` runs every step."""
         if self.config.sees_frozen_output:
             if frozen_output is None:
                 raise ValueError("this G_psi reads the frozen model's prediction: pass frozen_output")
@@ -237,13 +245,21 @@ class GuidanceModule(ModelMixin, ConfigMixin):
         dtype = next(self.parameters()).dtype  # not ModelMixin.dtype, which walks every submodule per call
         sample, prompt_embeds = sample.to(dtype), prompt_embeds.to(dtype)
         if self.unet is None:
-            out = torch.zeros_like(frozen_output, dtype=sample.dtype)
-        else:
-            unet_in = torch.cat([sample, frozen_output.to(sample.dtype)], dim=1) if self.config.sees_frozen_output else sample
-            kwargs = {}
-            if self.unet.config.class_embed_type == "identity":
-                kwargs["class_labels"] = prompt_embeds[:, 0]
-            out = self.unet(unet_in, timestep, prompt_embeds, **kwargs).sample
+            return torch.zeros_like(frozen_output, dtype=sample.dtype)
+        unet_in = torch.cat([sample, frozen_output.to(sample.dtype)], dim=1) if self.config.sees_frozen_output else sample
+        kwargs = {}
+        if self.unet.config.class_embed_type == "identity":
+            kwargs["class_labels"] = prompt_embeds[:, 0]
+        return self.unet(unet_in, timestep, prompt_embeds, **kwargs).sample
+
+    def finish(self, out: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
+               frozen_output: torch.Tensor | None = None, sample: torch.Tensor | None = None) -> torch.Tensor:
+        """G's output from its body's output `out` (B, C, H, W): the recalibration head's affine
+        map of this step's frozen prediction, the calibrated gains and the band gate. Cheap (per
+        (t, prompt) maps over channels), and read from the current frozen prediction, which
+        changes from step to step far more than the body's correction does. sample: x_t, read
+        only by a head that sees sample statistics."""
+        prompt_embeds = prompt_embeds.to(out.dtype)
         if self.head is None:
             return gate_to_band(self.calibrated_gains.apply(out, frozen_output, prompt_embeds, self.ratio, timestep), timestep,
                                 self.t_min, self.ratio, frozen_output)

@@ -128,10 +128,10 @@ class SamplingEngine:
         self._c_eps = torch.ones(max_batch, device=self.device, dtype=torch.float32)
         self._c_g = torch.zeros(max_batch, device=self.device, dtype=torch.float32)
         self._embeds: Optional[torch.Tensor] = None  # (max_batch, L, D), allocated at the first admission
-        # G's output at each slot's last G step, [uncond, cond] (schedule.guidance_every > 1 only;
-        # allocated at the first G step). Zeros at first: a slot whose strength is 0 reads a
-        # finite value times C_G = 0.
-        self._g_reused: Optional[torch.Tensor] = None  # (2, max_batch, C, h, w)
+        # G's body output at each slot's last step that ran it, [uncond, cond] (schedule.guidance_every
+        # > 1 only; allocated at the first G step, in G's dtype). Zeros at first: whatever a slot
+        # reads there is finite, and a slot whose strength is 0 multiplies it by C_G = 0.
+        self._body: Optional[torch.Tensor] = None  # (2, max_batch, C, h, w)
         self._null_embeds: Optional[torch.Tensor] = None  # (1, L, D): the unconditional prompt
         # Host mirrors.
         self._h_row = np.zeros(max_batch, dtype=np.int64)
@@ -279,24 +279,28 @@ class SamplingEngine:
         use_g = bool((self._h_strength[:n] != 0.0).any())
         cond = self._embeds[:n]
         model_in = model_in.to(self.dtype)
-        # Rows that reuse G's output from their last G step (schedule.guidance_every), on the host.
-        reuse = self.schedule.reuses_guidance(self._h_step[:n]) if use_g and self.schedule.guidance_every > 1 else None
-        fresh = None if reuse is None or not reuse.any() else torch.from_numpy(~reuse)
-        run_g = use_g and (reuse is None or not reuse.all())
+        # schedule.guidance_every > 1: the rows whose G body runs at this step (host), the others
+        # reuse their slot's stored body output (G's head, gains and gate run on every row).
+        fresh = None
+        if use_g and self.schedule.guidance_every > 1:
+            fresh = torch.from_numpy(~self.schedule.reuses_guidance(self._h_step[:n])).to(self.device)
+            if self._body is None:
+                dtype = next(self.denoiser.guidance.parameters()).dtype
+                self._body = torch.zeros((2, self.max_batch, *self.shape), device=self.device, dtype=dtype)
         if use_cfg:
             uncond = self._null_embeds.expand(n, *self._null_embeds.shape[1:])
-            eps, g = self.denoiser.branches(torch.cat([model_in, model_in]), torch.cat([timesteps, timesteps]), torch.cat([uncond, cond]),
-                                            native=True, run_guidance=run_g, guidance_rows=None if fresh is None else fresh.repeat(2))
+            extra = {} if fresh is None else {"fresh": fresh.repeat(2), "body": torch.cat([self._body[0, :n], self._body[1, :n]])}
+            eps, g, *body = self.denoiser.branches(torch.cat([model_in, model_in]), torch.cat([timesteps, timesteps]),
+                                                   torch.cat([uncond, cond]), native=True, run_guidance=use_g, **extra)
+            if fresh is not None:
+                self._body[0, :n], self._body[1, :n] = body[0].chunk(2)
             eps, g = self._step_inputs(eps, g)
-            if reuse is not None:
-                g = self._reuse_guidance(eps, g, reuse, 2)
             eps_u, eps_c = eps.chunk(2)
             g_u, g_c = g.chunk(2) if g is not None else (None, None)
         else:
-            eps_c, g_c = self._step_inputs(*self.denoiser.branches(model_in, timesteps, cond, native=True, run_guidance=run_g,
-                                                                   guidance_rows=fresh))
-            if reuse is not None:
-                g_c = self._reuse_guidance(eps_c, g_c, reuse, 1)
+            extra = {} if fresh is None else {"fresh": fresh, "body": self._body[1, :n]}  # a view: updated in place
+            eps_c, g_c, *_ = self.denoiser.branches(model_in, timesteps, cond, native=True, run_guidance=use_g, **extra)
+            eps_c, g_c = self._step_inputs(eps_c, g_c)
             eps_u = g_u = None
         self.model_evaluations += 1
         self.slot_steps += n
@@ -306,28 +310,6 @@ class SamplingEngine:
             self._scheduler_update(x, eps_u, eps_c, g_u, g_c, timesteps)
         self._h_step[:n] += 1
         return self._retire()
-
-    def _reuse_guidance(self, eps: torch.Tensor, g: Optional[torch.Tensor], reuse: np.ndarray, branches: int) -> torch.Tensor:
-        """G's output for this step with schedule.guidance_every > 1: the rows that ran G keep
-        theirs and store it, the rows that reuse take their stored one. eps, g: (branches * n,
-        C, h, w), branches [uncond, cond] (g None: G did not act on any row, its neutral output 0;
-        `guided_schedule` refuses the ratios whose neutral output is not 0); reuse: (n,) host bool.
-        Returns (branches * n, C, h, w)."""
-        n = reuse.shape[0]
-        if self._g_reused is None or self._g_reused.dtype != eps.dtype:
-            self._g_reused = torch.zeros((2, self.max_batch, *self.shape), device=self.device, dtype=eps.dtype)
-        stored = self._g_reused[2 - branches:, :n]  # (branches, n, ...): the cond rows alone without CFG
-        g = torch.zeros_like(eps) if g is None else g
-        g = g.view(branches, n, *g.shape[1:])
-        rows = torch.from_numpy(reuse).to(self.device)
-        if bool(reuse.all()):
-            g.copy_(stored)
-        else:
-            torch.where(rows[(None, slice(None)) + (None,) * len(self.shape)], stored, g, out=g)
-            stored.copy_(g)
-        if branches == 1:  # a later step with CFG reads the uncond rows: these, finite (and cancelled at scale 1)
-            self._g_reused[0, :n] = g[0]
-        return g.view(branches * n, *g.shape[2:])
 
     def _step_inputs(self, eps, g):
         """The model outputs as the fused step takes them next to the fp32 state: in their own
@@ -417,8 +399,8 @@ class SamplingEngine:
         # Every source sits behind the packed front and every destination in it: no overlap.
         for dev in (self._x, self._row, self._cfg, self._c_eps, self._c_g, self._embeds):
             dev[dst_d] = dev[src_d]
-        if self._g_reused is not None:
-            self._g_reused[:, dst_d] = self._g_reused[:, src_d]
+        if self._body is not None:
+            self._body[:, dst_d] = self._body[:, src_d]
 
     # ------------------------------------------------------------------ driving
     def run(self, requests: Iterable[Request] = (), progress: bool = False) -> Dict[int, torch.Tensor]:

@@ -265,7 +265,7 @@ def run_sample_job(model: str, prompts_file: str, out: str, *, num: int = 1, see
     """Run (or resume) the job on this rank's share of the items. Returns a summary. height, width:
     the images' size in pixels (None: the size the run trained at, else the model's native size;
     model_folders.sampling_size). base_dir: a run's base model at a new place (model_folders.load.load_model).
-    guidance_every: G at every k-th step, reused between (sampling.GuidedSchedule)."""
+    guidance_every: G's body at every k-th step, reused between (sampling.GuidedSchedule)."""
     from ..distributed import barrier, init_from_env
     from ..io import atomic_write_json
     from ..models.sd import set_attention

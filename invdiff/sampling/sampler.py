@@ -40,13 +40,17 @@ class GuidedDenoiser(torch.nn.Module):
 
     @torch.no_grad()
     def branches(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor, native: bool = False,
-                 run_guidance: Optional[bool] = None, guidance_rows: Optional[torch.Tensor] = None):
+                 run_guidance: Optional[bool] = None, fresh: Optional[torch.Tensor] = None, body: Optional[torch.Tensor] = None):
         """(eps_theta, G_psi's output or None), uncombined: the fused step combines them.
         sample: (B, C, H, W); timestep: (B,); prompt_embeds: (B, L, D). run_guidance: whether G
         runs (None: unless the strength is 0); the engine, whose slots each have a strength of
-        their own, runs it when any slot's strength is not 0. guidance_rows: (B,) bool, the rows G
-        runs on (None: all); the others get the output that combines to the frozen eps, for the
-        caller to replace (the engine puts the G output it reuses there).
+        their own, runs it when any slot's strength is not 0.
+
+        Reuse (GuidedSchedule.guidance_every), when `fresh` is given: fresh (B,) bool, the rows
+        whose G body (GuidanceModule.body_output, nearly all of G's cost) runs now; body
+        (B, C, H, W) in G's dtype, each row's body output from the last step that ran it (None:
+        zeros). Every row in G's band then gets G's `finish` (head, gains, band gate) on this
+        step's frozen prediction. Returns (eps, g, body), body updated in place for the fresh rows.
 
         native=False: both in fp32 (or wider), as G and the combine take them. native=True: both in
         the frozen UNet's dtype, for the engine's fused step, which reads a bf16/fp16 model output
@@ -58,21 +62,32 @@ class GuidedDenoiser(torch.nn.Module):
         out = raw if native else eps
         if run_guidance is None:
             run_guidance = self.strength != 0.0
+        reusing = fresh is not None
         if self.guidance is None or not run_guidance:
-            return out, None
+            return (out, None, body) if reusing else (out, None)
         rows = in_band(timestep, self.guidance.t_min, eps.shape[0])
-        if guidance_rows is not None:
-            rows = rows & guidance_rows.to(rows.device)
-        if bool(rows.all()):
-            g = self.guidance(sample, timestep, prompt_embeds, eps)
-        elif not bool(rows.any()):
-            return out, None  # outside G's band (guidance_band): the frozen model alone, G not run
+        if not bool(rows.any()):  # outside G's band (guidance_band): the frozen model alone, G not run
+            return (out, None, body) if reusing else (out, None)
+        t = timestep.reshape(-1).expand(eps.shape[0]) if timestep.numel() == 1 else timestep
+        every = bool(rows.all())
+        sel, t_sel = (slice(None), timestep) if every else (rows, t[rows])  # the rows G acts on (a view when all)
+        if reusing:
+            if body is None:
+                body = torch.zeros(eps.shape, dtype=next(self.guidance.parameters()).dtype, device=eps.device)
+            run = rows & fresh.to(rows.device)
+            if bool(run.all()):
+                body.copy_(self.guidance.body_output(sample, timestep, prompt_embeds, eps))
+            elif bool(run.any()):
+                body[run] = self.guidance.body_output(sample[run], t[run], prompt_embeds[run], eps[run]).to(body.dtype)
+            g_out = self.guidance.finish(body[sel], t_sel, prompt_embeds[sel], eps[sel], sample[sel])
         else:
-            t = timestep.reshape(-1).expand(eps.shape[0]) if timestep.numel() == 1 else timestep
+            g_out = self.guidance(sample[sel], t_sel, prompt_embeds[sel], eps[sel])
+        if not every:
             # rows outside the band get the output that combines to the frozen eps (0 for r > 1)
-            g = neutral_output(eps, self.guidance.ratio)
-            g[rows] = self.guidance(sample[rows], t[rows], prompt_embeds[rows], eps[rows]).to(g.dtype)
-        return out, g.to(out.dtype)
+            full = neutral_output(eps, self.guidance.ratio)
+            full[rows] = g_out.to(full.dtype)
+            g_out = full
+        return (out, g_out.to(out.dtype), body) if reusing else (out, g_out.to(out.dtype))
 
     @torch.no_grad()
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
@@ -126,8 +141,8 @@ def sample(
     UNet's native size; see `latent_shape`).
     An image depends only on its prompt, seed and settings, not on batch_size.
 
-    guidance_every: G runs at every k-th step of each image and its output is reused between
-    (GuidedSchedule.guidance_every; 1: every step).
+    guidance_every: G's UNet body runs at every k-th step of each image and its output is reused
+    between, G's head at every step (GuidedSchedule.guidance_every; 1: every step).
 
     band_start / eta_below: DDIM runs with `eta` at t >= band_start (where the attribute is
     decided; default: the band recorded in G's config, 0 without G) and with `eta_below`
@@ -145,27 +160,28 @@ def sample(
 
 def guided_output(denoiser: GuidedDenoiser, model_in: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
                   uncond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0, reuse: Optional[bool] = None,
-                  reused: Optional[torch.Tensor] = None):
+                  body: Optional[torch.Tensor] = None):
     """What the scheduler steps on: eps_tilde of each branch (GuidedDenoiser), then classifier-free
     guidance (ops.cfg_combine), the math the engine's fused step does in one op.
     model_in: (B, C, h, w) the scheduler's model input; timestep: 0-dim; cond, uncond: (B, L, D)
     prompt embeddings (uncond None: no classifier-free guidance). Returns (B, C, h, w).
 
-    reuse (for GuidedSchedule.guidance_every): None returns the output alone; False runs G and
-    True combines `reused` (G's output at an earlier step, as this returned it; None there: G did
-    not act) in its place, and both return (output, the G output used: (2B, C, h, w) with uncond,
-    branches [uncond, cond], (B, C, h, w) without, or None)."""
+    reuse (for GuidedSchedule.guidance_every): None returns the output alone; False runs G's body
+    and True reuses `body` (its output at an earlier step, as this returned it) in its place, and
+    both return (output, body: (2B, C, h, w) with uncond, branches [uncond, cond], (B, C, h, w)
+    without; see GuidedDenoiser.branches)."""
     b, device = model_in.shape[0], model_in.device
     if uncond is not None:  # one model call on both branches, as the engine batches them
         model_in, cond = torch.cat([model_in, model_in]), torch.cat([uncond, cond])
     t = timestep.expand(model_in.shape[0]).to(device)
-    if reuse:
-        eps, g = denoiser.branches(model_in, t, cond, run_guidance=False)[0], reused
-    else:
+    if reuse is None:
         eps, g = denoiser.branches(model_in, t, cond)
+    else:
+        fresh = torch.full((model_in.shape[0],), not reuse, dtype=torch.bool, device=device)
+        eps, g, body = denoiser.branches(model_in, t, cond, fresh=fresh, body=body)
     eps_tilde = eps if g is None else denoiser.guidance.combine(eps, g, denoiser.strength)
     m = eps_tilde if uncond is None else cfg_combine(*eps_tilde.chunk(2), guidance_scale)
-    return m if reuse is None else (m, g)
+    return m if reuse is None else (m, body)
 
 
 @torch.no_grad()
@@ -190,10 +206,14 @@ def guided_loop(denoiser: GuidedDenoiser, scheduler, schedule: GuidedSchedule, s
     x = noise * scheduler.init_noise_sigma
     # Only schedulers that draw noise take a generator (PNDM, Stable Diffusion 1.5's own, does not).
     extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    g = None  # G's output (both branches) at its last step, for the steps that reuse it
+    body = None  # with guidance_every > 1: G's body output (both branches) at its last step that ran it
+    reusing = schedule.guidance_every > 1
     for index, (t, eta) in enumerate(per_step):
-        m, g = guided_output(denoiser, scheduler.scale_model_input(x, t), t, cond, uncond, guidance_scale,
-                             reuse=schedule.reuses_guidance(index), reused=g)
+        if reusing:
+            m, body = guided_output(denoiser, scheduler.scale_model_input(x, t), t, cond, uncond, guidance_scale,
+                                    reuse=schedule.reuses_guidance(index), body=body)
+        else:
+            m = guided_output(denoiser, scheduler.scale_model_input(x, t), t, cond, uncond, guidance_scale)
         x = scheduler.step(m, t, x, **extra, **({} if eta is None else {"eta": eta})).prev_sample
         if on_step is not None:
             on_step()

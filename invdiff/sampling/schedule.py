@@ -88,10 +88,11 @@ def scheduled_steps(scheduler, num_steps: int, rule: EtaRule, device=None) -> Li
 @dataclass(frozen=True)
 class GuidedSchedule:
     """What a guided sampler fixes before its first step. rule: DDIM's eta per timestep;
-    shape: (C, h, w), one sample's latent (pixels for a pixel-space base); guidance_every: G_psi
-    runs at a sample's steps 0, k, 2k, ... and its output is reused at the steps between (1: every
-    step). Its correction varies slowly in t, and G is the largest cost sampling adds to the
-    frozen model (see `reuses_guidance`)."""
+    shape: (C, h, w), one sample's latent (pixels for a pixel-space base); guidance_every: G_psi's
+    UNet body (GuidanceModule.body_output, nearly all of G's cost, the largest that sampling adds
+    to the frozen model) runs at a sample's steps 0, k, 2k, ... and its output is reused at the
+    steps between (1: every step); G's head, gains and band gate, cheap maps of each step's frozen
+    prediction, run at every step (see `reuses_guidance`)."""
 
     rule: EtaRule
     shape: Tuple[int, int, int]
@@ -103,7 +104,7 @@ class GuidedSchedule:
 
     def reuses_guidance(self, step_index):
         """Whether a sample at step `step_index` (an int or a numpy array of them, counted from 0)
-        reuses G's output from an earlier step instead of running G."""
+        reuses G's body output from an earlier step instead of running the body."""
         return step_index % self.guidance_every != 0
 
     def steps(self, scheduler, num_steps: int, device=None) -> List[Tuple[torch.Tensor, Optional[float]]]:
@@ -112,15 +113,13 @@ class GuidedSchedule:
 
 
 def check_guidance_reuse(denoiser, guidance_every: int) -> None:
-    """Refuse, with the reason, the one G that GuidedSchedule.guidance_every > 1 cannot reuse: a G
-    gated to a band (t_min > 0) with a ratio r <= 1. Outside its band such a G's output is not 0
-    but a multiple of each step's frozen prediction (models.guidance.neutral_output), so a stored
-    output would carry an earlier step's prediction into the next."""
+    """Refuse, with the reason, a G that GuidedSchedule.guidance_every > 1 cannot reuse: one
+    without a separate body (LoRA adapters on the frozen UNet, models/lora.py), whose output is
+    the adapted UNet's whole prediction at this step, with nothing cheap to keep per step."""
     guidance = getattr(denoiser, "guidance", None)
-    if guidance_every > 1 and guidance is not None and guidance.t_min > 0 and guidance.ratio <= 1.0:
-        raise ValueError(f"guidance_every = {guidance_every} reuses G's output between steps, which this G (ratio "
-                         f"r = {guidance.ratio} <= 1, gated to t >= {guidance.t_min}) cannot take: its output outside "
-                         "the band depends on each step's frozen prediction; use guidance_every = 1")
+    if guidance_every > 1 and guidance is not None and not hasattr(guidance, "body_output"):
+        raise ValueError(f"guidance_every = {guidance_every} reuses G's body output between steps, and this G "
+                         f"({type(guidance).__name__}) has no body apart from its output: use guidance_every = 1")
 
 
 def guided_schedule(denoiser, scheduler="ddim", *, eta: float = 0.0, eta_below: Optional[float] = None,
