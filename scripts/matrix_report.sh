@@ -21,12 +21,12 @@ $D demo --out "$OUT" --settings $ALL --rows base invdiff erm oracle --seeds 0 1 
 # about 90 minutes of wall time, shared with other work and paused for the serve soak benchmark):
 $D demo --out "$OUT" --settings $ALL --rows base invdiff balanced official --seeds 0 1 2
 # JTT and GroupDRO on the two settings that had no baseline rows at all (about 25 minutes), then
-# on thickness (10 minutes); on the colour settings their numbers are the previous defaults'
-# (scripts/matrix_report_previous_defaults.sh):
+# on thickness (10 minutes):
 $D demo --out "$OUT" --settings position_p0.9 size_p0.9 --rows base invdiff jtt groupdro --seeds 0 1 2
 $D demo --out "$OUT" --settings thickness_p0.9 --rows base invdiff jtt groupdro --seeds 0 1 2
-# Not run at these defaults (about 40 CPU-minutes more):
-#   $D demo --out "$OUT" --settings colors2_p0.9 colors2_p0.8 colors3_p0.9 --rows base invdiff jtt groupdro --seeds 0 1 2
+# JTT and GroupDRO on the colour settings (2026-12-03, a third session, about 45 minutes of wall
+# time shared with other work; 4 cells at 2 threads, then 14 at OMP_NUM_THREADS=1):
+$D demo --out "$OUT" --settings colors2_p0.9 colors2_p0.8 colors3_p0.9 --rows base invdiff jtt groupdro --seeds 0 1 2
 # Gather and report: a row is reported for a setting only where all 3 seeds have its cells.
 # (printed.txt goes beside the report, not into OUT: demo refuses an OUT that holds files it did not make.)
 mkdir -p docs/demo_matrix
