@@ -19,7 +19,7 @@ Every provider makes the same images (prompts, seeds, DDIM steps, CFG scale) in 
                    its output reused between, its head every step (--guidance-every k,
                    sampling.GuidedSchedule), for each --every k other than the default's;
   ceiling          the frozen UNet alone (no G) through the same engine, static.
-Reports images/s, the ratios, and the fraction of the device's measured matmul peak the sampler
+Reports images/s (with --repeats, the median of the timed runs and their range), the ratios, and the fraction of the device's measured matmul peak the sampler
 reaches (UNet forward FLOPs x 2 branches x steps x images / time / peak).
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -70,6 +71,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--every", type=int, nargs="*", default=[2, 3],
                         help="extra rows: G's body at every k-th step, reused between (the default k is 'invdiff static')")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per row; the rate is their median")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     from benchmarks.bench_engine import run_poisson
@@ -88,17 +90,21 @@ def main(argv=None):
     seeds = list(range(args.images))
     requests = [Request(int(p), s, args.steps, args.scale, request_id=i) for i, (p, s) in enumerate(zip(ids.tolist(), seeds))]
 
-    results = {}
+    results, spread = {}, {}
 
     def timed(name, fn):
         fn(warm=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(warm=False)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        results[name] = args.images / (time.perf_counter() - start)
+        rates = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn(warm=False)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rates.append(args.images / (time.perf_counter() - start))
+        results[name] = statistics.median(rates)
+        spread[name] = rates
         # Each provider's rate as soon as it is measured: gpu_check.sh cuts this step at its
         # budget, and what was measured by then is kept (the ratios come with the last write).
         write_json(args.json, {"config": args.config, "device": device, "args": vars(args), "complete": False,
@@ -143,10 +149,12 @@ def main(argv=None):
     rows = []
     for name, rate in results.items():
         used = rate * args.steps * 2 * flops  # frozen UNet FLOPs on both CFG branches (the useful work)
-        rows.append({"provider": name, "images_per_s": rate, "x_official": rate / results["official"],
+        rows.append({"provider": name, "images_per_s": rate, "repeats_images_per_s": spread.get(name, [rate]),
+                     "x_official": rate / results["official"],
                      "vs_ceiling": rate / results["ceiling"], "frac_peak": used / peak})
         print(f"{name:26s} {rate:8.2f} img/s  {rate / results['official']:5.2f} x official  "
-              f"{100 * rate / results['ceiling']:5.1f}% of ceiling  {100 * used / peak:5.1f}% of matmul peak")
+              f"{100 * rate / results['ceiling']:5.1f}% of ceiling  {100 * used / peak:5.1f}% of matmul peak"
+              + (f"  (runs {min(spread[name]):.2f} to {max(spread[name]):.2f})" if len(spread.get(name, [])) > 1 else ""))
     write_json(args.json, {"config": args.config, "device": device, "args": vars(args), "complete": True,
                            "default_guidance_every": DEFAULT_GUIDANCE_EVERY,
                            "unet_gflops_per_image": flops / 1e9, "peak_flops": peak,
